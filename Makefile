@@ -1,0 +1,39 @@
+# The README's commands. `make demo` and `make test` each do their own set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# A GPU image picks its own build, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/python jobs/demo.py
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/generate.py
+
+clean:
+	rm -rf runs outputs mlruns.db .pytest_cache

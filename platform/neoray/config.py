@@ -1,0 +1,42 @@
+"""Turning Hydra/OmegaConf sections into typed dataclasses, with errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and how to fix it."""
+
+
+def to_dict(section: Any) -> dict[str, Any]:
+    """Plain dict from a Mapping or an OmegaConf node (resolving interpolations)."""
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        try:
+            from omegaconf import OmegaConf
+
+            return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"expected a mapping, got {type(section).__name__}") from err
+    return {str(k): v for k, v in section.items()}
+
+
+def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
+    """Build dataclass `cls` from a config section; unknown keys are rejected by name.
+
+    `where` is the section's path in the config (e.g. "model"), used in error messages.
+    """
+    values = to_dict(section)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(fields))}"
+        )
+    return cls(**values)
