@@ -1,0 +1,298 @@
+"""GPT-NeoX in one file: config, layers and the language model.
+
+The architecture of GPT-NeoX-20B and Pythia: each layer computes attention and the MLP from
+two separate layernorms of the same input and adds both to the residual ("parallel
+residual"); rotary position embeddings on the first `rotary_pct` of each head's dims; one
+fused QKV projection laid out per head as [q_h, k_h, v_h]; untied input and output
+embeddings. Module and parameter names follow Hugging Face's GPTNeoX, so checkpoints map
+one to one (see `neoray.model.hf`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neoray.config import ConfigError
+from neoray.model.loss import linear_cross_entropy
+
+
+@dataclass
+class NeoXConfig:
+    """Shape of a GPT-NeoX model. Defaults are the 20B preset."""
+
+    vocab_size: int = 50277  # real tokens; the embedding is padded (see padded_vocab_size)
+    num_layers: int = 44
+    hidden_size: int = 6144
+    num_heads: int = 64
+    intermediate_size: int | None = None  # MLP width; None means 4 * hidden_size
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    layer_norm_eps: float = 1e-5
+    vocab_multiple: int = 128  # pad the vocab to a multiple of this (tensor parallelism, speed)
+    checkpoint_activations: int = (
+        0  # in training, recompute activations in chunks of k layers; 0 = off
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
+                f"({self.num_heads}): change one of them"
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"model.rotary_pct must be within [0, 1], got {self.rotary_pct}")
+        if self.rotary_dims % 2:
+            raise ConfigError(
+                f"model.rotary_pct={self.rotary_pct} gives {self.rotary_dims} rotary dims per head "
+                f"(head dim {self.head_dim}); it must be even: pick a rotary_pct that gives an even count"
+            )
+        if self.vocab_multiple <= 0:
+            raise ConfigError(f"model.vocab_multiple must be positive, got {self.vocab_multiple}")
+        if self.checkpoint_activations < 0:
+            raise ConfigError("model.checkpoint_activations must be >= 0 (0 turns it off)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        """Exact parameter count, computed without allocating the model."""
+        h, f = self.hidden_size, self.ffn_size
+        per_layer = (
+            2 * 2 * h  # two layernorms
+            + 3 * h * h
+            + 3 * h  # fused QKV
+            + h * h
+            + h  # attention output
+            + h * f
+            + f  # h -> 4h
+            + f * h
+            + h  # 4h -> h
+        )
+        total = self.num_layers * per_layer + 2 * h  # + final layernorm
+        if embeddings:
+            total += 2 * self.padded_vocab_size * h  # untied input and output embeddings
+        return total
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding, one slot per layer.
+
+    Static buffers avoid a concatenation per generated token; `length` is how many
+    positions are filled (the same for every row: prompts are left-padded).
+    """
+
+    def __init__(self, config: NeoXConfig, batch_size: int, max_len: int, dtype, device) -> None:
+        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values of `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary embeddings over the first `rotary_dims` of each head."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        dims = config.rotary_dims
+        inv_freq = 1.0 / (
+            config.rotary_base ** (torch.arange(0, dims, 2, dtype=torch.float) / dims)
+        )
+        angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for `positions` (T,) or (B, T), shaped to broadcast over (B, heads, T, dims)."""
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        if positions.dim() == 2:  # per-row positions (left-padded batches): add the head axis
+            return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x (GPT-NeoX "rotate half" convention)."""
+    dims = cos.shape[-1]
+    x_rot, x_pass = x[..., :dims], x[..., dims:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NeoXConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.layer_index = layer_index
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # Per-head fused layout: the projection's output is [q_h, k_h, v_h] for each head h.
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        S = k.shape[2]
+        if mask is None and 1 < T < S:  # a chunk after cached keys: causal, aligned to the end
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1
+        )
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_size)
+        self.dense_4h_to_h = nn.Linear(config.ffn_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: NeoXConfig, layer_index: int) -> None:
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        attn = self.attention(self.input_layernorm(x), rotary, mask, cache)
+        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoX(nn.Module):
+    """The language model: embeddings, layers, final layernorm, output embedding."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_in = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections."""
+        h, n = self.config.hidden_size, self.config.num_layers
+        small = math.sqrt(2 / (5 * h))
+        wang = 2 / (n * math.sqrt(h))
+        for name, p in self.named_parameters():
+            if "layernorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                p.normal_(0.0, wang)
+            else:
+                p.normal_(0.0, small)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, padded vocab), or the mean next-token loss when `targets` is given.
+
+        `targets` (B, T) holds the token that follows each input position; -100 is ignored.
+        `positions` (B, T) and a boolean attention `mask` (B, 1, T, S) are for left-padded
+        batches and decoding with a `cache`; without them attention is plainly causal.
+        `last_only` computes logits for the last position only (generation).
+        """
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        x = self.embed_in(idx)
+        rotary = self.rotary(positions, x.dtype)
+        chunk = self.config.checkpoint_activations
+        if chunk and self.training and torch.is_grad_enabled():
+            # Keep only each chunk's input; recompute its activations in the backward pass.
+            for first in range(0, len(self.layers), chunk):
+                x = checkpoint(
+                    self._run_layers, x, first, first + chunk, rotary, use_reentrant=False
+                )
+        else:
+            x = self._run_layers(x, 0, len(self.layers), rotary, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.final_layer_norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
+        if last_only:
+            x = x[:, -1:]
+        return self.embed_out(x)
+
+    def _run_layers(self, x, first, end, rotary, mask=None, cache=None) -> torch.Tensor:
+        for layer in self.layers[first:end]:
+            x = layer(x, rotary, mask, cache)
+        return x
