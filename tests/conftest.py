@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformers
+
 from neoray.model import GPTNeoX, NeoXConfig
 from neoray.model.hf import save_hf
 

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
+
 from neoray.model import GPTNeoX, NeoXConfig
 from neoray.model.hf import CheckpointError, load_hf, save_hf
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from neoray.config import ConfigError
 from neoray.model import GPTNeoX, NeoXConfig
 from neoray.model.loss import linear_cross_entropy
