@@ -1,0 +1,179 @@
+"""GPT training samples over an indexed dataset, in a seeded order cached next to the data.
+
+As in GPT-NeoX (and Megatron-LM), documents are laid end to end in a shuffled order, epoch after
+epoch, and the stream is cut into samples of `seq_len + 1` tokens: the extra token is the target
+of the last position, and it is also the first token of the next sample. Three index arrays
+describe this and are cached as `.npy` files next to the data:
+
+- doc_idx: the document order, `num_epochs` copies of the split's documents, shuffled;
+- sample_idx: where each sample starts, as (position in doc_idx, offset in that document);
+- shuffle_idx: the order in which samples are served, a permutation.
+
+They are built from one `np.random.RandomState(seed)` (doc_idx first, then shuffle_idx), so a
+given (data, split, seq_len, num_samples, seed) yields the same samples on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from neoray.data.indexed import IndexedDataset
+
+
+def split_documents(num_documents: int, split: str) -> list[range]:
+    """Document ranges of the train/validation/test splits, e.g. "995,4,1" (GPT-NeoX's rule).
+
+    Weights are normalised; the boundaries are rounded, and any rounding excess is taken off
+    the end so the last boundary is exactly `num_documents`.
+    """
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError as err:
+        raise ValueError(
+            f"split {split!r}: expected comma-separated weights like '995,4,1'"
+        ) from err
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"split {split!r}: give up to three non-negative weights, not all zero")
+    weights += [0.0] * (3 - len(weights))
+    bounds = [0]
+    for weight in weights:
+        bounds.append(bounds[-1] + round(weight / sum(weights) * num_documents))
+    excess = bounds[-1] - num_documents
+    bounds = [0] + [b - excess for b in bounds[1:]]
+    return [range(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    doc_idx = np.tile(documents.astype(np.int32), num_epochs)
+    rng.shuffle(doc_idx)
+    return doc_idx
+
+
+def build_sample_idx(
+    sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, num_samples: int
+) -> np.ndarray:
+    """Start of every sample, plus an end marker: rows of (position in doc_idx, offset).
+
+    Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
+    position i * seq_len falls. This is GPT-NeoX's `build_sample_idx`, vectorised.
+    """
+    doc_ends = np.cumsum(sizes[doc_idx], dtype=np.int64)
+    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
+    if starts[-1] >= doc_ends[-1]:
+        raise ValueError(f"{num_samples} samples of {seq_len} tokens need more epochs")
+    position = np.searchsorted(doc_ends, starts, side="right")
+    offset = starts - (doc_ends[position] - sizes[doc_idx[position]])
+    return np.stack([position, offset], axis=1).astype(np.int32)
+
+
+def build_shuffle_idx(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
+    shuffle_idx = np.arange(num_samples, dtype=np.uint32 if num_samples < 2**32 - 1 else np.int64)
+    rng.shuffle(shuffle_idx)
+    return shuffle_idx
+
+
+def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
+    """Fewest epochs whose tokens make `num_samples` samples (one token overlaps each next)."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("the split has no tokens")
+    epochs = 1
+    while (epochs * tokens_per_epoch - 1) // seq_len < num_samples:
+        epochs += 1
+    return epochs
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    doc_idx: np.ndarray
+    sample_idx: np.ndarray
+    shuffle_idx: np.ndarray
+
+
+def _cache_paths(cache_prefix: str) -> dict[str, str]:
+    return {name: f"{cache_prefix}_{name}.npy" for name in ("doc_idx", "sample_idx", "shuffle_idx")}
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+    partial = f"{path}.{os.getpid()}.partial.npy"
+    np.save(partial, array)
+    os.replace(partial, path)
+
+
+def build_sample_index(
+    sizes: np.ndarray, documents: np.ndarray, seq_len: int, num_samples: int, seed: int
+) -> SampleIndex:
+    rng = np.random.RandomState(seed)
+    num_epochs = epochs_needed(int(np.sum(sizes[documents], dtype=np.int64)), seq_len, num_samples)
+    doc_idx = build_doc_idx(documents, num_epochs, rng)
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_len, num_samples)
+    shuffle_idx = build_shuffle_idx(num_samples, rng)
+    return SampleIndex(doc_idx, sample_idx, shuffle_idx)
+
+
+def load_or_build_sample_index(
+    data: IndexedDataset,
+    documents: range,
+    seq_len: int,
+    num_samples: int,
+    seed: int,
+    cache_dir: str | None = None,
+) -> SampleIndex:
+    """The sample index, from the cache when present (written atomically when built).
+
+    Concurrent builders (several ranks) write identical files, so the last rename wins safely.
+    """
+    base = os.path.basename(data.prefix)
+    folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
+    key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s"
+    paths = _cache_paths(os.path.join(folder, f"{base}_{key}"))
+    if all(os.path.exists(p) for p in paths.values()):
+        return SampleIndex(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
+    index = build_sample_index(
+        data.sizes, np.arange(documents.start, documents.stop), seq_len, num_samples, seed
+    )
+    os.makedirs(folder, exist_ok=True)
+    for name, path in paths.items():
+        _save_atomically(path, getattr(index, name))
+    return index
+
+
+class GPTDataset:
+    """`num_samples` samples of `seq_len + 1` tokens from documents `documents` of `data`."""
+
+    def __init__(
+        self,
+        data: IndexedDataset,
+        documents: range,
+        seq_len: int,
+        num_samples: int,
+        seed: int,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.data = data
+        self.seq_len = seq_len
+        self.index = load_or_build_sample_index(
+            data, documents, seq_len, num_samples, seed, cache_dir
+        )
+
+    def __len__(self) -> int:
+        return len(self.index.shuffle_idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sample i as int64 tokens; a sample may span several documents."""
+        sample = int(self.index.shuffle_idx[i])
+        first, first_offset = (int(v) for v in self.index.sample_idx[sample])
+        last, last_offset = (int(v) for v in self.index.sample_idx[sample + 1])
+        doc_idx = self.index.doc_idx
+        if first == last:
+            tokens = self.data.get(
+                int(doc_idx[first]), first_offset, last_offset - first_offset + 1
+            )
+        else:
+            pieces = [self.data.get(int(doc_idx[first]), first_offset)]
+            pieces += [self.data.get(int(doc_idx[p])) for p in range(first + 1, last)]
+            pieces.append(self.data.get(int(doc_idx[last]), 0, last_offset + 1))
+            tokens = np.concatenate(pieces)
+        return tokens.astype(np.int64)
