@@ -1,5 +1,7 @@
 """Shared fixtures. Services (S3, MLflow, Ray) are started by the fixtures that need them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -43,3 +45,46 @@ def pair(request, tmp_path_factory):
     out = save_hf(ours, tmp_path_factory.mktemp("hf") / request.param)
     theirs = transformers.GPTNeoXForCausalLM.from_pretrained(out).eval()
     return ours, theirs
+
+
+# Data pipeline: a real local Ray, and a small demo corpus tokenized once per session.
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (two CPUs, no dashboard), started once and shared."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo data config (conf/data/demo.yaml) built in a temporary root, made small:
+    80 standard-library files and the pydoc topics, a 1,000-token tokenizer trained on them,
+    and both components tokenized into .bin/.idx by `prepare_data`."""
+    from omegaconf import OmegaConf
+
+    from neoray.data.config import data_config
+    from neoray.data.demo_corpus import (
+        code_documents,
+        prose_documents,
+        stdlib_code_files,
+        write_jsonl,
+    )
+    from neoray.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("demo")
+    write_jsonl(str(root / "raw" / "code.jsonl"), code_documents(stdlib_code_files()[:80]))
+    write_jsonl(str(root / "raw" / "prose.jsonl"), prose_documents())
+    section = OmegaConf.create({"data": OmegaConf.load(CONF_DIR / "data" / "demo.yaml")})
+    section.data.root = str(root)
+    section.data.tokenizer_training.vocab_size = 1000
+    cfg = data_config(section.data)
+    prepare_data(cfg, show_progress=False)
+    return cfg

@@ -54,7 +54,7 @@ class PreprocessConfig:
     output_prefix: str
     text_field: str = "text"
     executor: str = "local"
-    shard_mb: int = 64  # byte-range size for splitting large .jsonl files over workers
+    shard_mb: float = 64  # byte-range size for splitting large .jsonl files over workers
     batch_size: int = 512  # documents per encode_batch call
     cpus_per_task: int = 1  # ray: cores each shard task uses for encode_batch
 
@@ -68,7 +68,9 @@ class PreprocessConfig:
             raise ConfigError(
                 f"preprocess.executor: {self.executor!r}, expected one of {EXECUTORS}"
             )
-        for name in ("shard_mb", "batch_size", "cpus_per_task"):
+        if self.shard_mb <= 0:
+            raise ConfigError("preprocess.shard_mb must be positive")
+        for name in ("batch_size", "cpus_per_task"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"preprocess.{name} must be at least 1")
 
@@ -254,7 +256,7 @@ def preprocess(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessS
         raise ConfigError(f"preprocess.tokenizer: {cfg.tokenizer} has no {END_OF_TEXT} token")
     dtype = token_dtype(tokenizer.vocab_size)
     inputs = expand_inputs(cfg.input)
-    shards = plan_shards(inputs, cfg.shard_mb << 20)
+    shards = plan_shards(inputs, max(1, int(cfg.shard_mb * 2**20)))
     prefix = cfg.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     summary = PreprocessSummary(prefix, cfg.tokenizer, inputs, dtype.name)

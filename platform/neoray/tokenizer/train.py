@@ -99,7 +99,7 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
         shortest, longest = cfg.space_runs
         runs = pre_tokenizers.Split(Regex(f" {{{shortest},{longest}}}"), behavior="removed")
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([runs, _byte_level()])
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=True)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

@@ -1,0 +1,144 @@
+"""GPT samples: GPT-NeoX's index construction, contiguity across documents, and an order that
+is the same in every process for the same seed."""
+
+import hashlib
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from neoray.data.gpt_dataset import GPTDataset, build_sample_idx, split_documents
+from neoray.data.indexed import IndexedDataset, IndexedDatasetWriter, publish
+
+
+def reference_split(splits_string, size):
+    """GPT-NeoX's get_train_valid_test_split_, transcribed."""
+    splits = [float(s) for s in splits_string.split(",")]
+    while len(splits) < 3:
+        splits.append(0.0)
+    splits = splits[:3]
+    splits = [s / sum(splits) for s in splits]
+    index = [0]
+    for i, split in enumerate(splits):
+        index.append(index[i] + round(split * float(size)))
+    diff = index[-1] - size
+    for i in range(1, len(index)):
+        index[i] -= diff
+    return index
+
+
+def reference_sample_idx(sizes, doc_idx, seq_length, num_samples):
+    """GPT-NeoX's helpers.build_sample_idx (C++), transcribed loop for loop."""
+    sample_idx = np.zeros([num_samples + 1, 2], dtype=np.int32)
+    doc_idx_index, doc_offset = 0, 0
+    for sample_index in range(1, num_samples + 1):
+        remaining = seq_length + 1
+        while remaining != 0:
+            doc_length = sizes[doc_idx[doc_idx_index]] - doc_offset
+            remaining -= doc_length
+            if remaining <= 0:
+                doc_offset += remaining + doc_length - 1
+                remaining = 0
+            else:
+                doc_idx_index += 1
+                doc_offset = 0
+        sample_idx[sample_index] = (doc_idx_index, doc_offset)
+    return sample_idx
+
+
+@pytest.mark.parametrize(("split", "size"), [("995,4,1", 1000), ("949,50,1", 79),
+                                             ("98,2", 13), ("1,1,1", 10), ("100,0,0", 7)])  # fmt: skip
+def test_splits_follow_gpt_neox(split, size):
+    bounds = reference_split(split, size)
+    ranges = split_documents(size, split)
+    assert [(r.start, r.stop) for r in ranges] == list(itertools.pairwise(bounds))
+
+
+def test_bad_split_is_refused():
+    with pytest.raises(ValueError, match="995,4,1"):
+        split_documents(10, "train")
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 300])
+def test_sample_index_matches_gpt_neox(seq_len):
+    rng = np.random.default_rng(seq_len)
+    sizes = rng.integers(1, 120, 200).astype(np.int32)
+    sizes[::17] = 1  # one-token documents stress the boundaries
+    doc_idx = rng.permutation(np.tile(np.arange(200, dtype=np.int32), 2))
+    num_samples = (int(sizes[doc_idx].sum()) - 1) // seq_len
+    ours = build_sample_idx(sizes, doc_idx, seq_len, num_samples)
+    assert np.array_equal(ours, reference_sample_idx(sizes, doc_idx, seq_len, num_samples))
+
+
+@pytest.fixture(scope="module")
+def dataset_prefix(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    prefix = str(tmp_path_factory.mktemp("gpt") / "docs")
+    writer = IndexedDatasetWriter(prefix, np.dtype(np.uint16))
+    for _ in range(120):
+        writer.add_document([*rng.integers(2, 5000, rng.integers(1, 90)).tolist(), 0])
+    writer.finish()
+    publish(prefix)
+    return prefix
+
+
+def test_samples_are_consecutive_slices_of_the_shuffled_document_stream(dataset_prefix, tmp_path):
+    data = IndexedDataset(dataset_prefix)
+    ds = GPTDataset(
+        data, range(10, 110), seq_len=32, num_samples=500, seed=3, cache_dir=str(tmp_path)
+    )
+    doc_idx = np.asarray(ds.index.doc_idx)
+    assert set(doc_idx.tolist()) == set(range(10, 110)), "only the split's documents"
+    assert len(doc_idx) % 100 == 0 and len(doc_idx) > 100, "several whole epochs"
+    stream = np.concatenate([data.get(int(d)) for d in doc_idx])
+    shuffle = np.asarray(ds.index.shuffle_idx)
+    assert sorted(shuffle.tolist()) == list(range(500))
+    for i in range(500):
+        start = int(shuffle[i]) * 32
+        assert ds[i].tolist() == stream[start : start + 33].tolist()
+        assert ds[i].dtype == np.int64
+
+
+def test_index_is_cached_and_reused(dataset_prefix, tmp_path):
+    data = IndexedDataset(dataset_prefix)
+    first = GPTDataset(data, range(0, 120), 16, 200, seed=1, cache_dir=str(tmp_path))
+    cached = sorted(os.listdir(tmp_path))
+    assert len(cached) == 3 and all(name.endswith(".npy") for name in cached)
+    again = GPTDataset(data, range(0, 120), 16, 200, seed=1, cache_dir=str(tmp_path))
+    assert isinstance(again.index.doc_idx, np.memmap), "loaded from the cache, not rebuilt"
+    assert all(np.array_equal(first[i], again[i]) for i in range(200))
+    other = GPTDataset(data, range(0, 120), 16, 200, seed=2, cache_dir=str(tmp_path))
+    assert not np.array_equal(
+        np.asarray(other.index.shuffle_idx), np.asarray(first.index.shuffle_idx)
+    )
+
+
+ORDER_SCRIPT = """
+import hashlib, sys
+from neoray.data.gpt_dataset import GPTDataset
+from neoray.data.indexed import IndexedDataset
+prefix, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ds = GPTDataset(IndexedDataset(prefix), range(0, 120), 24, 300, seed, cache_dir=cache)
+print(hashlib.sha256(b"".join(ds[i].tobytes() for i in range(len(ds)))).hexdigest())
+"""
+
+
+def test_order_is_identical_across_processes(dataset_prefix, tmp_path):
+    def digest_in_new_process(cache, seed):
+        out = subprocess.run(
+            [sys.executable, "-c", ORDER_SCRIPT, dataset_prefix, str(tmp_path / cache), str(seed)],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    # Separate caches: each process builds the index itself.
+    a, b = digest_in_new_process("a", 42), digest_in_new_process("b", 42)
+    here = GPTDataset(
+        IndexedDataset(dataset_prefix), range(0, 120), 24, 300, 42, str(tmp_path / "c")
+    )
+    mine = hashlib.sha256(b"".join(here[i].tobytes() for i in range(300))).hexdigest()
+    assert a == b == mine
+    assert digest_in_new_process("d", 43) != a
