@@ -101,6 +101,20 @@ def from_hf_config(hf: dict) -> NeoXConfig:
         raise CheckpointError(f"config.json: required field {err.args[0]!r} is missing") from err
 
 
+def to_transformers(model: GPTNeoX):
+    """A `transformers.GPTNeoXForCausalLM` in memory with `model`'s shape and weights."""
+    import transformers
+
+    dtype = next(model.parameters()).dtype
+    theirs = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(**to_hf_config(model.config, dtype))
+    ).to(dtype)
+    # In memory transformers calls the output embedding `lm_head` (on disk: `embed_out`).
+    state = {hf_name(k).replace("embed_out.", "lm_head."): v for k, v in model.state_dict().items()}
+    theirs.load_state_dict(state, strict=True)
+    return theirs
+
+
 def save_hf(
     model: GPTNeoX,
     out_dir: str | os.PathLike,
