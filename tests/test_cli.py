@@ -10,9 +10,8 @@ NEORAY = str(Path(sys.executable).parent / "neoray")
 
 
 def neoray(*args: str) -> str:
-    exe = shutil.which("neoray") or "neoray"
     return subprocess.run(
-        [exe, *args], capture_output=True, text=True, check=True, timeout=120
+        [NEORAY, *args], capture_output=True, text=True, check=True, timeout=120
     ).stdout
 
 
