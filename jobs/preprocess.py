@@ -20,6 +20,8 @@ def main(cfg: DictConfig) -> None:
         summaries = [preprocess(dataclass_from_config(PreprocessConfig, options, "preprocess"))]
     for summary in summaries:
         print(summary.describe())
+    if not summaries:
+        print("nothing to do: every component with `input` already has its .bin/.idx")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class DataConfig:
     """Mixture components, tokenizer and the split/sequence settings that fix the sample order.
 
     `root` is the folder the other paths are usually interpolated from (`${data.root}/code`).
+    `cache_dir` is where the sample-order index files go (default: next to each component's
+    data, as GPT-NeoX does; set it when the data folder is read-only).
     `demo_corpus` (optional) is a folder where the demo corpus from this Python installation is
     written before preprocessing; `tokenizer_training` (optional) holds train_tokenizer fields
     used to train `tokenizer` from the components' inputs when the file does not exist yet.

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import chain
+from typing import TextIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -248,6 +249,27 @@ def _remove_partials(prefix: str) -> None:
             os.remove(prefix + suffix + PARTIAL)
 
 
+def _write_results(
+    shards: list[Shard],
+    results: Iterable[ShardResult],
+    writer: IndexedDatasetWriter,
+    report: TextIO,
+    summary: PreprocessSummary,
+) -> None:
+    """Append each shard's documents in shard order; list skipped records with absolute lines."""
+    lines_before: dict[str, int] = {}
+    for shard, result in zip(shards, results, strict=True):
+        first = lines_before.get(shard.uri, 0)
+        lines_before[shard.uri] = first + result.lines
+        for bad in result.skipped:
+            summary.skipped[bad.kind] = summary.skipped.get(bad.kind, 0) + 1
+            entry = {"file": shard.uri, "line": first + bad.line, "kind": bad.kind}
+            report.write(json.dumps({**entry, "detail": bad.detail}) + "\n")
+        writer.add_documents(result.tokens, result.sizes)
+        summary.documents += len(result.sizes)
+        summary.tokens += len(result.tokens)
+
+
 def preprocess(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
     """Tokenize `cfg.input` into `cfg.output_prefix`.{bin,idx} plus the skipped-records report."""
     start = time.perf_counter()
@@ -264,20 +286,9 @@ def preprocess(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessS
     progress = _Progress(show_progress)
     try:
         writer = IndexedDatasetWriter(prefix, dtype)
-        lines_before: dict[str, int] = {}
         with open(prefix + ".skipped.jsonl" + PARTIAL, "w", encoding="utf-8") as report:
-            for shard, result in zip(
-                shards, run(shards, cfg, tokenizer.to_json(), progress), strict=True
-            ):
-                first = lines_before.get(shard.uri, 0)
-                lines_before[shard.uri] = first + result.lines
-                for bad in result.skipped:
-                    summary.skipped[bad.kind] = summary.skipped.get(bad.kind, 0) + 1
-                    entry = {"file": shard.uri, "line": first + bad.line, "kind": bad.kind}
-                    report.write(json.dumps({**entry, "detail": bad.detail}) + "\n")
-                writer.add_documents(result.tokens, result.sizes)
-                summary.documents += len(result.sizes)
-                summary.tokens += len(result.tokens)
+            results = run(shards, cfg, tokenizer.to_json(), progress)
+            _write_results(shards, results, writer, report, summary)
         writer.finish()
         progress.bar.close()
         summary.seconds = time.perf_counter() - start

@@ -12,8 +12,8 @@ File formats:
 
 Uncompressed `.jsonl` files can be split into byte ranges so that several workers read one large
 file: a shard owns the lines that *start* inside its range. Line numbers in records are relative
-to the shard; `Shard.first_line` is unknown until the earlier shards have been counted, so the
-caller adds the line counts of earlier shards of the same file.
+to the shard, since where a byte range starts in lines is only known once the earlier shards
+have been read; `read_records` reports each shard's line count so the caller can add them up.
 
 S3 goes through boto3, which takes its endpoint and credentials from the usual places
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `~/.aws/config`, ...).
