@@ -76,3 +76,9 @@ def test_bad_data_config_names_the_field():
         data_config({"tokenizer": "t", "components": {"c": {"prefix": "p"}}, "seqlen": 5})
     with pytest.raises(ConfigError, match="weight"):
         data_config({"tokenizer": "t", "components": {"c": {"prefix": "p", "weight": -1}}})
+
+
+def test_missing_token_files_say_how_to_build_them(tmp_path):
+    cfg = data_config({"tokenizer": "t", "components": {"code": {"prefix": str(tmp_path / "x")}}})
+    with pytest.raises(FileNotFoundError, match=r"data\.components\.code: .*jobs/preprocess\.py"):
+        build_mixture(cfg, "train", 10)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
-from neoray.data.indexed import IndexedDataset
+from neoray.data.indexed import IndexedDataset, idx_path
 
 SPLITS = ("train", "validation", "test")
 
@@ -76,6 +77,11 @@ def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDatas
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     names, data, documents, weights = [], [], [], []
     for name, component in cfg.components.items():
+        if not os.path.exists(idx_path(component.prefix)):
+            raise FileNotFoundError(
+                f"data.components.{name}: no token files at {component.prefix}.idx; build them "
+                "with jobs/preprocess.py (e.g. `python jobs/preprocess.py data=demo`)"
+            )
         dataset = IndexedDataset(component.prefix)
         docs = split_documents(len(dataset), cfg.split)[SPLITS.index(split)]
         if len(docs) and component.weight > 0:
