@@ -39,4 +39,15 @@ def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
         raise ConfigError(
             f"{where}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(fields))}"
         )
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ConfigError(
+            f"{where}: required field(s) {', '.join(missing)} not set; add them to the config"
+        )
     return cls(**values)

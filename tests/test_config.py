@@ -1,0 +1,31 @@
+"""Config sections become dataclasses; wrong or missing fields are named in the error."""
+
+from dataclasses import dataclass
+
+import pytest
+from omegaconf import OmegaConf
+
+from neoray.config import ConfigError, dataclass_from_config
+
+
+@dataclass
+class Example:
+    path: str
+    steps: int = 10
+
+
+def test_builds_from_omegaconf_with_interpolation():
+    section = OmegaConf.create({"root": "/data", "example": {"path": "${root}/x", "steps": 3}})
+    assert dataclass_from_config(Example, section.example, "example") == Example("/data/x", 3)
+
+
+def test_unknown_field_is_named_with_the_valid_ones():
+    with pytest.raises(
+        ConfigError, match=r"example: unknown field\(s\) stpes; valid fields are path, steps"
+    ):
+        dataclass_from_config(Example, {"path": "x", "stpes": 1}, "example")
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match=r"example: required field\(s\) path not set"):
+        dataclass_from_config(Example, {"steps": 1}, "example")
