@@ -34,6 +34,8 @@ format: install
 bench: install
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/preprocess_throughput.py
+	$(BIN)/python bench/tokenizer_compression.py
 
 clean:
 	rm -rf runs outputs mlruns.db .pytest_cache
