@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from neoray.config import ConfigError
-from neoray.model import GPTNeoX, NeoXConfig
+from neoray.model import GPTNeoX, NeoXConfig, loss
 from neoray.model.loss import linear_cross_entropy
 
 
@@ -41,9 +41,11 @@ def test_loss_and_gradients_match_transformers(pair):
         )
 
 
-def test_fused_cross_entropy_equals_plain_cross_entropy():
+@pytest.mark.parametrize("chunk_rows", [128, 5000])
+def test_fused_cross_entropy_equals_plain_cross_entropy(monkeypatch, chunk_rows):
+    monkeypatch.setattr(loss, "CHUNK_BYTES", chunk_rows * 200 * 4)  # 11 chunks, then one
     torch.manual_seed(1)
-    hidden = torch.randn(1300, 32, dtype=torch.float64, requires_grad=True)  # > one chunk
+    hidden = torch.randn(1300, 32, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(200, 32, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 200, (1300,))
     targets[::9] = -100
@@ -66,8 +68,8 @@ def test_activation_checkpointing_changes_nothing():
     chunked.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 256, (2, 32))
     losses = [m(idx, idx.roll(-1, 1)) for m in (plain, chunked)]
-    for loss in losses:
-        loss.backward()
+    for value in losses:
+        value.backward()
     assert losses[0].item() == losses[1].item()
     for a, b in zip(plain.parameters(), chunked.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
