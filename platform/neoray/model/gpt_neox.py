@@ -218,6 +218,27 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module, config: NeoXConfig) -> None:
+    """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections.
+
+    Works by parameter name, so any module that names its parameters like `GPTNeoX` (a
+    pipeline stage, a tensor-parallel shard) is initialised by the same rules.
+    """
+    h, n = config.hidden_size, config.num_layers
+    small = math.sqrt(2 / (5 * h))
+    wang = 2 / (n * math.sqrt(h))
+    for name, p in module.named_parameters():
+        if "layernorm" in name:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+            p.normal_(0.0, wang)
+        else:
+            p.normal_(0.0, small)
+
+
 class GPTNeoX(nn.Module):
     """The language model: embeddings, layers, final layernorm, output embedding."""
 
@@ -231,21 +252,8 @@ class GPTNeoX(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections."""
-        h, n = self.config.hidden_size, self.config.num_layers
-        small = math.sqrt(2 / (5 * h))
-        wang = 2 / (n * math.sqrt(h))
-        for name, p in self.named_parameters():
-            if "layernorm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                p.normal_(0.0, wang)
-            else:
-                p.normal_(0.0, small)
+        init_weights(self, self.config)
 
     def forward(
         self,
