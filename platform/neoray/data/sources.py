@@ -197,7 +197,9 @@ def open_bytes(uri: str, start: int = 0) -> BinaryIO:
     """A buffered binary stream of the raw file from byte `start` (S3: a ranged GET)."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        body = _s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")["Body"]
+        # No range from 0: S3 refuses any range of an empty object (416 InvalidRange).
+        ranged = {"Range": f"bytes={start}-"} if start else {}
+        body = _s3_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
         return io.BufferedReader(_RawStream(body), buffer_size=1 << 20)
     stream = open(uri, "rb", buffering=1 << 20)  # noqa: SIM115 (returned to the caller)
     stream.seek(start)
