@@ -16,7 +16,8 @@ to the shard, since where a byte range starts in lines is only known once the ea
 have been read; `read_records` reports each shard's line count so the caller can add them up.
 
 S3 goes through boto3, which takes its endpoint and credentials from the usual places
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `~/.aws/config`, ...).
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `~/.aws/config`, ...). An S3 URI behaves like a local
+path: globs match within a folder (`**` across folders) and a name that is no object is a folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -114,25 +116,43 @@ def _has_magic(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
 
+def _glob_match(pattern: list[str], path: list[str]) -> bool:
+    """Whether path segments match pattern segments as glob.glob(recursive=True) has it:
+    `*`, `?` and `[...]` stay within one segment, `**` spans any number of them."""
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return (
+        bool(path)
+        and fnmatch.fnmatchcase(path[0], pattern[0])
+        and _glob_match(pattern[1:], path[1:])
+    )
+
+
+def _list_s3(uri: str, bucket: str, prefix: str) -> list[str]:
+    """Keys in `bucket` that start with `prefix`."""
+    paginator = _s3_client().get_paginator("list_objects_v2")
+    return [
+        obj["Key"]
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    ]
+
+
 def _expand_s3(uri: str) -> list[str]:
+    """Like a local path: a glob, else the object of that name, else the folder of that name."""
     bucket, key = _split_s3(uri)
-    if not _has_magic(key) and not key.endswith("/") and key:
+    if _has_magic(key):
+        prefix = re.split(r"[*?[]", key, maxsplit=1)[0]
+        segments = key.split("/")
+        names = [k for k in _list_s3(uri, bucket, prefix) if _glob_match(segments, k.split("/"))]
+        return sorted(f"s3://{bucket}/{name}" for name in names)
+    names = _list_s3(uri, bucket, key)
+    if key in names and not key.endswith("/"):
         return [uri]
-    prefix = key
-    for i, ch in enumerate(key):
-        if ch in "*?[":
-            prefix = key[:i]
-            break
-    matches = []
-    for page in (
-        _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    ):
-        for obj in page.get("Contents", []):
-            name = obj["Key"]
-            wanted = fnmatch.fnmatchcase(name, key) if _has_magic(key) else _is_supported(name)
-            if wanted:
-                matches.append(f"s3://{bucket}/{name}")
-    return sorted(matches)
+    folder = key.rstrip("/") + "/" if key else ""
+    return sorted(f"s3://{bucket}/{k}" for k in names if k.startswith(folder) and _is_supported(k))
 
 
 def _expand_local(pattern: str) -> list[str]:
