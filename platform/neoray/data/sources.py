@@ -17,7 +17,8 @@ have been read; `read_records` reports each shard's line count so the caller can
 
 S3 goes through boto3, which takes its endpoint and credentials from the usual places
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `~/.aws/config`, ...). An S3 URI behaves like a local
-path: globs match within a folder (`**` across folders) and a name that is no object is a folder.
+path: globs match within a folder (`**` across folders), a name that is no object is a folder,
+and a missing object or refused credentials raise FileNotFoundError or PermissionError naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, BinaryIO
@@ -108,6 +110,31 @@ def _s3_client_for(settings: tuple[str | None, ...]) -> Any:
     return boto3.session.Session().client("s3")
 
 
+_MISSING = {"404", "NoSuchKey", "NoSuchBucket"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Re-raise boto3's errors for `uri` as the built-in ones a local path would give, naming the
+    URI: a bare ClientError says only which API call failed."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            what = "no such bucket" if code == "NoSuchBucket" else "not found"
+            raise FileNotFoundError(f"{uri}: {what} ({err})") from err
+        if code in _DENIED:
+            raise PermissionError(
+                f"{uri}: access denied, check the credentials (AWS_ACCESS_KEY_ID, "
+                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the endpoint ({err})"
+            ) from err
+        raise
+
+
 def _is_supported(name: str) -> bool:
     return name.endswith(SUFFIXES)
 
@@ -133,11 +160,12 @@ def _glob_match(pattern: list[str], path: list[str]) -> bool:
 def _list_s3(uri: str, bucket: str, prefix: str) -> list[str]:
     """Keys in `bucket` that start with `prefix`."""
     paginator = _s3_client().get_paginator("list_objects_v2")
-    return [
-        obj["Key"]
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-        for obj in page.get("Contents", [])
-    ]
+    with _s3_errors(uri):
+        return [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
 
 
 def _expand_s3(uri: str) -> list[str]:
@@ -190,7 +218,8 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
 def file_size(uri: str) -> int:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        return _s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+        with _s3_errors(uri):
+            return _s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
     return os.path.getsize(uri)
 
 
@@ -219,7 +248,8 @@ def open_bytes(uri: str, start: int = 0) -> BinaryIO:
         bucket, key = _split_s3(uri)
         # No range from 0: S3 refuses any range of an empty object (416 InvalidRange).
         ranged = {"Range": f"bytes={start}-"} if start else {}
-        body = _s3_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
+        with _s3_errors(uri):
+            body = _s3_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
         return io.BufferedReader(_RawStream(body), buffer_size=1 << 20)
     stream = open(uri, "rb", buffering=1 << 20)  # noqa: SIM115 (returned to the caller)
     stream.seek(start)
