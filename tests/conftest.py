@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import services
 import torch
 import transformers
 
@@ -88,3 +89,26 @@ def demo_data(tmp_path_factory):
     cfg = data_config(section.data)
     prepare_data(cfg, show_progress=False)
     return cfg
+
+
+# S3: a real SeaweedFS server for the session, and a fresh bucket per test.
+
+S3_ENV_OVERRIDES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint (SeaweedFS) on 127.0.0.1, started once and shared."""
+    with services.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """The name of a new, empty bucket, with the environment pointing boto3 at the server
+    (and nothing else, such as a profile or a session token, that would take precedence)."""
+    for name in S3_ENV_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.new_bucket()
