@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import zstandard
+from corpora import make_big_jsonl, read_report
 
 from neoray.config import ConfigError
 from neoray.data.indexed import IndexedDataset
@@ -70,11 +71,6 @@ def bad_corpus(tmp_path):
     return inputs, good, bad
 
 
-def read_report(prefix):
-    with open(prefix + ".skipped.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_bad_records_are_skipped_counted_and_reported(bad_corpus, tmp_path, tokenizer):
     inputs, good, bad = bad_corpus
     prefix = str(tmp_path / "out" / "corpus")
@@ -101,22 +97,6 @@ def test_bad_records_are_skipped_counted_and_reported(bad_corpus, tmp_path, toke
     assert sorted(os.listdir(tmp_path / "out")) == [
         "corpus.bin", "corpus.idx", "corpus.report.json", "corpus.skipped.jsonl"
     ]  # fmt: skip
-
-
-def make_big_jsonl(path, lines=1500, bad_every=97):
-    """Lines of varied length; every `bad_every`-th line is malformed. Returns the bad lines."""
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "δέλτα", "\n    indented", "x" * 30, "0123"]
-    bad = []
-    with open(path, "w", encoding="utf-8") as f:
-        for n in range(1, lines + 1):
-            if n % bad_every == 0:
-                f.write('{"text": oops}\n')
-                bad.append(n)
-            else:
-                text = " ".join(rng.choice(words, int(rng.integers(1, 60))))
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    return bad
 
 
 @pytest.mark.parametrize("shard_bytes", [1, 7, 1000, 10**9])

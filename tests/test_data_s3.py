@@ -1,0 +1,138 @@
+"""The data pipeline on `s3://` inputs against a real S3 server (SeaweedFS): the same tokenizers
+and token files as from local copies, right line numbers, and errors that name the URI."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+from corpora import make_big_jsonl, read_report
+
+from neoray.data.preprocess import PreprocessConfig, preprocess
+from neoray.data.sources import expand_inputs
+from neoray.tokenizer.load import RELEASED_20B, load_tokenizer, released_20b_path
+from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+
+def upload(client, bucket, root, prefix):
+    """Every file under `root` to s3://bucket/prefix/<its path below root>."""
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root)}")
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """Two .jsonl files and a .jsonl.zst at the top, one .jsonl a folder down, and a file that
+    no input expands to."""
+    root = tmp_path / "small"
+    (root / "nested").mkdir(parents=True)
+    texts = [f"document {n}: " + " ".join(["alpha beta", "gamma", "def f(x):"] * n) for n in range(60)]  # fmt: skip
+    for name, part in [("a.jsonl", texts[:20]), ("b.jsonl", texts[20:40]),
+                       ("nested/c.jsonl", texts[40:])]:  # fmt: skip
+        (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    zst = "".join(json.dumps({"text": t.upper()}) + "\n" for t in texts).encode()
+    (root / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst))
+    (root / "notes.md").write_text("not a corpus file")
+    return root
+
+
+def trained(inputs, output):
+    cfg = TokenizerTrainConfig(input=inputs, output=str(output), vocab_size=400)
+    return train_tokenizer(cfg, show_progress=False).to_json()
+
+
+@pytest.mark.parametrize("pattern", ["*.jsonl", ""], ids=["glob", "folder"])
+def test_tokenizer_trained_from_s3_equals_one_trained_locally(
+    small_corpus, s3_server, s3_bucket, tmp_path, pattern
+):
+    upload(s3_server.client(), s3_bucket, small_corpus, "raw")
+    remote = f"s3://{s3_bucket}/raw/{pattern}"
+    local = str(small_corpus / pattern) if pattern else str(small_corpus)
+    expected = {"*.jsonl": ["a.jsonl", "b.jsonl"],
+                "": ["a.jsonl", "b.jsonl", "d.jsonl.zst", "nested/c.jsonl"]}[pattern]  # fmt: skip
+    assert expand_inputs(remote) == [f"s3://{s3_bucket}/raw/{name}" for name in expected]
+    assert expand_inputs(local) == [str(small_corpus / name) for name in expected]
+    assert trained(remote, tmp_path / "s3.json") == trained(local, tmp_path / "local.json")
+
+
+@pytest.mark.parametrize("pattern", ["", "/", "/**/*.jsonl", "/*/*.jsonl", "/?.jsonl*"])
+def test_s3_uris_expand_as_local_paths_do(small_corpus, s3_server, s3_bucket, pattern):
+    upload(s3_server.client(), s3_bucket, small_corpus, "raw")
+    remote = expand_inputs(f"s3://{s3_bucket}/raw{pattern}")
+    local = expand_inputs(f"{small_corpus}{pattern}")
+    assert remote == [path.replace(str(small_corpus), f"s3://{s3_bucket}/raw") for path in local]
+
+
+@pytest.fixture
+def big_corpus(tmp_path):
+    """A .jsonl of several shards, a .jsonl.zst of another, an empty .jsonl and a .txt; returns
+    the folder and the malformed lines of each file by name."""
+    root = tmp_path / "big"
+    root.mkdir()
+    bad = {"a.jsonl": make_big_jsonl(root / "a.jsonl", lines=1500, bad_every=97)}
+    bad["b.jsonl.zst"] = make_big_jsonl(tmp_path / "b.jsonl", lines=400, bad_every=61)
+    compressed = zstandard.ZstdCompressor().compress((tmp_path / "b.jsonl").read_bytes())
+    (root / "b.jsonl.zst").write_bytes(compressed)
+    (root / "c.jsonl").write_bytes(b"")
+    (root / "d.txt").write_text("A whole book in one file.\n")
+    return root, bad
+
+
+def test_preprocessing_s3_inputs_writes_what_local_copies_give(
+    big_corpus, s3_server, s3_bucket, tmp_path
+):
+    root, bad = big_corpus
+    upload(s3_server.client(), s3_bucket, root, "corpus")
+    shard_mb = 0.02
+    assert (root / "a.jsonl").stat().st_size > 4 * shard_mb * 2**20, "a.jsonl spans many shards"
+    outputs = {}
+    for name, inputs in [("local", [str(root / "*.jsonl"), str(root / "b.jsonl.zst"), str(root / "d.txt")]),
+                         ("s3", [f"s3://{s3_bucket}/corpus/*.jsonl", f"s3://{s3_bucket}/corpus/b.jsonl.zst",
+                                 f"s3://{s3_bucket}/corpus/d.txt"])]:  # fmt: skip
+        prefix = str(tmp_path / name / "out")
+        cfg = PreprocessConfig(
+            input=inputs, tokenizer=RELEASED_20B, output_prefix=prefix, shard_mb=shard_mb
+        )
+        summary = preprocess(cfg, show_progress=False)
+        outputs[name] = {s: Path(prefix + s).read_bytes() for s in (".bin", ".idx")}
+    assert outputs["s3"] == outputs["local"]
+    assert summary.documents == 1500 + 400 + 1 - sum(map(len, bad.values()))
+    report = read_report(prefix)
+    assert [(r["file"], r["line"]) for r in report] == [
+        (f"s3://{s3_bucket}/corpus/{name}", line) for name, lines in bad.items() for line in lines
+    ]
+
+
+def test_tokenizer_loads_from_s3(s3_server, s3_bucket):
+    s3_server.client().upload_file(released_20b_path(), s3_bucket, "tokenizers/20b.json")
+    uri = f"s3://{s3_bucket}/tokenizers/20b.json"
+    tokenizer = load_tokenizer(uri)
+    assert tokenizer.source == uri
+    assert tokenizer.to_json() == load_tokenizer(RELEASED_20B).to_json()
+
+
+def test_a_missing_object_or_bucket_is_named(s3_bucket, tmp_path):
+    missing = [f"s3://{s3_bucket}/no/such.json", "s3://no-such-bucket-anywhere/tokenizer.json"]
+    for uri in missing:
+        with pytest.raises(FileNotFoundError, match=uri):
+            load_tokenizer(uri)
+    for uri in [f"s3://{s3_bucket}/no/such.jsonl", "s3://no-such-bucket-anywhere/*.jsonl"]:
+        cfg = PreprocessConfig(
+            input=[uri], tokenizer=RELEASED_20B, output_prefix=str(tmp_path / "out")
+        )
+        with pytest.raises(FileNotFoundError, match=uri.replace("*", r"\*")):
+            preprocess(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("variable", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, s3_bucket, monkeypatch, variable):
+    s3_server.client().put_object(Bucket=s3_bucket, Key="t.json", Body=b"{}")
+    monkeypatch.setenv(variable, "wrong")
+    start = time.monotonic()
+    for call, uri in [(load_tokenizer, f"s3://{s3_bucket}/t.json"),
+                      (expand_inputs, f"s3://{s3_bucket}/*.jsonl")]:  # fmt: skip
+        with pytest.raises(PermissionError, match=uri.replace("*", r"\*")):
+            call(uri)
+    assert time.monotonic() - start < 10
