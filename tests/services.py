@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,15 +171,18 @@ class S3Server:
         return name
 
 
-def _s3_answers(server: S3Server) -> Callable[[], bool]:
-    """A probe that is true once S3 accepts a signed request (one quick try per call)."""
+def _s3_stores(server: S3Server) -> Callable[[], bool]:
+    """A probe that is true once S3 stores an object (one quick try per call). S3 answers a few
+    seconds before the volume server has joined, and writes meanwhile fail or stall."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = server.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2)
 
     def probe() -> bool:
         try:
-            client.list_buckets()
+            with suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket="readiness")
+            client.put_object(Bucket="readiness", Key="probe", Body=b"")
         except (BotoCoreError, ClientError):
             return False
         return True
@@ -239,7 +242,7 @@ def seaweedfs(directory: Path) -> Iterator[S3Server]:
     log = directory / "weed.log"
     try:
         # Its graceful stop waits 15 s for gRPC streams to drain; the data is thrown away anyway.
-        with running("SeaweedFS", command, log=log, ready=_s3_answers(server), stop_timeout=2.0):
+        with running("SeaweedFS", command, log=log, ready=_s3_stores(server), stop_timeout=2.0):
             yield server
     finally:
         _remove_grpc_sockets(ports)
