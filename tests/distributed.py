@@ -41,3 +41,28 @@ def run_workers(fn, world: int, *args, timeout: float = 120.0) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"workers did not finish within {timeout} s")
+
+
+def run_command(command: list[str], timeout: float, **kwargs) -> str:
+    """Run a launcher (e.g. torchrun) in its own process group; kill the whole group on timeout
+    so no worker outlives the test. Returns stdout+stderr; fails the test on a non-zero exit."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s:\n{output[-3000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{output[-5000:]}")
+    return output

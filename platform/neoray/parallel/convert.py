@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -110,3 +111,19 @@ def load_full_state_dict(
             raise KeyError(f"the state dict has no {plain} (parameter {name} of this stage)")
         local[name] = shard_tensor(plain, full[plain], tp_rank, tp)
     module.load_state_dict(local)
+
+
+def shard_path(directory: str | Path, tp_rank: int, pp_rank: int) -> Path:
+    """Where the shard of (tensor-parallel rank, pipeline stage) is saved in `directory`."""
+    return Path(directory) / f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
+
+
+def consolidate_directory(directory: str | Path, config: NeoXConfig) -> dict[str, torch.Tensor]:
+    """Full `GPTNeoX` state dict from the shard files of `directory` (see `shard_path`)."""
+    shards = {}
+    for path in sorted(Path(directory).glob("tp*_pp*.pt")):
+        tp_rank, pp_rank = (int(part[2:]) for part in path.stem.split("_"))
+        shards[tp_rank, pp_rank] = torch.load(path, map_location="cpu", weights_only=True)
+    if not shards:
+        raise FileNotFoundError(f"no shard files (tpNN_ppNN.pt) in {directory}")
+    return consolidate(shards, config)

@@ -1,0 +1,52 @@
+"""The model as a DeepSpeed `PipelineModule`: a list of `LayerSpec`s cut into stages.
+
+The list is embedding, N transformer layers, final norm, output layer; stages are balanced by
+transformer layers (the embedding joins the first stage, norm and output the last). A
+`LayerSpec` builds its module only on the stage that owns it, so no rank ever holds the
+whole model. The loss is the vocab-parallel cross-entropy of the output stage's logit slice.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch.utils.checkpoint import checkpoint
+
+from neoray.model.gpt_neox import NeoXConfig, init_weights
+from neoray.parallel.layers import EmbeddingStage, FinalNormStage, OutputStage, ParallelLayer
+from neoray.parallel.tensor import vocab_parallel_cross_entropy
+from neoray.parallel.topology import Placement
+
+
+def layer_specs(config: NeoXConfig, tp_group) -> list[LayerSpec]:
+    """Embedding, `num_layers` transformer layers, final norm, output: in pipeline order."""
+    return [
+        LayerSpec(EmbeddingStage, config, tp_group),
+        *(LayerSpec(ParallelLayer, config, tp_group) for _ in range(config.num_layers)),
+        LayerSpec(FinalNormStage, config),
+        LayerSpec(OutputStage, config, tp_group),
+    ]
+
+
+def build_pipeline(config: NeoXConfig, placement: Placement, seed: int = 0) -> PipelineModule:
+    """This rank's stage of the model, initialised like `GPTNeoX` (NeoX init).
+
+    Random init differs per stage and tensor-parallel rank (the seed is offset by both) and is
+    the same on every data-parallel replica. To start from given weights, load them afterwards
+    with `neoray.parallel.convert.load_full_state_dict`.
+    """
+    torch.manual_seed(seed + 1000 * placement.pp_rank + placement.tp_rank)
+    group = placement.tp_group
+    module = PipelineModule(
+        layers=layer_specs(config, group),
+        loss_fn=functools.partial(vocab_parallel_cross_entropy, group=group),
+        topology=placement.topology,
+        partition_method="type:ParallelLayer",
+        activation_checkpoint_interval=config.checkpoint_activations,
+        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
+        checkpointable_layers=["ParallelLayer"],
+    )
+    init_weights(module, config)
+    return module

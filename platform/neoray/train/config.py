@@ -1,0 +1,117 @@
+"""The pretrain job's config: model, parallel layout, optimizer, data and run settings.
+
+`pretrain_config` turns the Hydra config into typed dataclasses and checks everything that
+can be checked without processes or devices, so mistakes surface before a cluster is booked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from neoray.config import ConfigError, dataclass_from_config, to_dict
+from neoray.data.config import DataConfig, data_config
+from neoray.model.gpt_neox import NeoXConfig
+from neoray.parallel.config import ParallelConfig, validate_layout
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and cosine decay; defaults are GPT-NeoX-20B's (configs/20B.yml)."""
+
+    lr: float = 0.97e-4
+    min_lr: float = 0.97e-5  # the floor of the cosine decay
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # not applied to biases and layernorm weights
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    warmup: float = 0.01  # fraction of the decay steps spent warming up linearly
+    decay_steps: int | None = None  # None: decay over all of train.steps
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be within [0, optim.lr={self.lr}]")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"optim.warmup={self.warmup} is a fraction of steps: use [0, 1)")
+        if self.grad_clip < 0:
+            raise ConfigError("optim.grad_clip must be >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class TrainConfig:
+    """The run itself: length, precision, where outputs go, how failures are handled."""
+
+    steps: int = 100
+    seed: int = 1234
+    precision: str = "fp32"
+    initial_loss_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
+    max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite losses
+    peak_tflops: float | None = None  # device peak for MFU; None: known GPU or a CPU probe
+    init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
+    save_final: bool = False  # write each rank's final weights to <run_dir>/final/
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be at least 1, got {self.steps}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps must be at least 1")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Random tokens, a pure function of (seed, sample index): for tests and benchmarks."""
+
+    seq_len: int = 128
+    seed: int = 1234
+    synthetic: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    model: NeoXConfig
+    parallel: ParallelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    data: DataConfig | SyntheticDataConfig
+    run_dir: str
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.parallel.sequences_per_step * self.seq_len
+
+
+def pretrain_config(cfg: Any) -> PretrainConfig:
+    """Typed, validated config from the Hydra `pretrain` config (sections as in conf/pretrain.yaml)."""
+    values = to_dict(cfg)
+    data_section = values.get("data") or {}
+    data = (
+        dataclass_from_config(SyntheticDataConfig, data_section, "data")
+        if data_section.get("synthetic")
+        else data_config(data_section)
+    )
+    config = PretrainConfig(
+        model=dataclass_from_config(NeoXConfig, values.get("model"), "model"),
+        parallel=dataclass_from_config(ParallelConfig, values.get("parallel"), "parallel"),
+        optim=dataclass_from_config(OptimConfig, values.get("optim"), "optim"),
+        train=dataclass_from_config(TrainConfig, values.get("train"), "train"),
+        data=data,
+        run_dir=str(values.get("run_dir") or "runs/pretrain"),
+    )
+    validate_layout(config.model, config.parallel)
+    if config.seq_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}: "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    return config

@@ -1,0 +1,80 @@
+"""The DeepSpeed pipeline engine: ZeRO stage 1 over the data axis, AdamW, precision, clipping.
+
+The optimizer is PyTorch's AdamW handed to DeepSpeed, which wraps it in its ZeRO-1 optimizer
+(each data-parallel rank keeps the fp32 master weights and Adam moments of a 1/dp slice). The
+learning rate follows `neoray.train.schedule` through a `LambdaLR` that DeepSpeed steps after
+every applied optimizer step (not after fp16 steps skipped for overflow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from neoray.parallel.config import ParallelConfig
+from neoray.train.config import OptimConfig, TrainConfig
+from neoray.train.schedule import learning_rate
+
+
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> dict:
+    """The DeepSpeed config dict for a layout, optimizer and precision."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
+        "gradient_accumulation_steps": parallel.grad_accum_steps,
+        "train_batch_size": parallel.sequences_per_step,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW works under ZeRO-1
+        "steps_per_print": 2**31 - 1,  # metrics are ours (see neoray.train.metrics)
+    }
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": train.initial_loss_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return config
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (weights and embeddings), none on biases and layernorms."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    module: PipelineModule, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig
+) -> PipelineEngine:
+    """The engine that trains `module` with `engine.train_batch` (1F1B pipeline schedule)."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups(module, optim.weight_decay),
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, optim, train.steps) / optim.lr
+    )
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(parallel, optim, train),
+    )
+    return engine

@@ -1,0 +1,88 @@
+"""jobs/pretrain.py: bad configs fail before any process group exists; the dry run plans."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from neoray.config import ConfigError
+from neoray.train.config import pretrain_config
+from neoray.train.schedule import learning_rate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_pretrain(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="pretrain", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["parallel=cpu_3d", "parallel.tp=8"],
+            r"model\.num_heads=4 is not divisible by parallel\.tp=8",
+        ),
+        (["parallel.pp=3"], r"parallel\.pp <= 2"),
+        (["model=pythia_70m", "parallel.tp=2"], r"set model\.vocab_multiple=256"),
+        (
+            ["parallel=a100_96", "parallel.grad_accum_steps=16"],
+            r"set parallel\.grad_accum_steps=32",
+        ),
+        (["parallel.zero_stage=3"], r"set parallel\.zero_stage=1"),
+        (["data.seq_len=4096"], r"data\.seq_len=4096 exceeds model\.max_seq_len=128"),
+        (["train.precision=fp8"], r"train\.precision='fp8'"),
+        (["+parallel.sp=2"], r"parallel: unknown field\(s\) sp"),
+    ],
+)
+def test_bad_configs_name_the_field_and_fix(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        pretrain_config(compose_pretrain(*overrides))
+
+
+def test_presets_are_valid():
+    for parallel in ("single", "cpu_3d"):
+        pretrain_config(compose_pretrain(f"parallel={parallel}"))
+    config = pretrain_config(compose_pretrain("model=neox_20b", "parallel=a100_96"))
+    assert config.parallel.world_size == 96
+    assert config.parallel.sequences_per_step == 1536
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    optim = pretrain_config(compose_pretrain("optim.warmup=0.1")).optim
+    lrs = [learning_rate(step, optim, 100) for step in range(100)]
+    assert lrs[0] == pytest.approx(optim.lr / 10)
+    assert lrs[9] == pytest.approx(optim.lr)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[-1] == pytest.approx(optim.min_lr, rel=1e-2)
+
+
+def run_job(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/pretrain.py", *overrides],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_prints_the_20b_plan():
+    result = run_job("dry_run=true", "model=neox_20b", "parallel=a100_96", "data.seq_len=2048")
+    assert result.returncode == 0, result.stderr
+    assert "tp 2 x pp 4 x dp 12 = 96 devices" in result.stdout
+    assert "1536 sequences of 2048 = 3,145,728 tokens per step" in result.stdout
+    assert "FLOPs per step" in result.stdout
+
+
+def test_wrong_process_count_is_rejected_before_training():
+    result = run_job("parallel=cpu_3d", "train.steps=1", "run_dir=/nonexistent/never")
+    assert result.returncode != 0
+    assert "1 processes were launched but" in result.stderr
+    assert "torchrun --nproc_per_node 8" in result.stderr
