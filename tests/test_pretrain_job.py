@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +72,8 @@ def run_job(*overrides: str) -> subprocess.CompletedProcess:
         cwd=CONF.parent,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
     )
 
 
@@ -86,3 +90,22 @@ def test_wrong_process_count_is_rejected_before_training():
     assert result.returncode != 0
     assert "1 processes were launched but" in result.stderr
     assert "torchrun --nproc_per_node 8" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, loss_scale", [("bf16", 1.0), ("fp16", 2.0**12)])
+def test_mixed_precision_with_activation_checkpointing(tmp_path, precision, loss_scale):
+    result = run_job(
+        "train.steps=2",
+        f"train.precision={precision}",
+        "model.checkpoint_activations=1",
+        "data.seq_len=32",
+        "train.peak_tflops=1.0",
+        f"run_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1]
+    assert all(math.isfinite(row["loss"]) and abs(row["loss"] - 6.93) < 0.05 for row in rows)
+    assert rows[0]["loss_scale"] == loss_scale
+    assert rows[0]["hfu"] > rows[0]["mfu"]  # recomputation counts as hardware FLOPs
