@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/preprocess_throughput.py
 	$(BIN)/python bench/tokenizer_compression.py
+	$(BIN)/python bench/engine_overhead.py
 
 clean:
 	rm -rf runs outputs mlruns.db .pytest_cache
