@@ -4,6 +4,11 @@ One process, fp32 on CPU. Both sides train the same pipeline module (two copies 
 same seed) on the same batch with the same optimizer settings, schedule and gradient clipping:
 the plain side calls forward, the vocab-parallel loss, backward, clipping and `AdamW.step()`
 itself; the engine side calls `engine.train_batch`. The ratio is what DeepSpeed costs.
+Both sides build their optimizer with `neoray.train.engine.adamw` (fused AdamW, same
+hyperparameters). What differs is DeepSpeed's own work, which this benchmark measures: ZeRO-1
+keeps a flat fp32 master copy of the weights and copies it back after each step, gathers the
+gradients into buckets and flattens them into its partition, and accumulates the gradient norm
+in fp64 (the plain side clips with `clip_grad_norm_` in fp32).
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/engine_overhead.py --preset pythia_70m
 """
@@ -23,7 +28,7 @@ from neoray.parallel.config import ParallelConfig
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
 from neoray.train.config import OptimConfig, TrainConfig
-from neoray.train.engine import build_engine, parameter_groups
+from neoray.train.engine import adamw, build_engine
 from neoray.train.schedule import learning_rate
 
 GOAL = 0.95
@@ -51,12 +56,7 @@ def main() -> None:
     module = build_pipeline(model_config, placement)
     plain = build_pipeline(model_config, placement)  # same seed: the same weights
     engine = build_engine(module, parallel, optim, train)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(plain, optim.weight_decay),
-        lr=optim.lr,
-        betas=optim.betas,
-        eps=optim.eps,
-    )
+    optimizer = adamw(plain, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, optim, train.steps) / optim.lr
     )

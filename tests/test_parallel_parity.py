@@ -23,7 +23,7 @@ from neoray.model.presets import load_preset
 from neoray.parallel.convert import consolidate_directory
 from neoray.train.config import OptimConfig, SyntheticDataConfig
 from neoray.train.data import SyntheticTokens
-from neoray.train.engine import parameter_groups
+from neoray.train.engine import adamw
 from neoray.train.schedule import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +41,7 @@ def reference_run(init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     config = load_preset("tiny")
     model = GPTNeoX(config)
     model.load_state_dict(init)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, OPTIM.weight_decay), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps
-    )
+    optimizer = adamw(model, OPTIM)  # the engine's optimizer setup
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, OPTIM, STEPS) / OPTIM.lr
     )
