@@ -109,3 +109,51 @@ def test_mixed_precision_with_activation_checkpointing(tmp_path, precision, loss
     assert all(math.isfinite(row["loss"]) and abs(row["loss"] - 6.93) < 0.05 for row in rows)
     assert rows[0]["loss_scale"] == loss_scale
     assert rows[0]["hfu"] > rows[0]["mfu"]  # recomputation counts as hardware FLOPs
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_diverging_fp32_run_stops_after_max_nonfinite_steps(tmp_path):
+    """A learning rate of 1e30 overflows the weights in the first step; the loss is NaN from
+    then on, and the run stops once `train.max_nonfinite_steps` losses in a row were."""
+    result = run_job(
+        "train.steps=10",
+        "train.max_nonfinite_steps=2",
+        "optim.lr=1e30",
+        "optim.min_lr=1e30",
+        "optim.warmup=0",
+        "data.seq_len=32",
+        "train.peak_tflops=1.0",
+        f"run_dir={tmp_path}",
+    )
+    assert result.returncode != 0
+    assert "the loss was not finite for 2 consecutive steps (last: step 2)" in result.stderr
+    assert "without saving the diverged weights. Lower optim.lr" in result.stderr
+    rows = metrics_rows(tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert math.isfinite(rows[0]["loss"])
+    assert all(row["loss"] is None for row in rows[1:])
+
+
+@pytest.mark.slow
+def test_fp16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
+    """A loss scale of 2**40 overflows fp16 gradients: the steps are skipped and training goes
+    on, halving the scale at each overflow after the first (hysteresis 2)."""
+    result = run_job(
+        "train.steps=4",
+        "train.precision=fp16",
+        "train.initial_loss_scale_power=40",
+        "train.max_nonfinite_steps=1",
+        "data.seq_len=32",
+        "train.peak_tflops=1.0",
+        f"run_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics_rows(tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["step_skipped"] for row in rows)
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert [row["loss_scale"] for row in rows] == [2.0**40, 2.0**39, 2.0**38, 2.0**37]

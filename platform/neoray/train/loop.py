@@ -107,7 +107,7 @@ def pretrain(cfg: PretrainConfig, on_metrics: Callable[[dict], None] | None = No
         if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
             raise NonFiniteLossError(
                 f"the loss was not finite for {nonfinite} consecutive steps (last: step {step}); "
-                "stopping so the last good checkpoint is kept. Lower optim.lr, raise "
+                "stopping without saving the diverged weights. Lower optim.lr, raise "
                 "optim.warmup, or train in bf16"
             )
     if out is not None:

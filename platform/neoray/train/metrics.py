@@ -8,6 +8,7 @@ fp32 matmuls (the best any kernel here will do) and shared by all processes of t
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -74,7 +75,11 @@ class StepMetrics:
 
 
 class MetricsFile:
-    """Appends one JSON object per step to `<run_dir>/metrics.jsonl`, flushed each step."""
+    """Appends one JSON object per step to `<run_dir>/metrics.jsonl`, flushed each step.
+
+    A NaN or infinite value (a diverged loss, an overflowed gradient norm) is written as null:
+    JSON has no such numbers, and strict readers reject Python's `NaN`/`Infinity` spellings.
+    """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -82,7 +87,11 @@ class MetricsFile:
         self._file = self.path.open("w")
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        finite = {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in row.items()
+        }
+        self._file.write(json.dumps(finite, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
