@@ -42,6 +42,10 @@ def compose_pretrain(*overrides: str):
         (["data.seq_len=4096"], r"data\.seq_len=4096 exceeds model\.max_seq_len=128"),
         (["train.precision=fp8"], r"train\.precision='fp8'"),
         (["+parallel.sp=2"], r"parallel: unknown field\(s\) sp"),
+        (
+            ["data=demo", "data.root=/nonexistent/demo", "data.seq_len=64"],
+            r"has 8,000 token ids but model\.vocab_size=1,024: set model\.vocab_size=8000",
+        ),
     ],
 )
 def test_bad_configs_name_the_field_and_fix(overrides, expected):
@@ -157,3 +161,29 @@ def test_fp16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
     assert all(row["step_skipped"] for row in rows)
     assert all(math.isfinite(row["loss"]) for row in rows)
     assert [row["loss_scale"] for row in rows] == [2.0**40, 2.0**39, 2.0**38, 2.0**37]
+
+
+@pytest.mark.slow
+def test_pretrains_on_the_demo_data(tmp_path):
+    """The demo corpus, preprocessed into `data.root`, trains a model sized to its tokenizer."""
+    data = ["data=demo", f"data.root={tmp_path / 'data'}", "data.seq_len=64"]
+    prepared = subprocess.run(
+        [sys.executable, "jobs/preprocess.py", *data],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    result = run_job(
+        *data,
+        "model.vocab_size=8000",
+        "train.steps=2",
+        "train.peak_tflops=1.0",
+        f"run_dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics_rows(run_dir)
+    assert [row["step"] for row in rows] == [0, 1]
+    assert all(abs(row["loss"] - math.log(8000)) < 0.5 for row in rows)

@@ -13,6 +13,7 @@ from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
+from neoray.tokenizer.load import load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -91,6 +92,26 @@ class PretrainConfig:
         return self.parallel.sequences_per_step * self.seq_len
 
 
+def tokenizer_vocab_size(data: DataConfig) -> int | None:
+    """Token ids the data's tokenizer produces; before preprocessing has trained it, the size
+    it will be trained to (`data.tokenizer_training.vocab_size`); None when neither is known."""
+    try:
+        return load_tokenizer(data.tokenizer).vocab_size
+    except FileNotFoundError:
+        return (data.tokenizer_training or {}).get("vocab_size")
+
+
+def validate_vocab(model: NeoXConfig, data: DataConfig) -> None:
+    """Every token id of the data must have an embedding row: an id past the vocabulary would
+    only fail deep inside the first forward pass, on each rank, as an index error."""
+    tokens = tokenizer_vocab_size(data)
+    if tokens is not None and tokens > model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={data.tokenizer!r} has {tokens:,} token ids but "
+            f"model.vocab_size={model.vocab_size:,}: set model.vocab_size={tokens}"
+        )
+
+
 def pretrain_config(cfg: Any) -> PretrainConfig:
     """Typed, validated config from the Hydra `pretrain` config (sections as in conf/pretrain.yaml)."""
     values = to_dict(cfg)
@@ -114,4 +135,6 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
             f"data.seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}: "
             "lower data.seq_len or raise model.max_seq_len"
         )
+    if isinstance(config.data, DataConfig):
+        validate_vocab(config.model, config.data)
     return config
