@@ -287,7 +287,7 @@ class GPTNeoX(nn.Module):
             # Keep only each chunk's input; recompute its activations in the backward pass.
             for first in range(0, len(self.layers), chunk):
                 x = checkpoint(
-                    self._run_layers, x, first, first + chunk, rotary, use_reentrant=False
+                    self._run_layers, x, first, first + chunk, rotary, mask, use_reentrant=False
                 )
         else:
             x = self._run_layers(x, 0, len(self.layers), rotary, mask, cache)
