@@ -37,6 +37,14 @@ def hf_name(name: str) -> str:
     return name if name.startswith("embed_out.") else f"gpt_neox.{name}"
 
 
+def transformers_name(name: str) -> str:
+    """The name of one of our parameters in a loaded `GPTNeoXForCausalLM`.
+
+    In memory transformers calls the output embedding `lm_head` (on disk: `embed_out`).
+    """
+    return hf_name(name).replace("embed_out.", "lm_head.", 1)
+
+
 def to_hf_config(config: NeoXConfig, dtype: torch.dtype) -> dict:
     """The `config.json` of a GPTNeoXForCausalLM with the same shape as `config`."""
     return {
@@ -109,8 +117,7 @@ def to_transformers(model: GPTNeoX):
     theirs = transformers.GPTNeoXForCausalLM(
         transformers.GPTNeoXConfig(**to_hf_config(model.config, dtype))
     ).to(dtype)
-    # In memory transformers calls the output embedding `lm_head` (on disk: `embed_out`).
-    state = {hf_name(k).replace("embed_out.", "lm_head."): v for k, v in model.state_dict().items()}
+    state = {transformers_name(k): v for k, v in model.state_dict().items()}
     theirs.load_state_dict(state, strict=True)
     return theirs
 
