@@ -1,7 +1,9 @@
-"""Pretrain: `torchrun --nproc_per_node <tp*pp*dp> jobs/pretrain.py launcher=torchrun ...`.
+"""Pretrain: `python jobs/pretrain.py ...` runs tp*pp*dp Ray Train workers (a local Ray, or
+the cluster of RAY_ADDRESS / cluster.address); `neoray submit pretrain ...` runs it as a Ray job.
+`torchrun --nproc_per_node <tp*pp*dp> jobs/pretrain.py launcher=torchrun ...` needs no Ray.
 
 `dry_run=true` prints the plan instead (no process group, no tensors). A single process may
-also be started without torchrun.
+also be started with `launcher=torchrun` but without torchrun.
 """
 
 import hydra

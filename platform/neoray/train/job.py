@@ -1,15 +1,64 @@
-"""`jobs/pretrain.py`: validate the config, then print the plan or train."""
+"""`jobs/pretrain.py`: validate the config, then print the plan or train under a launcher.
+
+`launcher=ray` (the default) runs one Ray Train worker per rank on a local Ray or the cluster
+named by `cluster.address` / RAY_ADDRESS; `launcher=torchrun` expects torchrun (or a single
+process started by hand) to have started the ranks. Either way every rank calls `train`, and
+global rank 0 logs the run to MLflow.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from neoray.config import ConfigError
-from neoray.train.config import pretrain_config
+from neoray.cluster.train import ClusterConfig
+from neoray.config import ConfigError, dataclass_from_config, to_dict
+from neoray.train.config import PretrainConfig, pretrain_config
+from neoray.tracking import TrackingConfig
 
-LAUNCHERS = ("torchrun",)
+LAUNCHERS = ("ray", "torchrun")
+
+
+@dataclass
+class WorkerJob:
+    """What every training process receives (pickled to Ray workers)."""
+
+    config: PretrainConfig
+    run_name: str
+    tracking: TrackingConfig
+    params: dict[str, Any] = field(default_factory=dict)  # the job config, for MLflow
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
+    """Tags of the MLflow run: topology, launcher, code version, Ray job ids."""
+    from neoray.tracking import code_version, ray_job_tags
+
+    p = config.parallel
+    return {
+        "neoray.launcher": launcher,
+        "neoray.topology": f"tp={p.tp} pp={p.pp} dp={p.dp}",
+        "neoray.world_size": str(p.world_size),
+        "neoray.code_version": code_version(),
+        **ray_job_tags(),
+    }
+
+
+def train(job: WorkerJob) -> None:
+    """The per-worker function: one rank of the run; global rank 0 tracks it in MLflow."""
+    from neoray.train.loop import pretrain
+
+    if int(os.environ["RANK"]) != 0 or not job.tracking.enabled:
+        pretrain(job.config)
+        return
+    from neoray.tracking import MLflowTracker, ray_job_tags
+
+    tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
+    with MLflowTracker(job.tracking, job.run_name, job.params, tags) as tracker:
+        pretrain(job.config, tracker.on_metrics)
 
 
 def _single_process_environment() -> None:
@@ -25,7 +74,8 @@ def _single_process_environment() -> None:
 
 
 def run_pretrain(cfg: Any) -> None:
-    config = pretrain_config(cfg)  # validates before any process group or tensor exists
+    # Everything is validated before any process group, Ray worker or tensor exists.
+    config = pretrain_config(cfg)
     if cfg.dry_run:
         from neoray.train.plan import format_plan
 
@@ -33,7 +83,25 @@ def run_pretrain(cfg: Any) -> None:
         return
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={cfg.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
-    _single_process_environment()
-    from neoray.train.loop import pretrain
+    cluster = dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
+    job = WorkerJob(
+        config=config,
+        run_name=cfg.get("run_name") or Path(config.run_dir).name,
+        tracking=dataclass_from_config(TrackingConfig, cfg.get("tracking"), "tracking"),
+        params=to_dict(cfg),
+        tags=run_tags(config, cfg.launcher),
+    )
+    if cfg.launcher == "ray":
+        from neoray.cluster.train import run_workers
 
-    pretrain(config)
+        run_workers(
+            train,
+            job,
+            num_workers=config.parallel.world_size,
+            cluster=cluster,
+            name=job.run_name,
+            default_storage=str(Path(config.run_dir) / "ray"),
+        )
+    else:
+        _single_process_environment()
+        train(job)

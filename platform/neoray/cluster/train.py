@@ -1,0 +1,111 @@
+"""Running the per-worker training function on Ray: Ray Train's TorchTrainer, one worker per
+rank of the tp x pp x dp layout.
+
+Ray Train creates the torch.distributed process group (gloo on CPU, NCCL on GPU) and sets
+RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every worker,
+so the training function runs as under torchrun and DeepSpeed reuses that group. When a worker
+fails, Ray Train restarts the whole group (up to `max_failures` times); the training function
+then resumes from the latest committed checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from neoray.config import ConfigError
+
+T = TypeVar("T")
+
+# Environment that workers need from the submitting process (never credentials: a runtime
+# environment is visible in the dashboard).
+FORWARDED_ENV = ("DS_ACCELERATOR", "NEORAY_CODE_VERSION")
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how the training workers run."""
+
+    address: str | None = None  # a Ray cluster to join; None: RAY_ADDRESS, else a local Ray
+    use_gpu: bool = False  # one GPU per worker and NCCL; False: CPU workers and gloo
+    cpus_per_worker: float = 1
+    max_failures: int = 3  # worker group restarts before the run fails; -1: no limit
+    storage_path: str | None = None  # Ray Train's own run state; None: <run_dir>/ray
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cluster.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.max_failures < -1:
+            raise ConfigError(
+                f"cluster.max_failures={self.max_failures}: use -1 (no limit), 0 or more"
+            )
+
+
+def connect(cluster: ClusterConfig, num_workers: int) -> bool:
+    """Join `cluster.address` or RAY_ADDRESS, or start a local Ray on 127.0.0.1 with enough
+    logical CPUs for the workers. Returns True when a local Ray was started (stop it after)."""
+    import ray
+
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+        return False
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, int(num_workers * cluster.cpus_per_worker + 0.999)),
+        num_gpus=None if cluster.use_gpu else 0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
+    return True
+
+
+def _run_worker(loop_config: dict[str, Any]) -> None:
+    loop_config["function"](loop_config["argument"])
+
+
+def run_workers(
+    function: Callable[[T], None],
+    argument: T,
+    *,
+    num_workers: int,
+    cluster: ClusterConfig,
+    name: str,
+    default_storage: str,
+) -> None:
+    """Call `function(argument)` on `num_workers` Ray Train workers forming one process group;
+    raise if the run fails after `cluster.max_failures` restarts."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = 1
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    started_local = connect(cluster, num_workers)
+    trainer = TorchTrainer(
+        _run_worker,
+        train_loop_config={"function": function, "argument": argument},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(cluster.storage_path or default_storage).resolve()),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    try:
+        trainer.fit()
+    finally:
+        if started_local:
+            import ray
+
+            ray.shutdown()

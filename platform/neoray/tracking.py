@@ -1,0 +1,265 @@
+"""Experiment tracking in MLflow: one run per training run, found again by its name.
+
+A run is identified by the tag `neoray.run_name` in the configured experiment, so a training
+run that resumes (a restart under the same name, Ray Train replacing a failed worker) keeps
+logging into the run it started. Its params are the flattened job config with secrets
+redacted; its metrics are the engine's per-step rows; each committed checkpoint is a tag
+`checkpoint.step_<step:08d> = <uri>` plus a metric `checkpoint_step` at that step, which is
+how evaluation finds checkpoints. Only global rank 0 creates a tracker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_NAME_TAG = "neoray.run_name"
+SECRET_WORDS = ("secret", "password", "token", "credential", "access_key")
+REDACTED = "***"
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+TAG_VALUE_LIMIT = 8000  # MLflow's limit on a tag value
+BATCH_LIMIT = 100  # params per log_batch call
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are logged. The embedded default is a SQLite file in the working directory;
+    `tracking=server` points at an MLflow server shared by the cluster."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "neoray"
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU) of rank 0's node
+    system_metrics_interval_s: float = 10.0
+
+
+def is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `values` (nested mappings and lists included) with every value whose key names
+    a secret (secret, password, token, credential, access_key) replaced by `***`."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return redact(value)
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        return value
+
+    return {
+        str(key): REDACTED if is_secret(str(key)) and value is not None else clean(value)
+        for key, value in values.items()
+    }
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def metric_key(name: str) -> str:
+    """`name` with every character MLflow refuses in a metric name (`^[/\\w.\\- ]*$`) made `_`."""
+    return re.sub(r"[^/\w.\- ]", "_", name)
+
+
+def code_version() -> str:
+    """The code that runs: NEORAY_CODE_VERSION when the submitter set it (a job's working
+    directory carries no git history), else the git commit of this checkout (`-dirty` with
+    uncommitted changes), else the package version."""
+    if version := os.environ.get("NEORAY_CODE_VERSION"):
+        return version
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        described = None
+    if described is not None and described.returncode == 0 and described.stdout.strip():
+        return described.stdout.strip()
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"neoray-{version('neoray')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def ray_job_tags() -> dict[str, str]:
+    """The Ray job this process belongs to: its submission id (set for a job submitted through
+    the Jobs API) and Ray's job id (from RAY_JOB_ID or a connected Ray)."""
+    tags = {}
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        submission = json.loads(job_config).get("metadata", {}).get("job_submission_id")
+        if submission:
+            tags["ray.submission_id"] = submission
+    job_id = os.environ.get("RAY_JOB_ID")
+    if not job_id:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                job_id = ray.get_runtime_context().get_job_id()
+        except ImportError:
+            pass
+    if job_id:
+        tags["ray.job_id"] = job_id
+    return tags
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
+    """The newest run of the experiment tagged `neoray.run_name=<run_name>`, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = {_quoted(run_name)}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class MLflowTracker:
+    """The MLflow run of one training run; a TrainingObserver (on_metrics, on_checkpoint,
+    on_checkpoint_failed). Use it as a context manager: leaving the block ends the run as
+    FINISHED, or FAILED on an exception.
+
+    Params already logged (by the first attempt of a resumed run) keep their values, as MLflow
+    wants; a param whose value changed on resume (say, a longer `train.steps`) is recorded as
+    tag `neoray.param.<key>` instead.
+    """
+
+    def __init__(
+        self,
+        config: TrackingConfig,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=config.uri)
+        experiment = experiment_id(self.client, config.experiment)
+        run = find_run(self.client, experiment, run_name)
+        self.resumed = run is not None
+        if run is None:
+            run = self.client.create_run(
+                experiment, run_name=run_name, tags={RUN_NAME_TAG: run_name}
+            )
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        self.run_id: str = run.info.run_id
+        self._log_params(redact(flatten(params or {})), run.data.params)
+        self.set_tags(tags or {})
+        self._monitor = None
+        if config.system_metrics:
+            self._monitor = _system_metrics_monitor(
+                self.run_id, config.system_metrics_interval_s, config.uri, self.resumed
+            )
+
+    def _log_params(self, params: Mapping[str, Any], logged: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        new: list[Param] = []
+        changed: dict[str, str] = {}
+        for key, value in params.items():
+            text = str(value)[:PARAM_VALUE_LIMIT]
+            if key not in logged:
+                new.append(Param(key, text))
+            elif logged[key] != text:
+                changed[f"neoray.param.{key}"] = text
+        for start in range(0, len(new), BATCH_LIMIT):
+            self.client.log_batch(self.run_id, params=new[start : start + BATCH_LIMIT])
+        self.set_tags(changed)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)[:TAG_VALUE_LIMIT]) for key, value in tags.items()]
+        for start in range(0, len(items), BATCH_LIMIT):
+            self.client.log_batch(self.run_id, tags=items[start : start + BATCH_LIMIT])
+
+    def log_metrics(self, values: Mapping[str, Any], step: int) -> None:
+        """Numeric values (booleans as 0/1) at `step`; None and non-numbers are left out."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        metrics = [
+            Metric(metric_key(key), float(value), timestamp, step)
+            for key, value in values.items()
+            if isinstance(value, int | float)
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_metrics(self, row: Mapping[str, Any]) -> None:
+        step = int(row["step"])
+        self.log_metrics({key: value for key, value in row.items() if key != "step"}, step)
+
+    def on_checkpoint(self, step: int, uri: str) -> None:
+        self.set_tags({f"checkpoint.step_{step:08d}": uri})
+        self.log_metrics({"checkpoint_step": step}, step)
+
+    def on_checkpoint_failed(self, step: int, error: str) -> None:
+        self.set_tags({f"checkpoint.failed.step_{step:08d}": error})
+
+    def close(self, failed: bool = False) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(failed=kind is not None)
+
+
+def _system_metrics_monitor(run_id: str, interval_s: float, uri: str, resume: bool) -> Any:
+    """MLflow's sampler of CPU/memory/disk/network (GPU when present, via pynvml) for this node,
+    logged as `system/...` metrics every `interval_s` seconds from a background thread."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri
+    )
+    monitor.start()
+    return monitor
