@@ -112,3 +112,21 @@ def s3_bucket(s3_server, monkeypatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server.new_bucket()
+
+
+# Tracking: training jobs started by any test log to a throwaway MLflow database, not the
+# checkout's mlruns.db (conf/tracking/local.yaml honours MLFLOW_TRACKING_URI).
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_tracking_uri(tmp_path_factory):
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
