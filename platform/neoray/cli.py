@@ -1,9 +1,12 @@
-"""The `neoray` command: look up model presets and plan training runs before launching them."""
+"""The `neoray` command: look up model presets, plan training runs, run jobs on Ray
+(submit / status / logs / stop) and start or stop the local stack (up / down)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 from neoray.model.flops import PEAK_TFLOPS, plan_training
 from neoray.model.presets import available_presets, load_preset
@@ -46,6 +49,52 @@ def show_plan(args: argparse.Namespace) -> None:
     print(f"MFU {plan.mfu:.1%}, HFU {plan.hfu:.1%} (peak {PEAK_TFLOPS[args.device]} TFLOPS)")
 
 
+def submit_job(args: argparse.Namespace) -> int:
+    from neoray.cluster import submit
+
+    submission_id = submit.submit(args.job, args.overrides, args.address, args.python)
+    print(f"submitted {submission_id}", flush=True)
+    if args.no_wait:
+        return 0
+    final = submit.follow(submission_id, args.address)
+    print(f"job {submission_id} {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def job_status(args: argparse.Namespace) -> None:
+    from neoray.cluster import submit
+
+    print(submit.status(args.id, args.address))
+
+
+def job_logs(args: argparse.Namespace) -> int:
+    from neoray.cluster import submit
+
+    if not args.follow:
+        print(submit.logs(args.id, args.address), end="")
+        return 0
+    return 0 if submit.follow(args.id, args.address) == "SUCCEEDED" else 1
+
+
+def stop_job(args: argparse.Namespace) -> None:
+    from neoray.cluster import submit
+
+    stopped = submit.stop(args.id, args.address)
+    print(f"stopping {args.id}" if stopped else f"{args.id} had already ended")
+
+
+def stack_up(args: argparse.Namespace) -> None:
+    from neoray.cluster import stack
+
+    print(stack.describe(stack.up(args.dir, args.num_cpus)))
+
+
+def stack_down(args: argparse.Namespace) -> None:
+    from neoray.cluster import stack
+
+    print("stopped" if stack.down(args.dir) else f"nothing runs from {args.dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neoray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,12 +116,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="count no recomputation (default: every layer recomputed, as in the 20B run)",
     )
     plan.set_defaults(func=show_plan)
+
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument(
+        "--address",
+        help="the cluster's dashboard, http://<head>:8265 (default: RAY_ADDRESS, else the "
+        "local stack of `neoray up`)",
+    )
+    submit = commands.add_parser(
+        "submit",
+        parents=[address],
+        help="run jobs/<job>.py on a Ray cluster with Hydra overrides, following its logs",
+    )
+    submit.add_argument("job", help="a file of jobs/ without .py, e.g. pretrain")
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=20")
+    submit.add_argument("--no-wait", action="store_true", help="print the id and return")
+    submit.add_argument("--python", default="python", help="the interpreter on the cluster")
+    submit.set_defaults(func=submit_job)
+    for name, func, text in (
+        ("status", job_status, "print a job's status"),
+        ("logs", job_logs, "print a job's logs"),
+        ("stop", stop_job, "stop a job"),
+    ):
+        command = commands.add_parser(name, parents=[address], help=text)
+        command.add_argument("id", help="the submission id `neoray submit` printed")
+        command.set_defaults(func=func)
+        if name == "logs":
+            command.add_argument("--follow", "-f", action="store_true", help="until it ends")
+    for name, func, text in (
+        ("up", stack_up, "start Ray, MLflow and S3 on 127.0.0.1"),
+        ("down", stack_down, "stop what `neoray up` started"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--dir", type=Path, default=Path(".neoray"), help="state directory")
+        command.set_defaults(func=func)
+        if name == "up":
+            command.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "submit" and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # overrides given after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from neoray.cluster.submit import SubmitError
+
+    try:
+        sys.exit(args.func(args) or 0)
+    except SubmitError as err:
+        sys.exit(f"neoray {args.command}: {err}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,239 @@
+"""The local stack behind `neoray up` / `neoray down`: a Ray head (dashboard and Jobs API), an
+MLflow server (SQLite backend, artifacts in the object store) and a SeaweedFS S3 endpoint with
+a bucket, all on 127.0.0.1, all state under one directory (default `.neoray/`).
+
+The services outlive the command that starts them; `stack.json` in the state directory records
+their process groups and addresses, so `neoray down` stops them and `neoray submit` finds the
+head. The Ray head requires token authentication (the token file lives in the state
+directory); the S3 credentials are generated once and kept there too (mode 0600). Jobs
+inherit the head's environment, which points boto3 at the S3 endpoint and MLflow at the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from neoray.cluster.services import (
+    BIN,
+    ServiceError,
+    free_ports,
+    mlflow_command,
+    mlflow_ready,
+    ray_dashboard_ready,
+    ray_head_command,
+    ray_ports,
+    remove_weed_sockets,
+    start,
+    stop_group,
+    wait_ready,
+    weed_command,
+    weed_ports,
+)
+
+STATE_DIR = Path(".neoray")
+BUCKET = "neoray"
+REGION = "us-east-1"
+
+
+@dataclass
+class Stack:
+    """Where the services of a running local stack are."""
+
+    state_dir: str
+    ray_address: str  # GCS address, for `ray.init` and workers joining
+    ray_dashboard: str  # dashboard and Jobs API, for `neoray submit` and the browser
+    ray_temp_dir: str
+    token_path: str
+    mlflow_url: str
+    s3_endpoint: str
+    bucket: str
+    pids: dict[str, int]  # process group of each service
+    weed_ports: dict[str, int]
+
+    def client_env(self) -> dict[str, str]:
+        """What a Jobs API client needs: the head's address and its token."""
+        return {
+            "RAY_ADDRESS": self.ray_dashboard,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+
+def _stack_file(state_dir: Path) -> Path:
+    return state_dir / "stack.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_stack(state_dir: Path = STATE_DIR) -> Stack | None:
+    """The stack recorded in `state_dir` if any of its services still runs."""
+    path = _stack_file(state_dir)
+    if not path.exists():
+        return None
+    stack = Stack(**json.loads(path.read_text()))
+    return stack if any(_alive(pid) for pid in stack.pids.values()) else None
+
+
+def _secret(path: Path, make: str) -> str:
+    """The secret kept in `path`, created (readable by the owner only) on first use."""
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(make)
+    return path.read_text().strip()
+
+
+def _s3_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": REGION,
+    }
+
+
+def _bucket_ready(endpoint: str, access_key: str, secret_key: str):
+    """A probe that is true once the stack's bucket exists and stores an object."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=REGION,
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
+    )
+
+    def probe() -> bool:
+        try:
+            with suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=BUCKET)
+            client.put_object(Bucket=BUCKET, Key=".ready", Body=b"")
+        except (BotoCoreError, ClientError):
+            return False
+        return True
+
+    return probe
+
+
+def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float = 180) -> Stack:
+    """Start the stack (or return the one already running from `state_dir`)."""
+    if stack := running_stack(state_dir):
+        return stack
+    state_dir = state_dir.resolve()
+    for sub in ("s3", "mlflow", "logs"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    access_key = _secret(state_dir / "s3_access_key", "neoray")
+    secret_key = _secret(state_dir / "s3_secret_key", secrets.token_hex(20))
+    token_path = state_dir / "auth_token"
+    _secret(token_path, secrets.token_hex(32))
+    # Ray's socket paths must stay under 107 bytes: its temporary directory goes in /tmp.
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]
+    ray_temp = Path(f"/tmp/neoray-{os.getuid()}-{digest}")
+    ray_temp.mkdir(exist_ok=True)
+
+    s3_ports = weed_ports()
+    (mlflow_port,) = free_ports(1)
+    head_ports = ray_ports()
+    endpoint = f"http://127.0.0.1:{s3_ports['s3']}"
+    stack = Stack(
+        state_dir=str(state_dir),
+        ray_address=f"127.0.0.1:{head_ports['gcs']}",
+        ray_dashboard=f"http://127.0.0.1:{head_ports['dashboard']}",
+        ray_temp_dir=str(ray_temp),
+        token_path=str(token_path),
+        mlflow_url=f"http://127.0.0.1:{mlflow_port}",
+        s3_endpoint=endpoint,
+        bucket=BUCKET,
+        pids={},
+        weed_ports=s3_ports,
+    )
+    s3_env = _s3_env(endpoint, access_key, secret_key)
+    head_env = {
+        **s3_env,
+        "MLFLOW_TRACKING_URI": stack.mlflow_url,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        # A job's `python` is this environment's interpreter.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    logs = state_dir / "logs"
+    services = [
+        (
+            "s3",
+            weed_command(state_dir / "s3", s3_ports, access_key, secret_key),
+            {},
+            _bucket_ready(endpoint, access_key, secret_key),
+        ),
+        (
+            "mlflow",
+            mlflow_command(state_dir / "mlflow", mlflow_port, f"s3://{BUCKET}/mlflow"),
+            s3_env,
+            mlflow_ready(stack.mlflow_url),
+        ),
+        (
+            "ray",
+            ray_head_command(ray_temp, head_ports, num_cpus),
+            head_env,
+            ray_dashboard_ready(stack.ray_dashboard, token_path.read_text()),
+        ),
+    ]
+    processes = {}
+    try:
+        for name, command, env, _ in services:
+            processes[name] = start(command, logs / f"{name}.log", env, die_with_parent=False)
+            stack.pids[name] = processes[name].pid
+        _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+        for name, _, _, ready in services:
+            wait_ready(name, processes[name], ready, logs / f"{name}.log", timeout)
+    except (ServiceError, OSError):
+        down(state_dir)
+        raise
+    return stack
+
+
+def down(state_dir: Path = STATE_DIR) -> bool:
+    """Stop the stack recorded in `state_dir`; its data stays for the next `up`. Returns False
+    when nothing was recorded."""
+    path = _stack_file(state_dir)
+    if not path.exists():
+        return False
+    stack = Stack(**json.loads(path.read_text()))
+    for name, pid in stack.pids.items():
+        # SeaweedFS's graceful stop waits 15 s for gRPC streams: not worth waiting for.
+        stop_group(pid, timeout=2.0 if name == "s3" else 10.0)
+    remove_weed_sockets(stack.weed_ports)
+    shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
+    path.unlink()
+    return True
+
+
+def describe(stack: Stack) -> str:
+    """What a user needs to use the stack."""
+    return "\n".join(
+        [
+            f"Ray dashboard:  {stack.ray_dashboard}",
+            f"MLflow UI:      {stack.mlflow_url}",
+            f"S3 endpoint:    {stack.s3_endpoint} (bucket {stack.bucket})",
+            "submit a job:   neoray submit pretrain train.steps=20",
+            f"state:          {stack.state_dir} (stop with `neoray down`)",
+        ]
+    )
