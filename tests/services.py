@@ -8,8 +8,6 @@ timeout plugin calling os._exit), so no run leaves servers behind holding ports.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -27,9 +25,6 @@ from neoray.cluster.services import (
     log_tail,
     mlflow_command,
     mlflow_ready,
-    ray_dashboard_ready,
-    ray_head_command,
-    ray_ports,
     remove_weed_sockets,
     running,
     weed_command,
@@ -42,13 +37,11 @@ __all__ = [
     "S3_ACTIONS",
     "WEED",
     "MLflowServer",
-    "RayHead",
     "S3Server",
     "ServiceError",
     "free_ports",
     "log_tail",
     "mlflow_server",
-    "ray_head",
     "running",
     "seaweedfs",
 ]
@@ -148,55 +141,3 @@ def mlflow_server(directory: Path) -> Iterator[MLflowServer]:
         "MLflow", command, log=directory / "mlflow.log", ready=mlflow_ready(server.url), timeout=120
     ):
         yield server
-
-
-# Ray: a head node started with `ray start --head`, with token authentication.
-
-
-@dataclass(frozen=True)
-class RayHead:
-    address: str  # the GCS address workers and drivers join
-    dashboard_url: str  # the dashboard and the Jobs API
-    token_path: Path
-
-    def env(self) -> dict[str, str]:
-        """What a client needs to submit jobs to this head (and nothing from ~/.ray)."""
-        return {
-            "RAY_ADDRESS": self.dashboard_url,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-        }
-
-
-@contextmanager
-def ray_head(env: dict[str, str] | None = None, num_cpus: int = 4) -> Iterator[RayHead]:
-    """A Ray head on 127.0.0.1 (dashboard and Jobs API included), its state in a fresh
-    temporary directory (short: Ray's socket paths must fit in 107 bytes). `env` goes to the
-    node's processes, so to every job's driver and workers."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    ports = ray_ports()
-    head = RayHead(
-        f"127.0.0.1:{ports['gcs']}",
-        f"http://127.0.0.1:{ports['dashboard']}",
-        temp_dir / "auth_token",
-    )
-    head.token_path.write_text(uuid.uuid4().hex)
-    head.token_path.chmod(0o600)
-    command = ray_head_command(temp_dir, ports, num_cpus)
-    try:
-        with running(
-            "Ray head",
-            command,
-            log=temp_dir / "head.log",
-            ready=ray_dashboard_ready(head.dashboard_url, head.token_path.read_text()),
-            timeout=120,
-            stop_timeout=10,
-            env={
-                **(env or {}),
-                "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN_PATH": str(head.token_path),
-            },
-        ):
-            yield head
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)

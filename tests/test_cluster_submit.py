@@ -1,62 +1,94 @@
-"""`neoray submit` to a Ray head started with `ray start --head` on 127.0.0.1 (token auth), with
-an MLflow server: the job runs from the uploaded project and its MLflow run appears."""
+"""The local stack and jobs on it: `neoray up` starts a Ray head (`ray start --head` on
+127.0.0.1, token authentication), an MLflow server with its artifacts in S3 and a SeaweedFS S3
+endpoint; `neoray submit` runs a pretrain job from the uploaded project, whose MLflow run then
+appears; `neoray down` stops every process."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
-import services
 from mlflow import MlflowClient
+
+from neoray.cluster.services import group_alive
 
 NEORAY = str(Path(sys.executable).parent / "neoray")
 TINY = ["model=tiny", "data.seq_len=32", "train.peak_tflops=1.0", "tracking=server"]
 
 
+def neoray(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it in `cwd` (where `neoray up` keeps `.neoray/`)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [NEORAY, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """An MLflow server and a Ray head whose jobs log to it (what `neoray up` runs)."""
-    with services.mlflow_server(tmp_path_factory.mktemp("mlflow")) as mlflow:
-        node_env = {
-            "DS_ACCELERATOR": "cpu",
-            "OMP_NUM_THREADS": "1",
-            "MLFLOW_TRACKING_URI": mlflow.url,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        with services.ray_head(node_env, num_cpus=2) as head:
-            yield head, mlflow
+    """`neoray up` in a fresh directory; `neoray down` afterwards (checked to stop it all)."""
+    cwd = tmp_path_factory.mktemp("stack")
+    started = neoray(cwd, "up", "--num-cpus", "2")
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "MLflow UI:" in started.stdout and "Ray dashboard:" in started.stdout
+        yield cwd, json.loads((cwd / ".neoray" / "stack.json").read_text())
+    finally:
+        recorded = json.loads((cwd / ".neoray" / "stack.json").read_text())
+        stopped = neoray(cwd, "down", timeout=60)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert not any(group_alive(pid) for pid in recorded["pids"].values())
 
 
-def neoray(head, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [NEORAY, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **head.env()},
+def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
+    cwd, state = stack
+    with urllib.request.urlopen(f"{state['mlflow_url']}/health", timeout=5) as health:
+        assert health.status == 200
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{state['ray_dashboard']}/api/jobs/", timeout=5)
+    # MLflow keeps artifacts in the stack's bucket.
+    client = MlflowClient(state["mlflow_url"])
+    run = client.create_run(client.create_experiment("artifacts"))
+    client.log_text(run.info.run_id, "kept in S3", "note.txt")
+    secrets = cwd / ".neoray"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=state["s3_endpoint"],
+        aws_access_key_id=(secrets / "s3_access_key").read_text(),
+        aws_secret_access_key=(secrets / "s3_secret_key").read_text(),
+        region_name="us-east-1",
     )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state["bucket"])["Contents"]]
+    assert any(key.startswith("mlflow/") and key.endswith("/note.txt") for key in keys), keys
+    again = neoray(cwd, "up")  # a second `up` finds the stack running
+    assert again.returncode == 0 and state["mlflow_url"] in again.stdout
+    assert json.loads((cwd / ".neoray" / "stack.json").read_text())["pids"] == state["pids"]
 
 
 @pytest.mark.slow
 def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
-    head, mlflow = stack
+    cwd, state = stack
     run_dir = tmp_path / "submitted"
     result = neoray(
-        head, "submit", "pretrain", *TINY, "parallel.dp=2", "train.steps=3", f"run_dir={run_dir}"
+        cwd, "submit", "pretrain", *TINY, "parallel.dp=2", "train.steps=3", f"run_dir={run_dir}"
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     submission = re.search(r"submitted (raysubmit_\w+)", result.stdout).group(1)
     assert f"job {submission} SUCCEEDED" in result.stdout
     assert "RayTrainWorker" in result.stdout  # the job's logs were followed
-    assert neoray(head, "status", submission).stdout.strip() == "SUCCEEDED"
-    assert "RayTrainWorker" in neoray(head, "logs", submission).stdout
+    assert neoray(cwd, "status", submission).stdout.strip() == "SUCCEEDED"
+    assert "RayTrainWorker" in neoray(cwd, "logs", submission).stdout
 
-    client = MlflowClient(mlflow.url)
+    client = MlflowClient(state["mlflow_url"])
     experiment = client.get_experiment_by_name("neoray").experiment_id
     [run] = client.search_runs([experiment], "tags.`neoray.run_name` = 'submitted'")
     assert run.info.status == "FINISHED"
@@ -69,26 +101,21 @@ def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
 
 @pytest.mark.slow
 def test_a_job_submitted_without_waiting_can_be_stopped(stack, tmp_path):
-    head, _ = stack
-    result = neoray(head, "submit", "--no-wait", "pretrain", *TINY, "train.steps=100000")
+    cwd, _ = stack
+    result = neoray(cwd, "submit", "--no-wait", "pretrain", *TINY, "train.steps=100000")
     assert result.returncode == 0, result.stderr[-3000:]
     submission = re.search(r"submitted (raysubmit_\w+)", result.stdout).group(1)
-    assert "stopping" in neoray(head, "stop", submission).stdout
+    assert "stopping" in neoray(cwd, "stop", submission).stdout
     deadline = time.monotonic() + 60
-    while (status := neoray(head, "status", submission).stdout.strip()) != "STOPPED":
+    while (status := neoray(cwd, "status", submission).stdout.strip()) != "STOPPED":
         assert time.monotonic() < deadline, status
         time.sleep(1)
 
 
 def test_unknown_job_and_missing_cluster_are_explained(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    unknown = subprocess.run(
-        [NEORAY, "submit", "pretrian"], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    unknown = neoray(tmp_path, "submit", "pretrian")
     assert unknown.returncode != 0
     assert "no job 'pretrian': choose one of" in unknown.stderr and "pretrain" in unknown.stderr
-    nowhere = subprocess.run(
-        [NEORAY, "status", "raysubmit_x"], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    nowhere = neoray(tmp_path, "status", "raysubmit_x")
     assert nowhere.returncode != 0
     assert "no Ray cluster: start the local one with `neoray up`" in nowhere.stderr

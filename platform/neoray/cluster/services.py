@@ -105,14 +105,17 @@ def wait_ready(
         raise ServiceError(f"{name} {problem}; last lines of {log}:\n{log_tail(log)}")
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies waiting to be reaped do not)."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def stop_group(pgid: int, timeout: float = 5.0, reap: Callable[[], object] | None = None) -> None:
@@ -121,15 +124,18 @@ def stop_group(pgid: int, timeout: float = 5.0, reap: Callable[[], object] | Non
     with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    killed = False
     while True:
         if reap is not None:
             reap()
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return
         if time.monotonic() > deadline:
+            if killed:
+                raise ServiceError(f"process group {pgid} outlived SIGKILL")
             with suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            return
+            killed, deadline = True, time.monotonic() + 5.0
         time.sleep(0.1)
 
 

@@ -24,6 +24,7 @@ from neoray.cluster.services import (
     BIN,
     ServiceError,
     free_ports,
+    group_alive,
     mlflow_command,
     mlflow_ready,
     ray_dashboard_ready,
@@ -70,23 +71,13 @@ def _stack_file(state_dir: Path) -> Path:
     return state_dir / "stack.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_stack(state_dir: Path = STATE_DIR) -> Stack | None:
     """The stack recorded in `state_dir` if any of its services still runs."""
     path = _stack_file(state_dir)
     if not path.exists():
         return None
     stack = Stack(**json.loads(path.read_text()))
-    return stack if any(_alive(pid) for pid in stack.pids.values()) else None
+    return stack if any(group_alive(pid) for pid in stack.pids.values()) else None
 
 
 def _secret(path: Path, make: str) -> str:
@@ -219,7 +210,7 @@ def down(state_dir: Path = STATE_DIR) -> bool:
     stack = Stack(**json.loads(path.read_text()))
     for name, pid in stack.pids.items():
         # SeaweedFS's graceful stop waits 15 s for gRPC streams: not worth waiting for.
-        stop_group(pid, timeout=2.0 if name == "s3" else 10.0)
+        stop_group(pid, timeout=2.0 if name == "s3" else 5.0)
     remove_weed_sockets(stack.weed_ports)
     shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
     path.unlink()

@@ -66,9 +66,10 @@ def cluster_address(address: str | None) -> str:
 
 
 def client(address: str | None = None) -> Any:
+    url = cluster_address(address)  # before importing Ray, which reads RAY_AUTH_MODE once
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(cluster_address(address))
+    return JobSubmissionClient(url)
 
 
 def entrypoint(job: str, overrides: list[str], python: str = "python") -> str:

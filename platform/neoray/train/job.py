@@ -16,8 +16,8 @@ from typing import Any
 
 from neoray.cluster.train import ClusterConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
-from neoray.train.config import PretrainConfig, pretrain_config
 from neoray.tracking import TrackingConfig
+from neoray.train.config import PretrainConfig, pretrain_config
 
 LAUNCHERS = ("ray", "torchrun")
 
