@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean up down
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ bench: install
 	$(BIN)/python bench/preprocess_throughput.py
 	$(BIN)/python bench/tokenizer_compression.py
 	$(BIN)/python bench/engine_overhead.py
+
+up: install
+	$(BIN)/neoray up
+
+down: install
+	$(BIN)/neoray down
 
 clean:
 	rm -rf runs outputs mlruns.db .pytest_cache
