@@ -53,6 +53,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # device peak for MFU; None: known GPU or a CPU probe
     init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
+    compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -66,7 +66,7 @@ def pretrain(cfg: PretrainConfig, on_metrics: Callable[[dict], None] | None = No
     device = _device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
-    module = build_pipeline(cfg.model, placement, cfg.train.seed)
+    module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
     if cfg.train.init_from:
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
