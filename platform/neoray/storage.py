@@ -138,7 +138,7 @@ class LocalStorage:
 
     def list(self, prefix: str) -> list[str]:
         """Keys that start with `prefix` (temporary files of unfinished writes excluded)."""
-        prefix = join_key(prefix) if prefix.strip("/") else ""
+        prefix = prefix.lstrip("/")
         base = self._path(prefix.rsplit("/", 1)[0] if "/" in prefix else "")
         if not base.is_dir():
             return []
