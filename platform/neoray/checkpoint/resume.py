@@ -28,6 +28,7 @@ from neoray.config import ConfigError
 from neoray.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
+AXES = ("tp", "pp", "dp")
 
 
 def files_of_rank(engine, manifest: Manifest) -> list[str]:
@@ -47,8 +48,8 @@ def files_of_rank(engine, manifest: Manifest) -> list[str]:
 
 def check_topology(manifest: Manifest, topology: dict[str, int]) -> None:
     if manifest.topology != topology:
-        saved = ", ".join(f"{k}={v}" for k, v in manifest.topology.items())
-        now = ", ".join(f"{k}={v}" for k, v in topology.items())
+        saved = ", ".join(f"{axis}={manifest.topology.get(axis)}" for axis in AXES)
+        now = ", ".join(f"{axis}={topology[axis]}" for axis in AXES)
         raise ConfigError(
             f"run_name={manifest.run_name!r}: its checkpoint at step {manifest.step} was written "
             f"with {saved} but this run has {now}; resharding a checkpoint to another layout is "

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
-from neoray.checkpoint.resume import committed_on_rank0, resume
+from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, manifest_created
 from neoray.config import flatten, redact
 from neoray.parallel.config import validate_layout
@@ -154,6 +154,8 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging")
     manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
+    if manifests:
+        check_topology(manifests[-1], _topology(cfg))  # before any weights are allocated
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed)
     if cfg.train.init_from:
