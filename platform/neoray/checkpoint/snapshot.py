@@ -79,19 +79,24 @@ class Snapshots:
         self.thread.start()
 
     def _upload(self, steps: list[int]) -> None:
+        """Upload the staged checkpoints `steps`, oldest first; after a failure (retries
+        included) the rest wait for the next save rather than hammer a store that is down."""
+        failure = ""
         for step in steps:
+            if failure:
+                self.results[step] = f"not attempted after an earlier failure: {failure}"
+                continue
             folder = self.staging / step_tag(step)
             try:
                 entries = []
                 for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                     name = path.relative_to(folder).as_posix()
                     entries.append(file_entry(path, name))
-                    self.storage.upload_file(
-                        path, join_key(checkpoint_key(self.run_name, step), name)
-                    )
+                    key = join_key(checkpoint_key(self.run_name, step), name)
+                    self.storage.upload_file(path, key)
                 self.results[step] = entries
             except Exception as err:  # any failure is reported, training goes on
-                self.results[step] = f"{type(err).__name__}: {err}"
+                failure = self.results[step] = f"{type(err).__name__}: {err}"
                 log.warning(
                     "rank %d: upload of checkpoint step %d failed: %s", dist.get_rank(), step, err
                 )
