@@ -59,9 +59,16 @@ def check_topology(manifest: Manifest, topology: dict[str, int]) -> None:
 
 def committed_on_rank0(storage: Storage, run_name: str) -> list[Manifest]:
     """The committed checkpoints, as rank 0 sees them (all ranks act on the same list)."""
-    manifests = [committed_checkpoints(storage, run_name) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(manifests, src=0)
-    return manifests[0]
+    found: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            found[0] = committed_checkpoints(storage, run_name)
+        except Exception as err:  # every rank raises it, rather than wait for rank 0 forever
+            found[0] = f"listing the checkpoints of run {run_name!r} failed: {err}"
+    dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], str):
+        raise StorageError(found[0])
+    return found[0]
 
 
 def resume(
@@ -94,12 +101,13 @@ def resume(
         if intact.item():
             engine.load_checkpoint(str(local), tag=tag)
             shutil.rmtree(local, ignore_errors=True)
-            log.info(
-                "resumed run %r at step %d from %s",
-                manifest.run_name,
-                manifest.step,
-                storage.uri(checkpoint_key(manifest.run_name, manifest.step)),
-            )
+            if dist.get_rank() == 0:
+                log.info(
+                    "resumed run %r at step %d from %s",
+                    manifest.run_name,
+                    manifest.step,
+                    storage.uri(checkpoint_key(manifest.run_name, manifest.step)),
+                )
             return manifest
         if dist.get_rank() == 0:
             log.error(

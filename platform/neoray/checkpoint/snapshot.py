@@ -62,6 +62,7 @@ class Snapshots:
         self.pending: list[int] = []  # written locally, not committed yet (ascending)
         self.results: dict[int, list[FileEntry] | str] = {}  # this rank's upload outcome
         self.thread: threading.Thread | None = None
+        shutil.rmtree(self.staging, ignore_errors=True)  # leftovers of a run that crashed
 
     def save(self, step: int) -> None:
         """Commit what finished uploading, write checkpoint `step`, upload it in the background
@@ -155,7 +156,7 @@ class Snapshots:
                 continue
             committed.append(step)
             log.info("committed checkpoint %s (%d files)", folder, len(files))
-            self.on_commit(step, folder)
+            _notify(self.on_commit, step, folder)
         if committed:
             try:
                 prune(self.storage, self.run_name, self.config.keep_last, self.config.is_milestone)
@@ -167,7 +168,16 @@ class Snapshots:
         log.error(
             "checkpoint step %d not committed (uploaded again at the next save): %s", step, error
         )
-        self.on_failure(step, error)
+        _notify(self.on_failure, step, error)
+
+
+def _notify(callback: Callable[[int, str], None], step: int, text: str) -> None:
+    """Tell the observer; its failure (a tracker that is down) must not stop the commit,
+    which the other ranks are waiting for."""
+    try:
+        callback(step, text)
+    except Exception as err:
+        log.warning("checkpoint step %d: the observer failed: %s", step, err)
 
 
 def manifest_created() -> str:

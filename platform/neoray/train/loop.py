@@ -98,7 +98,7 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
         )
 
 
-def _manifest_factory(cfg: PretrainConfig):
+def manifest_factory(cfg: PretrainConfig):
     """(step, files) -> the Manifest of run `cfg` at `step`."""
     config = redact(flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
     model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
@@ -137,7 +137,7 @@ def _snapshots(
         cfg.run_name,
         cfg.checkpoint,
         staging,
-        _manifest_factory(cfg),
+        manifest_factory(cfg),
         on_commit,
         on_failure,
     )
