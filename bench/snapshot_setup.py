@@ -39,10 +39,26 @@ def s3_endpoint(directory: Path) -> Iterator[tuple[S3Server, str]]:
     """A running SeaweedFS, the environment pointing boto3 at it, and a new bucket."""
     directory.mkdir(parents=True, exist_ok=True)
     with seaweedfs(directory) as server:
+        renice_server(server)
         os.environ.update(server.env())
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             os.environ.pop(name, None)
         yield server, server.new_bucket()
+
+
+def renice_server(server: S3Server) -> None:
+    """The S3 server stands in for a remote store: on this machine it runs, at low priority,
+    on the cores training uses. Every thread of the `weed` process listening on its port."""
+    port = server.endpoint_url.rsplit(":", 1)[1]
+    for pid in os.listdir("/proc"):
+        cmdline = Path("/proc", pid, "cmdline")
+        if (
+            pid.isdigit()
+            and cmdline.exists()
+            and f"-s3.port={port}".encode() in cmdline.read_bytes()
+        ):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(task), 10)
 
 
 def bench_config(run_dir: Path, bucket: str, hidden: int, layers: int) -> PretrainConfig:

@@ -77,9 +77,10 @@ def resume(
     manifests: list[Manifest],
     topology: dict[str, int],
     staging: Path,
-) -> Manifest | None:
-    """Load the newest checkpoint of `manifests` that all ranks read intact into `engine`;
-    None when there is none (collective). A different topology is refused (ConfigError)."""
+) -> Manifest:
+    """Load the newest checkpoint of `manifests` that all ranks read intact into `engine`
+    (collective). A different topology is refused (ConfigError); when no checkpoint is intact,
+    CorruptCheckpointError."""
     local = staging / f"rank_{dist.get_rank():05d}" / "resume"
     for manifest in reversed(manifests):
         check_topology(manifest, topology)
@@ -117,4 +118,8 @@ def resume(
                 manifest.run_name,
             )
     shutil.rmtree(local, ignore_errors=True)
-    return None
+    raise CorruptCheckpointError(
+        f"none of the {len(manifests)} committed checkpoints of run {manifests[0].run_name!r} "
+        "could be read intact (see the messages above); starting over would overwrite them: "
+        "use another run_name, or delete the run's checkpoints to start it afresh"
+    )

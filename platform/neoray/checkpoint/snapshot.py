@@ -10,7 +10,9 @@ storage only when a save point arrives while the previous upload is still runnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from neoray.checkpoint.manifest import (
 from neoray.storage import Storage, join_key
 
 log = logging.getLogger(__name__)
+UPLOAD_NICENESS = 10
 
 # (step, files) -> the manifest to commit for that checkpoint
 ManifestFactory = Callable[[int, list[FileEntry]], Manifest]
@@ -73,6 +76,10 @@ class Snapshots:
         self.engine.save_checkpoint(str(self.staging), tag=tag)
         (self.staging / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; ours is manifests
         self.pending.append(step)
+        self._start_upload()
+
+    def _start_upload(self) -> None:
+        """Upload every pending checkpoint in a background thread."""
         self.results = {}
         self.thread = threading.Thread(
             target=self._upload, args=(list(self.pending),), name="checkpoint-upload", daemon=True
@@ -82,6 +89,7 @@ class Snapshots:
     def _upload(self, steps: list[int]) -> None:
         """Upload the staged checkpoints `steps`, oldest first; after a failure (retries
         included) the rest wait for the next save rather than hammer a store that is down."""
+        _yield_cpu_to_training()
         failure = ""
         for step in steps:
             if failure:
@@ -130,7 +138,7 @@ class Snapshots:
         """At the end of training: commit what is uploaded; upload what failed once more."""
         self.settle()
         if self.pending:
-            self._upload(list(self.pending))
+            self._start_upload()
             self.settle()
         if not self.pending:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -169,6 +177,13 @@ class Snapshots:
             "checkpoint step %d not committed (uploaded again at the next save): %s", step, error
         )
         _notify(self.on_failure, step, error)
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower this thread's CPU priority (Linux: per thread, inherited by the transfer threads
+    it starts), so hashing and sending shards never delay a training step that needs the CPU."""
+    with contextlib.suppress(AttributeError, OSError):  # elsewhere: upload at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
 
 
 def _notify(callback: Callable[[int, str], None], step: int, text: str) -> None:
