@@ -17,6 +17,7 @@ from neoray.checkpoint import (
     CorruptCheckpointError,
     FileEntry,
     Manifest,
+    checkpoint_from_uri,
     committed_checkpoints,
     download,
     latest_checkpoint,
@@ -71,6 +72,10 @@ def test_a_checkpoint_without_manifest_does_not_exist(tmp_path):
     assert latest_checkpoint(storage, "run") == first
     assert read_manifest(storage, "run", 1) == first
     assert latest_checkpoint(storage, "nobody") is None
+    found, manifest = checkpoint_from_uri(storage.uri(checkpoint_key("run", 1)))
+    assert manifest == first and found.uri("") == str(tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        checkpoint_from_uri(str(tmp_path / "run" / "checkpoints"))
 
 
 class RecordingStorage(LocalStorage):

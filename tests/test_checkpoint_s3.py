@@ -186,7 +186,7 @@ def committed_steps(s3) -> list[int]:
     )
 
 
-def test_training_goes_on_while_storage_is_down(s3, outage):
+def test_training_goes_on_while_storage_is_down(s3, outage, monkeypatch):
     tmp_path, output = outage
     assert sorted(losses(tmp_path)) == list(range(8))  # every step trained
     log = events(tmp_path, "outage")
@@ -199,6 +199,15 @@ def test_training_goes_on_while_storage_is_down(s3, outage):
     committed = [e["step"] for e in log if e["kind"] == "committed"]
     assert committed[-1] == 8 and max(committed[:-1]) == 7  # later checkpoints commit again
     assert committed_steps(s3) == [7, 8]  # retention: the last two
+
+    from neoray.checkpoint import checkpoint_from_uri, download
+
+    for name, value in s3.server.env().items():
+        monkeypatch.setenv(name, value)
+    storage, manifest = checkpoint_from_uri(f"s3://{s3.bucket}/{RUN}/checkpoints/step_00000008")
+    assert manifest.step == 8 and manifest.tokens_seen == 8 * 2 * 32
+    fetched = download(storage, manifest, tmp_path / "fetched")
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(e.path for e in manifest.files)
 
 
 def test_resume_rejects_a_truncated_shard_and_uses_the_previous_checkpoint(s3, outage):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neoray.storage import Storage, join_key
+from neoray.storage import LocalStorage, S3Storage, Storage, StorageConfig, join_key
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -105,6 +105,22 @@ def committed_checkpoints(storage: Storage, run_name: str) -> list[Manifest]:
 def latest_checkpoint(storage: Storage, run_name: str) -> Manifest | None:
     steps = committed_steps(storage, run_name)
     return read_manifest(storage, run_name, steps[-1]) if steps else None
+
+
+def checkpoint_from_uri(uri: str) -> tuple[Storage, Manifest]:
+    """The storage (rooted where the run's folder is) and manifest of the checkpoint at `uri`,
+    `<root>/<run_name>/checkpoints/step_<step:08d>` (local path or s3://), as trackers record it.
+    Then `download(storage, manifest, dest)` fetches and verifies its files."""
+    root, run_name, checkpoints, folder = uri.rstrip("/").rsplit("/", 3)
+    match = STEP_DIR.match(folder)
+    if checkpoints != "checkpoints" or not match:
+        raise ValueError(f"{uri}: not a checkpoint (<root>/<run_name>/checkpoints/step_<8 digits>)")
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[len("s3://") :].partition("/")
+        storage: Storage = S3Storage(StorageConfig(kind="s3", bucket=bucket, prefix=prefix))
+    else:
+        storage = LocalStorage(root)
+    return storage, read_manifest(storage, run_name, int(match.group(1)))
 
 
 def sha256_file(path: str | Path) -> str:
