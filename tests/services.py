@@ -8,6 +8,7 @@ timeout plugin calling os._exit), so no run leaves servers behind holding ports.
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -27,8 +28,15 @@ from neoray.cluster.services import (
     mlflow_ready,
     remove_weed_sockets,
     running,
+    wait_ready,
     weed_command,
     weed_ports,
+)
+from neoray.cluster.services import (
+    start as start_service,
+)
+from neoray.cluster.services import (
+    stop as stop_service,
 )
 
 __all__ = [
@@ -39,11 +47,13 @@ __all__ = [
     "MLflowServer",
     "S3Server",
     "ServiceError",
+    "StoppableSeaweedFS",
     "free_ports",
     "log_tail",
     "mlflow_server",
     "running",
     "seaweedfs",
+    "stoppable_seaweedfs",
 ]
 
 
@@ -141,3 +151,44 @@ def mlflow_server(directory: Path) -> Iterator[MLflowServer]:
         "MLflow", command, log=directory / "mlflow.log", ready=mlflow_ready(server.url), timeout=120
     ):
         yield server
+
+
+class StoppableSeaweedFS:
+    """A SeaweedFS S3 endpoint that a test stops and starts again, on the same ports and data,
+    to see what clients do while storage is down. Use through `stoppable_seaweedfs`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ports = weed_ports()
+        self.server = S3Server(
+            f"http://127.0.0.1:{self.ports['s3']}", "neoray-test", uuid.uuid4().hex
+        )
+        self.command = weed_command(
+            directory, self.ports, self.server.access_key, self.server.secret_key
+        )
+        self.log = directory / "weed.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.proc = start_service(self.command, self.log, append=True)
+        try:
+            wait_ready("SeaweedFS", self.proc, _s3_stores(self.server), self.log, timeout)
+        except ServiceError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_service(self.proc, 2.0)
+            self.proc = None
+        remove_weed_sockets(self.ports)
+
+
+@contextmanager
+def stoppable_seaweedfs(directory: Path) -> Iterator[StoppableSeaweedFS]:
+    """A started `StoppableSeaweedFS` with data under `directory`, stopped at the end."""
+    service = StoppableSeaweedFS(directory)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

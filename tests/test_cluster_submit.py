@@ -33,6 +33,18 @@ def neoray(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
     )
 
 
+def stack_s3(cwd: Path, state: dict):
+    """A boto3 client for the stack's S3 endpoint, with the credentials `neoray up` made."""
+    secrets = cwd / ".neoray"
+    return boto3.client(
+        "s3",
+        endpoint_url=state["s3_endpoint"],
+        aws_access_key_id=(secrets / "s3_access_key").read_text(),
+        aws_secret_access_key=(secrets / "s3_secret_key").read_text(),
+        region_name="us-east-1",
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """`neoray up` in a fresh directory; `neoray down` afterwards (checked to stop it all)."""
@@ -59,15 +71,9 @@ def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
     client = MlflowClient(state["mlflow_url"])
     run = client.create_run(client.create_experiment("artifacts"))
     client.log_text(run.info.run_id, "kept in S3", "note.txt")
-    secrets = cwd / ".neoray"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=state["s3_endpoint"],
-        aws_access_key_id=(secrets / "s3_access_key").read_text(),
-        aws_secret_access_key=(secrets / "s3_secret_key").read_text(),
-        region_name="us-east-1",
-    )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state["bucket"])["Contents"]]
+    keys = [
+        o["Key"] for o in stack_s3(cwd, state).list_objects_v2(Bucket=state["bucket"])["Contents"]
+    ]
     assert any(key.startswith("mlflow/") and key.endswith("/note.txt") for key in keys), keys
     again = neoray(cwd, "up")  # a second `up` finds the stack running
     assert again.returncode == 0 and state["mlflow_url"] in again.stdout
@@ -79,7 +85,18 @@ def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
     cwd, state = stack
     run_dir = tmp_path / "submitted"
     result = neoray(
-        cwd, "submit", "pretrain", *TINY, "parallel.dp=2", "train.steps=3", f"run_dir={run_dir}"
+        cwd,
+        "submit",
+        "pretrain",
+        *TINY,
+        "parallel.dp=2",
+        "train.steps=3",
+        "run_name=submitted",
+        f"run_dir={run_dir}",
+        # Checkpoints into the stack's bucket, whose endpoint and credentials the node has.
+        "storage=s3",
+        f"storage.bucket={state['bucket']}",
+        "checkpoint.interval=2",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     submission = re.search(r"submitted (raysubmit_\w+)", result.stdout).group(1)
@@ -97,12 +114,33 @@ def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
     assert run.data.params["train.steps"] == "3"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     assert (run_dir / "metrics.jsonl").exists()  # an absolute run_dir is shared with the node
+    # Its checkpoints (step 2 and the last, 3) are in the bucket and recorded in MLflow.
+    steps = [2, 3]
+    assert {
+        key: value for key, value in run.data.tags.items() if key.startswith("checkpoint.step_")
+    } == {
+        f"checkpoint.step_{step:08d}": f"s3://{state['bucket']}/submitted/checkpoints/step_{step:08d}"
+        for step in steps
+    }
+    keys = [
+        o["Key"] for o in stack_s3(cwd, state).list_objects_v2(Bucket=state["bucket"])["Contents"]
+    ]
+    for step in steps:
+        assert f"submitted/checkpoints/step_{step:08d}/manifest.json" in keys
 
 
 @pytest.mark.slow
 def test_a_job_submitted_without_waiting_can_be_stopped(stack, tmp_path):
     cwd, _ = stack
-    result = neoray(cwd, "submit", "--no-wait", "pretrain", *TINY, "train.steps=100000")
+    result = neoray(
+        cwd,
+        "submit",
+        "--no-wait",
+        "pretrain",
+        *TINY,
+        "train.steps=100000",
+        "checkpoint.enabled=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     submission = re.search(r"submitted (raysubmit_\w+)", result.stdout).group(1)
     assert "stopping" in neoray(cwd, "stop", submission).stdout

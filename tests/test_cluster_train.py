@@ -21,6 +21,7 @@ CONFIG = [
     "data.seq_len=32",
     "train.peak_tflops=1.0",
     "tracking.system_metrics=false",
+    "checkpoint.enabled=false",
 ]
 
 
@@ -48,10 +49,10 @@ def env(tmp_path):
 
 @pytest.mark.slow
 def test_ray_train_workers_match_torchrun(tmp_path, env):
-    ray_dir, torchrun_dir = tmp_path / "on-ray", tmp_path / "torchrun"
+    ray_dir, torchrun_dir = tmp_path / "ray", tmp_path / "torchrun"
     env.pop("RAY_ADDRESS", None)
     output = run_command(
-        [sys.executable, "jobs/pretrain.py", *CONFIG, f"run_dir={ray_dir}"],
+        [sys.executable, "jobs/pretrain.py", *CONFIG, f"run_dir={ray_dir}", "run_name=on-ray"],
         timeout=300,
         cwd=ROOT,
         env=env,

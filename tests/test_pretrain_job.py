@@ -72,7 +72,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def run_job(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "jobs/pretrain.py", "launcher=torchrun", *overrides],
+        [
+            sys.executable,
+            "jobs/pretrain.py",
+            "launcher=torchrun",
+            "checkpoint.enabled=false",
+            *overrides,
+        ],
         cwd=CONF.parent,
         capture_output=True,
         text=True,

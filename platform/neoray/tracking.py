@@ -3,9 +3,10 @@
 A run is identified by the tag `neoray.run_name` in the configured experiment, so a training
 run that resumes (a restart under the same name, Ray Train replacing a failed worker) keeps
 logging into the run it started. Its params are the flattened job config with secrets
-redacted; its metrics are the engine's per-step rows; each committed checkpoint is a tag
-`checkpoint.step_<step:08d> = <uri>` plus a metric `checkpoint_step` at that step, which is
-how evaluation finds checkpoints. Only global rank 0 creates a tracker.
+redacted (`redact`, from `neoray.config`); its metrics are the engine's per-step rows; each
+committed checkpoint is a tag `checkpoint.step_<step:08d> = <uri>` plus a metric
+`checkpoint_step` at that step, which is how evaluation finds checkpoints. Only global rank 0
+creates a tracker.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from neoray.checkpoint.manifest import code_version
+from neoray.config import flatten, redact
+
+__all__ = [
+    "RUN_NAME_TAG",
+    "MLflowTracker",
+    "TrackingConfig",
+    "code_version",
+    "find_run",
+    "flatten",
+    "metric_key",
+    "ray_job_tags",
+    "redact",
+]
+
 RUN_NAME_TAG = "neoray.run_name"
-SECRET_WORDS = ("secret", "password", "token", "credential", "access_key")
-REDACTED = "***"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 TAG_VALUE_LIMIT = 8000  # MLflow's limit on a tag value
 BATCH_LIMIT = 100  # params per log_batch call
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -41,69 +52,9 @@ class TrackingConfig:
     system_metrics_interval_s: float = 10.0
 
 
-def is_secret(key: str) -> bool:
-    lowered = key.lower()
-    return any(word in lowered for word in SECRET_WORDS)
-
-
-def redact(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `values` (nested mappings and lists included) with every value whose key names
-    a secret (secret, password, token, credential, access_key) replaced by `***`."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return redact(value)
-        if isinstance(value, list | tuple):
-            return [clean(item) for item in value]
-        return value
-
-    return {
-        str(key): REDACTED if is_secret(str(key)) and value is not None else clean(value)
-        for key, value in values.items()
-    }
-
-
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def metric_key(name: str) -> str:
     """`name` with every character MLflow refuses in a metric name (`^[/\\w.\\- ]*$`) made `_`."""
     return re.sub(r"[^/\w.\- ]", "_", name)
-
-
-def code_version() -> str:
-    """The code that runs: NEORAY_CODE_VERSION when the submitter set it (a job's working
-    directory carries no git history), else the git commit of this checkout (`-dirty` with
-    uncommitted changes), else the package version."""
-    if version := os.environ.get("NEORAY_CODE_VERSION"):
-        return version
-    try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        described = None
-    if described is not None and described.returncode == 0 and described.stdout.strip():
-        return described.stdout.strip()
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"neoray-{version('neoray')}"
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def ray_job_tags() -> dict[str, str]:

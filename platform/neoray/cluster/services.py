@@ -74,10 +74,12 @@ def start(
     log: Path,
     env: Mapping[str, str] | None = None,
     die_with_parent: bool = True,
+    append: bool = False,
 ) -> subprocess.Popen:
     """Start `command` in its own process group (out of reach of the terminal's ^C), output
-    to `log`. With `die_with_parent`, Linux kills it if the starting process dies first."""
-    with open(log, "wb") as out:
+    to `log` (appended to with `append`, as for a restart). With `die_with_parent`, Linux
+    kills it if the starting process dies first."""
+    with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

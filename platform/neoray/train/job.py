@@ -58,7 +58,7 @@ def train(job: WorkerJob) -> None:
 
     tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
     with MLflowTracker(job.tracking, job.run_name, job.params, tags) as tracker:
-        pretrain(job.config, tracker.on_metrics)
+        pretrain(job.config, tracker)
 
 
 def _single_process_environment() -> None:
@@ -86,7 +86,7 @@ def run_pretrain(cfg: Any) -> None:
     cluster = dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
     job = WorkerJob(
         config=config,
-        run_name=cfg.get("run_name") or Path(config.run_dir).name,
+        run_name=config.run_name,
         tracking=dataclass_from_config(TrackingConfig, cfg.get("tracking"), "tracking"),
         params=to_dict(cfg),
         tags=run_tags(config, cfg.launcher),
