@@ -13,6 +13,7 @@ the merged results are those of one unsplit run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -43,10 +44,12 @@ class DocIndices(list):
 
 @dataclass
 class Unit:
-    """The work of one worker: task name -> document indices (None: all of them)."""
+    """The work of one worker: task name -> document indices (None: all of them), or the
+    whole suite as configured (`eval.limit` applied by lm-eval itself)."""
 
     docs: dict[str, list[int] | None] = field(default_factory=dict)
     size: int = 0  # documents, for balancing
+    whole: bool = False
 
 
 @dataclass
@@ -88,7 +91,7 @@ def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
         if size > share and cfg.workers > 1 and shardable(task, cfg.num_fewshot):
             count = math.ceil(size / share)
             bounds = [round(i * size / count) for i in range(count + 1)]
-            pieces += [(b - a, name, list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+            pieces += [(b - a, name, list(range(a, b))) for a, b in itertools.pairwise(bounds)]
         else:
             everything = cfg.limit is None or size == len(task.eval_docs)
             pieces.append((size, name, None if everything else list(range(size))))
@@ -122,14 +125,16 @@ def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, Tas
         torch.set_num_threads(cfg.threads)
     _quiet_datasets()
     built = manager.load(cfg.tasks)["tasks"]
+    names = list(built) if unit.whole else list(unit.docs)
     samples = {name: DocIndices(docs) for name, docs in unit.docs.items() if docs is not None}
     results = lm_eval.simple_evaluate(
         model=cfg.backend,
         model_args=model_args(hf_dir, cfg),
-        tasks=[built[name] for name in unit.docs],
+        tasks=[built[name] for name in names],
         num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size,
         device=cfg.device,
+        limit=cfg.limit if unit.whole else None,
         samples=samples or None,
         bootstrap_iters=0,
         log_samples=True,
@@ -138,7 +143,7 @@ def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, Tas
     )
     return {
         name: TaskOutput(samples=results["samples"][name], config=results["configs"][name])
-        for name in unit.docs
+        for name in names
     }
 
 
@@ -180,19 +185,25 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
 
     _quiet_datasets()
     manager = task_manager(cfg.data_dir)
-    loaded = manager.load(cfg.tasks)
-    tasks, groups = loaded["tasks"], loaded.get("groups", {})
-    units = plan_units(tasks, cfg)
-    log.info("suite %s: %d tasks in %d units", cfg.suite, len(tasks), len(units))
     remote = ray.remote(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
         max_retries=cfg.max_retries,
         retry_exceptions=True,
     )(run_unit)
-    hf_dir = os.path.abspath(hf_dir)
-    manager_ref = ray.put(manager)
-    pending = {remote.remote(unit, hf_dir, cfg, manager_ref): unit for unit in units}
+    hf_dir, manager_ref = os.path.abspath(hf_dir), ray.put(manager)
+
+    def submit(units: list[Unit]) -> dict:
+        return {remote.remote(unit, hf_dir, cfg, manager_ref): unit for unit in units}
+
+    if cfg.workers == 1:  # nothing to plan: the driver builds its tasks while the worker runs
+        pending = submit([Unit(whole=True)])
+        loaded = manager.load(cfg.tasks)
+    else:
+        loaded = manager.load(cfg.tasks)
+        pending = submit(plan_units(loaded["tasks"], cfg))
+    tasks, groups = loaded["tasks"], loaded.get("groups", {})
+    log.info("suite %s: %d tasks in %d units", cfg.suite, len(tasks), len(pending))
     outputs: dict[str, list[TaskOutput]] = defaultdict(list)
     failed: dict[str, str] = {}
     while pending:
@@ -202,8 +213,9 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
             for name, output in ray.get(ready).items():
                 outputs[name].append(output)
         except Exception as err:  # the unit failed after its retries; keep the others
-            log.error("worker for %s failed: %s", ", ".join(unit.docs), err)
-            failed.update(dict.fromkeys(unit.docs, str(err).splitlines()[0]))
+            names = list(tasks) if unit.whole else list(unit.docs)
+            log.error("worker for %s failed: %s", ", ".join(names), err)
+            failed.update(dict.fromkeys(names, str(err).splitlines()[0]))
     for name in failed:
         outputs.pop(name, None)
     results = merge(tasks, groups, outputs, cfg.bootstrap_iters)

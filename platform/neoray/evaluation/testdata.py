@@ -95,7 +95,7 @@ ARITHMETIC = {
 }
 
 
-def write_arithmetic(data_dir: Path, count: int = 20, seed: int = 0) -> None:
+def write_arithmetic(data_dir: Path, count: int = 300, seed: int = 0) -> None:
     """Two-digit addition and subtraction in the `EleutherAI/arithmetic` jsonl schema."""
     rng = random.Random(seed)
     for task, (word, op) in ARITHMETIC.items():

@@ -1,0 +1,90 @@
+"""`jobs/evaluate.py`: which model, exported once, evaluated on a suite, logged to MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neoray.config import ConfigError, dataclass_from_config, to_dict
+from neoray.evaluation.config import EvalConfig
+from neoray.evaluation.report import format_results
+
+
+@dataclass
+class ModelSource:
+    """A Hugging Face directory to evaluate and the training run and step it belongs to."""
+
+    hf_dir: Path
+    run_name: str | None
+    step: int
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "neoray"
+
+
+def resolve_source(
+    checkpoint: str,
+    step: str | int | None = None,
+    run_name: str | None = None,
+    cache_dir: str | Path = "runs/exports",
+    dtype: str = "fp16",
+) -> ModelSource:
+    """A Hugging Face directory (used as is), or a checkpoint step directory (exported)."""
+    path = Path(checkpoint)
+    if (path / "config.json").is_file():
+        return ModelSource(path, run_name, int(step or 0))
+    if (path / "manifest.json").is_file():
+        from neoray.checkpoint.export import export_cached
+
+        export = export_cached(path, cache_dir, dtype)
+        return ModelSource(export.hf_dir, export.run_name, export.step)
+    raise ConfigError(
+        f"checkpoint={checkpoint!r}: neither a Hugging Face directory (config.json) nor a "
+        "committed checkpoint directory (manifest.json)"
+    )
+
+
+def evaluate(
+    source: ModelSource, cfg: EvalConfig, tracking: TrackingConfig | None = None
+) -> dict[str, Any]:
+    """Evaluate `source` on `cfg`'s suite over Ray and log the results (see module doc)."""
+    import ray
+
+    from neoray.evaluation.fanout import evaluate_suite
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    results = evaluate_suite(str(source.hf_dir), cfg)
+    if tracking is not None and tracking.enabled and source.run_name:
+        from neoray.evaluation.tracking import EvalTracker
+
+        tracker = EvalTracker(tracking.uri, tracking.experiment)
+        results["mlflow_run_id"] = tracker.log_evaluation(
+            source.run_name, source.step, cfg.suite, results, str(source.hf_dir)
+        )
+    return results
+
+
+def run_evaluate(cfg: Any) -> dict[str, Any]:
+    """The job: validate everything, then export (if needed), evaluate, log and print."""
+    eval_cfg = dataclass_from_config(EvalConfig, cfg.eval, "eval")
+    tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
+    values = to_dict(cfg)
+    source = resolve_source(
+        values["checkpoint"],
+        values.get("step"),
+        values.get("run_name"),
+        values["cache_dir"],
+        values["dtype"],
+    )
+    results = evaluate(source, eval_cfg, tracking)
+    where = f"{source.run_name} step {source.step}" if source.run_name else str(source.hf_dir)
+    print(format_results(results, f"{eval_cfg.suite} on {where}"))
+    if results["failed"]:
+        raise SystemExit(f"{len(results['failed'])} task(s) failed: {results['failed']}")
+    return results
