@@ -37,6 +37,8 @@ bench: install
 	$(BIN)/python bench/preprocess_throughput.py
 	$(BIN)/python bench/tokenizer_compression.py
 	$(BIN)/python bench/engine_overhead.py
+	$(BIN)/python bench/eval_fanout.py
+	$(BIN)/python bench/eval_scaling.py
 
 clean:
 	rm -rf runs outputs mlruns.db .pytest_cache

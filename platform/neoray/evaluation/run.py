@@ -88,3 +88,32 @@ def run_evaluate(cfg: Any) -> dict[str, Any]:
     if results["failed"]:
         raise SystemExit(f"{len(results['failed'])} task(s) failed: {results['failed']}")
     return results
+
+
+def mmlu_zero_vs_five_shot(
+    source: ModelSource,
+    data_dir: str | Path,
+    limit: int | None = None,
+    workers: int = 1,
+    tracking: TrackingConfig | None = None,
+) -> str:
+    """Evaluate `source` on zero- and five-shot MMLU (conf/eval/mmlu_{0,5}shot.yaml) and
+    return the comparison table (logged on the training run too when tracked)."""
+    from neoray.evaluation.report import flat_metrics, mmlu_comparison
+
+    metrics = []
+    for suite, shots in (("mmlu_0shot", 0), ("mmlu_5shot", 5)):
+        cfg = EvalConfig(
+            suite=suite,
+            tasks=["mmlu"],
+            num_fewshot=shots,
+            limit=limit,
+            workers=workers,
+            data_dir=str(data_dir),
+            bootstrap_iters=0,
+        )
+        results = evaluate(source, cfg, tracking)
+        if results["failed"]:
+            raise RuntimeError(f"{suite}: task(s) failed: {results['failed']}")
+        metrics.append(flat_metrics(results))
+    return mmlu_comparison(*metrics)
