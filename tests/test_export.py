@@ -19,6 +19,7 @@ from neoray.checkpoint.export import consolidate_checkpoint, export_directory, l
 from neoray.model.hf import load_hf
 from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
+from neoray.parallel.convert import consolidate_directory
 from neoray.train.config import OptimConfig, SyntheticDataConfig, TrainConfig
 from neoray.train.data import SyntheticTokens
 
@@ -41,6 +42,8 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
 
     import deepspeed
 
+    from neoray.model import GPTNeoX
+    from neoray.parallel.convert import load_full_state_dict, shard_path
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
     from neoray.train.engine import build_engine
@@ -54,6 +57,12 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=MICRO)
     placement = place_rank(parallel)
     module = build_pipeline(config, placement, seed=3)
+    # Start from one full state dict, as the parity tests do: the random init of a pipeline
+    # seeds each tensor-parallel rank differently and draws final_layer_norm.weight at random
+    # (init_weights matches "layernorm"), so the ranks' replicated copies would differ.
+    torch.manual_seed(0)
+    full = GPTNeoX(config).state_dict()
+    load_full_state_dict(module, full, config, placement.tp_rank, tp)
     engine = build_engine(module, parallel, OPTIM, TrainConfig(steps=STEPS))
     data = SyntheticTokens(SyntheticDataConfig(seq_len=SEQ_LEN, seed=5), config.vocab_size)
 
@@ -70,6 +79,10 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     held_out = held_out_batch(config.vocab_size)
     loss = engine.eval_batch(iter([(held_out[:, :-1], held_out[:, 1:])])).item()
     engine.save_checkpoint(out, tag=TAG)
+    if placement.dp_rank == 0:  # the engine's weights as the training code saves them
+        path = shard_path(Path(out) / "final", placement.tp_rank, placement.pp_rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(engine.module.state_dict(), path)
     if rank == 0:
         manifest = {"format": 1, "step": STEPS, "model": vars(config), "config": {}}
         (Path(out) / TAG / "manifest.json").write_text(json.dumps(manifest))
@@ -83,6 +96,11 @@ def test_export_reproduces_the_engine_loss(tmp_path, tp, pp, dp):
     step_dir = tmp_path / TAG
     assert {rank for _, rank in layer_files(step_dir)} == set(range(tp))
     engine_loss = json.loads((tmp_path / "engine_loss.json").read_text())
+    expected = consolidate_directory(tmp_path / "final", load_preset("tiny"))
+    exported = consolidate_checkpoint(step_dir, load_preset("tiny"))
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(exported[name], value), name
 
     out = export_directory(step_dir, tmp_path / "hf", dtype="fp32")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
