@@ -1,5 +1,5 @@
 """Fan-out overhead: `evaluate` with one Ray worker vs `lm_eval.simple_evaluate` called directly,
-same export, same tasks, one thread each. The Ray cluster is up before timing starts (as for
+same export, same tasks (zero-shot MMLU), one thread each. The Ray cluster is up before timing starts (as for
 any job); each call builds its own TaskManager, as a fresh lm-eval run does. Goal: >= 0.95x."""
 
 import lm_eval

@@ -9,6 +9,8 @@ A split the task needs that the mirror lacks fails at once, naming the task and 
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -71,9 +73,15 @@ def mirrored_dataset(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _indexed_task_manager() -> TaskManager:
+    """Indexing the thousands of task configs lm-eval ships takes seconds: once per process."""
+    return TaskManager()
+
+
 def task_manager(data_dir: str | Path | None = None) -> TaskManager:
     """lm-eval's TaskManager; with `data_dir`, every task reads its data from that mirror."""
-    manager = TaskManager()
+    manager = copy.copy(_indexed_task_manager())
     if data_dir is not None:
         manager._factory = MirroredTaskFactory(Path(data_dir), meta=manager.metadata)
     return manager

@@ -110,7 +110,6 @@ def mmlu_zero_vs_five_shot(
             limit=limit,
             workers=workers,
             data_dir=str(data_dir),
-            bootstrap_iters=0,
         )
         results = evaluate(source, cfg, tracking)
         if results["failed"]:
