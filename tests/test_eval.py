@@ -132,6 +132,9 @@ def test_results_land_under_the_training_run_at_the_checkpoint_step(
         evaluate(source, EvalConfig(suite="mmlu_0shot", num_fewshot=0, **mmlu), tracking)
     results = evaluate(source, EvalConfig(suite="mmlu_5shot", num_fewshot=5, **mmlu), tracking)
 
+    prompt = results["samples"]["mmlu_philosophy"][0]["arguments"][0][0]
+    assert prompt.count("Answer:") == 6  # five answered dev questions, then the question
+
     runs = tracker.evaluation_runs("run-a", 42)
     assert sorted(r.data.tags[SUITE_TAG] for r in runs) == ["mmlu_0shot", "mmlu_5shot"]
     assert {r.data.tags[PARENT_TAG] for r in runs} == {parent}
