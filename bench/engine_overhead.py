@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--preset", default="pythia_70m", help="model preset in conf/model/")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
     deepspeed.init_distributed(dist_backend="gloo")
     model_config = load_preset(args.preset)
-    parallel = ParallelConfig(micro_batch_size=args.batch)
+    parallel = ParallelConfig(micro_batch_size=args.batch, grad_accum_steps=args.accum)
     optim = OptimConfig()
     train = TrainConfig(steps=10_000)
 
@@ -69,14 +70,15 @@ def main() -> None:
 
     def plain_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        plain.loss_fn(plain(batch[0]), batch[1]).backward()
+        for _ in range(args.accum):
+            (plain.loss_fn(plain(batch[0]), batch[1]) / args.accum).backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), optim.grad_clip)
         optimizer.step()
         scheduler.step()
 
     print(
         f"train step, {args.preset} ({model_config.num_parameters() / 1e6:.1f} M parameters), "
-        f"batch {args.batch} x {args.seq}, fp32, {torch.get_num_threads()} threads, "
+        f"batch {args.batch} x {args.seq} x {args.accum} accumulation, fp32, {torch.get_num_threads()} threads, "
         f"{args.rounds} rounds after {args.warmup} warmup"
     )
     compare(
@@ -86,7 +88,7 @@ def main() -> None:
         plain_step,
         rounds=args.rounds,
         warmup=args.warmup,
-        units_per_call=args.batch * args.seq,
+        units_per_call=args.batch * args.seq * args.accum,
         goal=GOAL,
     )
 

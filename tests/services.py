@@ -246,3 +246,60 @@ def seaweedfs(directory: Path) -> Iterator[S3Server]:
             yield server
     finally:
         _remove_grpc_sockets(ports)
+
+
+class StoppableSeaweedFS:
+    """A SeaweedFS S3 endpoint that a test stops and starts again, on the same ports and data,
+    to see what clients do while storage is down. Use through `stoppable_seaweedfs`."""
+
+    def __init__(self, directory: Path) -> None:
+        roles = ("s3", "master", "volume", "filer")
+        self.ports = dict(zip(roles, free_ports(len(roles), (0, GRPC_OFFSET)), strict=True))
+        self.server = S3Server(
+            f"http://127.0.0.1:{self.ports['s3']}", "neoray-test", uuid.uuid4().hex
+        )
+        identity = {
+            "name": "tests",
+            "credentials": [
+                {"accessKey": self.server.access_key, "secretKey": self.server.secret_key}
+            ],
+            "actions": S3_ACTIONS,
+        }
+        identities = directory / "identities.json"
+        identities.write_text(json.dumps({"identities": [identity]}))
+        self.command = _weed_command(directory, self.ports, identities)
+        self.log = directory / "weed.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        try:
+            _wait_ready("SeaweedFS", self.proc, _s3_stores(self.server), self.log, timeout)
+        except ServiceError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, 2.0)
+            self.proc = None
+        _remove_grpc_sockets(self.ports)
+
+
+@contextmanager
+def stoppable_seaweedfs(directory: Path) -> Iterator[StoppableSeaweedFS]:
+    """A started `StoppableSeaweedFS` with data under `directory`, stopped at the end."""
+    service = StoppableSeaweedFS(directory)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -95,6 +95,7 @@ def train_layout(tmp_path: Path, init: Path, tp: int, pp: int, dp: int) -> Path:
         f"train.steps={STEPS}",
         f"train.init_from={init}",
         "train.save_final=true",
+        "checkpoint.enabled=false",
         "train.peak_tflops=1.0",
         f"run_dir={run_dir}",
     ]

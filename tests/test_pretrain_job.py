@@ -72,7 +72,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def run_job(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "jobs/pretrain.py", *overrides],
+        [sys.executable, "jobs/pretrain.py", "checkpoint.enabled=false", *overrides],
         cwd=CONF.parent,
         capture_output=True,
         text=True,

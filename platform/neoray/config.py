@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -51,3 +52,36 @@ def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
             f"{where}: required field(s) {', '.join(missing)} not set; add them to the config"
         )
     return cls(**values)
+
+
+# A key names a secret when one of its words ("_", "-" or "." separated) is one of these:
+# `aws_secret_access_key`, `api_token`, `credentials` are; `tokenizer`, `tokens_seen` are not.
+SECRET_KEY = re.compile(r"(^|[._-])(secrets?|passwords?|token|credentials?|access_key)($|[._-])")
+REDACTED = "***"
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: one level, dotted keys as on a command line."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `values` (nested or flat) with the value of every key that names a secret
+    (secret, password, token, credential, access_key, as a word) replaced by "***", at any depth. Used
+    wherever a config leaves the process: checkpoint manifests and experiment tracking."""
+    redacted: dict[str, Any] = {}
+    for key, value in values.items():
+        if SECRET_KEY.search(str(key).lower()):
+            redacted[key] = REDACTED
+        elif isinstance(value, Mapping):
+            redacted[key] = redact(value)
+        else:
+            redacted[key] = value
+    return redacted

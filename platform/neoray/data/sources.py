@@ -32,7 +32,6 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, BinaryIO
 
 SUFFIXES = (".jsonl.zst", ".jsonl", ".txt")
@@ -83,31 +82,12 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-# The environment variables that configure boto3's S3 client. A process that changes them (a
-# test, a worker given new credentials) gets a new client rather than a stale cached one.
-_S3_SETTINGS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
-
-
 def _s3_client() -> Any:
-    return _s3_client_for(tuple(os.environ.get(name) for name in _S3_SETTINGS))
+    """The shared S3 client (see `neoray.storage.s3_client`): retries, and a new client when
+    the AWS environment variables change."""
+    from neoray.storage import s3_client
 
-
-@cache
-def _s3_client_for(settings: tuple[str | None, ...]) -> Any:
-    """`settings` only keys the cache: boto3 reads the same variables itself. A session of its
-    own, since boto3's default session keeps the credentials it found first."""
-    import boto3
-
-    return boto3.session.Session().client("s3")
+    return s3_client()
 
 
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket"}

@@ -30,12 +30,18 @@ def layer_specs(config: NeoXConfig, tp_group) -> list[LayerSpec]:
     ]
 
 
-def build_pipeline(config: NeoXConfig, placement: Placement, seed: int = 0) -> PipelineModule:
+def build_pipeline(
+    config: NeoXConfig, placement: Placement, seed: int = 0, compile_layers: bool = False
+) -> PipelineModule:
     """This rank's stage of the model, initialised like `GPTNeoX` (NeoX init).
 
     Random init differs per stage and tensor-parallel rank (the seed is offset by both) and is
     the same on every data-parallel replica. To start from given weights, load them afterwards
     with `neoray.parallel.convert.load_full_state_dict`.
+
+    `compile_layers` compiles each transformer layer with `torch.compile` in place (parameter
+    names unchanged): layernorms, rotary, GELU and the residual sums become a few fused kernels
+    around the matmuls instead of one memory pass each. All layers share one compiled graph.
     """
     torch.manual_seed(seed + 1000 * placement.pp_rank + placement.tp_rank)
     group = placement.tp_group
@@ -49,4 +55,8 @@ def build_pipeline(config: NeoXConfig, placement: Placement, seed: int = 0) -> P
         checkpointable_layers=["ParallelLayer"],
     )
     init_weights(module, config)
+    if compile_layers:
+        for layer in module.forward_funcs:
+            if isinstance(layer, ParallelLayer):
+                layer.compile()
     return module

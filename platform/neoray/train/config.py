@@ -6,16 +6,20 @@ can be checked without processes or devices, so mistakes surface before a cluste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from neoray.checkpoint.config import CheckpointConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
+from neoray.storage import StorageConfig
 from neoray.tokenizer.load import load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one folder name in any store
 
 
 @dataclass
@@ -53,6 +57,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # device peak for MFU; None: known GPU or a CPU probe
     init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
+    compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -82,6 +87,16 @@ class PretrainConfig:
     train: TrainConfig
     data: DataConfig | SyntheticDataConfig
     run_dir: str
+    run_name: str = "pretrain"  # names the run's checkpoints; rerunning it resumes them
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if not RUN_NAME.match(self.run_name):
+            raise ConfigError(
+                f"run_name={self.run_name!r}: use letters, digits, '.', '_' and '-' "
+                "(it becomes a folder name in the checkpoint storage)"
+            )
 
     @property
     def seq_len(self) -> int:
@@ -128,6 +143,9 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         train=dataclass_from_config(TrainConfig, values.get("train"), "train"),
         data=data,
         run_dir=str(values.get("run_dir") or "runs/pretrain"),
+        run_name=str(values.get("run_name") or "pretrain"),
+        checkpoint=dataclass_from_config(CheckpointConfig, values.get("checkpoint"), "checkpoint"),
+        storage=dataclass_from_config(StorageConfig, values.get("storage"), "storage"),
     )
     validate_layout(config.model, config.parallel)
     if config.seq_len > config.model.max_seq_len:

@@ -3,24 +3,35 @@
 It needs only the `torch.distributed` environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), so any launcher can start it: torchrun, or Ray Train (which may have created the
 process group already; DeepSpeed then reuses it).
+
+A run is named (`run_name`): it starts from its latest committed checkpoint if it has one, with
+the data order continuing at that step, and saves checkpoints as `checkpoint` says, uploading
+them in the background (see `neoray.checkpoint.snapshot`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
+from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
+from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
+from neoray.checkpoint.snapshot import Snapshots, manifest_created
+from neoray.config import flatten, redact
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
+from neoray.storage import Storage, open_storage
 from neoray.train.config import PretrainConfig
 from neoray.train.data import training_batches
 from neoray.train.engine import build_engine
@@ -31,6 +42,9 @@ from neoray.train.metrics import (
     matmul_probe_tflops,
     peak_memory_gib,
 )
+from neoray.train.observer import TrainingObserver
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,18 +73,103 @@ def _peak_tflops(cfg: PretrainConfig, device: torch.device) -> float:
     return measured.item() / int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
 
 
-def pretrain(cfg: PretrainConfig, on_metrics: Callable[[dict], None] | None = None) -> None:
-    """Train `cfg.train.steps` steps; rank 0 writes `<run_dir>/metrics.jsonl` and calls
-    `on_metrics(row)` (the experiment tracker) after every step."""
+def _topology(cfg: PretrainConfig) -> dict[str, int]:
+    return {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": cfg.parallel.dp}
+
+
+def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
+    """A resumed run keeps the learning-rate schedule it was saved with.
+
+    Without `optim.decay_steps` the cosine decays over `train.steps`; rerunning with a larger
+    `train.steps` to train on would otherwise stretch the schedule behind the weights' back (the
+    learning rate jumping up again). The saved horizon is kept instead, so the extra steps run at
+    `optim.min_lr`; to decay over a longer run, set `optim.decay_steps` from the start.
+    """
+    if cfg.optim.decay_steps is not None or not manifests:
+        return
+    saved = manifests[-1].config
+    cfg.optim.decay_steps = saved.get("optim.decay_steps") or saved["train.steps"]
+    if cfg.optim.decay_steps != cfg.train.steps:
+        log.info(
+            "resuming: the learning rate keeps decaying over %d steps as saved (train.steps=%d); "
+            "set optim.decay_steps to change that",
+            cfg.optim.decay_steps,
+            cfg.train.steps,
+        )
+
+
+def manifest_factory(cfg: PretrainConfig):
+    """(step, files) -> the Manifest of run `cfg` at `step`."""
+    config = redact(flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
+    model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
+    version = code_version()
+
+    def make(step: int, files: list[FileEntry]) -> Manifest:
+        return Manifest(
+            run_name=cfg.run_name,
+            step=step,
+            tokens_seen=step * cfg.tokens_per_step,
+            topology=_topology(cfg),
+            model=model,
+            config=config,
+            code_version=version,
+            created=manifest_created(),
+            files=files,
+        )
+
+    return make
+
+
+def _snapshots(
+    cfg: PretrainConfig, engine, storage: Storage, staging: Path, observer: TrainingObserver | None
+) -> Snapshots:
+    def on_commit(step: int, uri: str) -> None:
+        if observer is not None:
+            observer.on_checkpoint(step, uri)
+
+    def on_failure(step: int, error: str) -> None:
+        if observer is not None:
+            observer.on_checkpoint_failed(step, error)
+
+    return Snapshots(
+        engine,
+        storage,
+        cfg.run_name,
+        cfg.checkpoint,
+        staging,
+        manifest_factory(cfg),
+        on_commit,
+        on_failure,
+    )
+
+
+def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> None:
+    """Train run `cfg.run_name` up to `cfg.train.steps` steps, resuming from its latest
+    committed checkpoint; rank 0 writes `<run_dir>/metrics.jsonl` and reports each step's
+    metrics and each checkpoint (committed or failed) to `observer`."""
     validate_layout(cfg.model, cfg.parallel, int(os.environ["WORLD_SIZE"]))
     device = _device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
-    module = build_pipeline(cfg.model, placement, cfg.train.seed)
+    storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
+    staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging")
+    manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
+    if manifests:
+        check_topology(manifests[-1], _topology(cfg))  # before any weights are allocated
+    _pin_decay_horizon(cfg, manifests)
+    module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
     if cfg.train.init_from:
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
+    resumed = resume(engine, storage, manifests, _topology(cfg), staging) if manifests else None
+    start = resumed.step if resumed is not None else 0
+    if start >= cfg.train.steps:
+        log.info(
+            "run %r already trained %d steps (train.steps=%d)", cfg.run_name, start, cfg.train.steps
+        )
+        dist.barrier()
+        return
 
     metrics = StepMetrics(
         cfg.model,
@@ -79,15 +178,18 @@ def pretrain(cfg: PretrainConfig, on_metrics: Callable[[dict], None] | None = No
         devices=cfg.parallel.world_size,
         peak=_peak_tflops(cfg, device),
     )
-    out = MetricsFile(cfg.run_dir) if dist.get_rank() == 0 else None
-    batches = training_batches(cfg, placement.dp_rank)
+    out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
+    batches = training_batches(cfg, placement.dp_rank, start)
+    snapshots = _snapshots(cfg, engine, storage, staging, observer) if storage else None
+    if snapshots is not None and resumed is None and cfg.checkpoint.should_save(0, cfg.train.steps):
+        snapshots.save(0)
     fp16 = cfg.train.precision == "fp16"
     nonfinite = 0
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         lr = engine.get_lr()[0]
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         loss = engine.train_batch(data_iter=batches).item()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start_time
         grad_norm = engine.get_global_grad_norm()
         row = metrics.row(
             step,
@@ -101,15 +203,28 @@ def pretrain(cfg: PretrainConfig, on_metrics: Callable[[dict], None] | None = No
         )
         if out is not None:
             out.write(row)
-            if on_metrics is not None:
-                on_metrics(row)
+            if observer is not None:
+                observer.on_metrics(row)
         nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
         if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
+            if snapshots is not None:
+                snapshots.finish()  # commit the good checkpoints already uploading
             raise NonFiniteLossError(
                 f"the loss was not finite for {nonfinite} consecutive steps (last: step {step}); "
                 "stopping without saving the diverged weights. Lower optim.lr, raise "
                 "optim.warmup, or train in bf16"
             )
+        done = step + 1
+        if snapshots is not None and cfg.checkpoint.should_save(done, cfg.train.steps):
+            if math.isfinite(loss):
+                snapshots.save(done)
+            elif dist.get_rank() == 0:
+                log.warning(
+                    "not saving step %d: its loss is not finite (the last good checkpoint stays)",
+                    done,
+                )
+    if snapshots is not None:
+        snapshots.finish()
     if out is not None:
         out.close()
     if cfg.train.save_final and placement.dp_rank == 0:

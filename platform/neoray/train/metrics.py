@@ -81,10 +81,17 @@ class MetricsFile:
     JSON has no such numbers, and strict readers reject Python's `NaN`/`Infinity` spellings.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, start_step: int = 0) -> None:
+        """A run resumed at `start_step` keeps the rows of the steps before it (a crashed run
+        may have written rows past its last checkpoint: those steps are trained again)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step > 0 and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] < start_step]
         self._file = self.path.open("w")
+        self._file.writelines(line + "\n" for line in kept)
 
     def write(self, row: dict) -> None:
         finite = {

@@ -1,0 +1,39 @@
+"""When checkpoints are taken and how many are kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neoray.config import ConfigError
+
+# Pythia's log-spaced early checkpoints: steps 0, 1, 2, 4, ..., 512.
+MILESTONES = frozenset([0] + [2**i for i in range(10)])
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    interval: int = 1000  # save every this many optimizer steps (and always the final step)
+    milestones: bool = False  # also save (and keep forever) steps 0, 1, 2, 4, ..., 512
+    keep_last: int = 2  # committed checkpoints kept besides milestones; older ones are deleted
+    staging_dir: str | None = (
+        None  # where ranks write shards before upload; None: <run_dir>/staging
+    )
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"checkpoint.interval={self.interval} must be at least 1")
+        if self.keep_last < 1:
+            raise ConfigError(
+                f"checkpoint.keep_last={self.keep_last} must be at least 1 (resume needs one)"
+            )
+
+    def is_milestone(self, step: int) -> bool:
+        return self.milestones and step in MILESTONES
+
+    def should_save(self, step: int, final_step: int) -> bool:
+        """Whether to save once `step` optimizer steps are done (step 0: the initial weights)."""
+        if not self.enabled:
+            return False
+        periodic = step > 0 and step % self.interval == 0
+        return periodic or step == final_step or self.is_milestone(step)

@@ -1,0 +1,202 @@
+"""Committed checkpoints: their manifests, where they live, and reading them back verified.
+
+A checkpoint of run R at step N is the folder `<storage root>/R/checkpoints/step_<N:08d>/`.
+Its `manifest.json` is written last, once every file is uploaded, so a folder without one is
+an unfinished (or failed) upload that no reader considers. The manifest lists every file with
+its size and sha256, which downloads verify.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neoray.storage import LocalStorage, S3Storage, Storage, StorageConfig, join_key
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is missing, or its size or sha256 differs from the manifest."""
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the step folder
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    run_name: str
+    step: int  # optimizer steps completed; training resumes at this step
+    tokens_seen: int
+    topology: dict[str, int]  # {"tp", "pp", "dp"}
+    model: dict[str, Any]  # NeoXConfig fields
+    config: dict[str, Any]  # the run's config, flattened, secrets redacted
+    code_version: str
+    created: str  # ISO 8601, UTC
+    files: list[FileEntry] = field(default_factory=list)
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        values = json.loads(text)
+        if values.get("format") != FORMAT:
+            raise ValueError(f"manifest format {values.get('format')!r}; this code reads {FORMAT}")
+        values["files"] = [FileEntry(**entry) for entry in values["files"]]
+        return cls(**values)
+
+
+def step_tag(step: int) -> str:
+    """The step folder's name, also the DeepSpeed checkpoint tag."""
+    return f"step_{step:08d}"
+
+
+def checkpoints_key(run_name: str) -> str:
+    return join_key(run_name, "checkpoints")
+
+
+def checkpoint_key(run_name: str, step: int) -> str:
+    """The key of a checkpoint's folder, relative to the storage root."""
+    return join_key(checkpoints_key(run_name), step_tag(step))
+
+
+def manifest_key(run_name: str, step: int) -> str:
+    return join_key(checkpoint_key(run_name, step), MANIFEST)
+
+
+def read_manifest(storage: Storage, run_name: str, step: int) -> Manifest:
+    return Manifest.from_json(storage.get_bytes(manifest_key(run_name, step)).decode())
+
+
+def committed_steps(storage: Storage, run_name: str) -> list[int]:
+    """Steps of `run_name` whose manifest exists, ascending."""
+    steps = []
+    for key in storage.list(checkpoints_key(run_name) + "/"):
+        *_, folder, name = key.split("/")
+        match = STEP_DIR.match(folder)
+        if name == MANIFEST and match:
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def committed_checkpoints(storage: Storage, run_name: str) -> list[Manifest]:
+    """Manifests of the committed checkpoints of `run_name`, ascending by step."""
+    return [read_manifest(storage, run_name, step) for step in committed_steps(storage, run_name)]
+
+
+def latest_checkpoint(storage: Storage, run_name: str) -> Manifest | None:
+    steps = committed_steps(storage, run_name)
+    return read_manifest(storage, run_name, steps[-1]) if steps else None
+
+
+def checkpoint_from_uri(uri: str) -> tuple[Storage, Manifest]:
+    """The storage (rooted where the run's folder is) and manifest of the checkpoint at `uri`,
+    `<root>/<run_name>/checkpoints/step_<step:08d>` (local path or s3://), as trackers record it.
+    Then `download(storage, manifest, dest)` fetches and verifies its files."""
+    root, run_name, checkpoints, folder = uri.rstrip("/").rsplit("/", 3)
+    match = STEP_DIR.match(folder)
+    if checkpoints != "checkpoints" or not match:
+        raise ValueError(f"{uri}: not a checkpoint (<root>/<run_name>/checkpoints/step_<8 digits>)")
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[len("s3://") :].partition("/")
+        storage: Storage = S3Storage(StorageConfig(kind="s3", bucket=bucket, prefix=prefix))
+    else:
+        storage = LocalStorage(root)
+    return storage, read_manifest(storage, run_name, int(match.group(1)))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path, name: str) -> FileEntry:
+    return FileEntry(name, path.stat().st_size, sha256_file(path))
+
+
+def download(
+    storage: Storage, manifest: Manifest, dest_dir: str | Path, files: Iterable[str] | None = None
+) -> Path:
+    """Download the checkpoint's files (all, or those named) into `dest_dir` and verify each
+    against the manifest; raises CorruptCheckpointError naming the first bad or missing file."""
+    dest = Path(dest_dir)
+    listed = {entry.path: entry for entry in manifest.files}
+    wanted = list(listed) if files is None else list(files)
+    folder = checkpoint_key(manifest.run_name, manifest.step)
+    for name in wanted:
+        key = join_key(folder, name)
+        entry = listed.get(name)
+        if entry is None:
+            raise CorruptCheckpointError(f"{storage.uri(key)}: not listed in the manifest")
+        target = dest / name
+        try:
+            storage.download_file(key, target)
+        except FileNotFoundError as err:
+            raise CorruptCheckpointError(f"{storage.uri(key)}: missing") from err
+        size = target.stat().st_size
+        if size != entry.size:
+            raise CorruptCheckpointError(
+                f"{storage.uri(key)}: {size} bytes, the manifest says {entry.size}"
+            )
+        if sha256_file(target) != entry.sha256:
+            raise CorruptCheckpointError(f"{storage.uri(key)}: sha256 differs from the manifest")
+    return dest
+
+
+def code_version() -> str:
+    """The git commit of the code (with "+dirty" for local changes), else the package version."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=source,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from neoray import __version__
+
+    return __version__
+
+
+def prune(storage: Storage, run_name: str, keep_last: int, is_milestone: Any) -> list[int]:
+    """Delete committed checkpoints older than the last `keep_last`, except milestones; each
+    one's manifest first, then its files, so no reader sees a manifest whose files are gone.
+    Returns the deleted steps."""
+    steps = committed_steps(storage, run_name)
+    doomed = [step for step in steps[:-keep_last] if not is_milestone(step)]
+    for step in doomed:
+        folder = checkpoint_key(run_name, step)
+        storage.delete(manifest_key(run_name, step))
+        for key in storage.list(folder + "/"):
+            storage.delete(key)
+        log.info("deleted checkpoint %s (retention: last %d plus milestones)", folder, keep_last)
+    return doomed

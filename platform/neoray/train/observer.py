@@ -1,0 +1,18 @@
+"""What a training run reports as it goes: the hook an experiment tracker implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class TrainingObserver(Protocol):
+    """Called on global rank 0 only."""
+
+    def on_metrics(self, row: dict) -> None:
+        """After every step: the row also written to metrics.jsonl."""
+
+    def on_checkpoint(self, step: int, uri: str) -> None:
+        """A checkpoint was committed (its manifest written) at `uri`."""
+
+    def on_checkpoint_failed(self, step: int, error: str) -> None:
+        """The checkpoint of `step` could not be uploaded; it is retried at the next save."""

@@ -1,0 +1,253 @@
+"""Checkpoints: save policy, manifests, retention, and resuming real DeepSpeed runs exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from distributed import free_port, run_command
+
+from neoray.checkpoint import (
+    MILESTONES,
+    CheckpointConfig,
+    CorruptCheckpointError,
+    FileEntry,
+    Manifest,
+    checkpoint_from_uri,
+    committed_checkpoints,
+    download,
+    latest_checkpoint,
+    read_manifest,
+)
+from neoray.checkpoint.manifest import checkpoint_key, manifest_key, prune, sha256_file
+from neoray.storage import LocalStorage, join_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_save_policy_interval_milestones_and_final():
+    config = CheckpointConfig(interval=100, milestones=True)
+    saved = {step for step in range(0, 1001) if config.should_save(step, final_step=1000)}
+    expected = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512} | set(range(100, 1001, 100))
+    assert saved == expected
+    assert {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512} == MILESTONES
+    plain = CheckpointConfig(interval=3)
+    assert [s for s in range(0, 8) if plain.should_save(s, final_step=7)] == [3, 6, 7]
+    assert not CheckpointConfig(enabled=False).should_save(7, final_step=7)
+
+
+def fake_checkpoint(storage, run_name: str, step: int, commit: bool = True) -> Manifest:
+    """A checkpoint of two small files, committed (manifest written) or not."""
+    files = []
+    for name, data in (("a.pt", b"a" * (step + 1)), ("b.pt", b"b" * 7)):
+        storage.put_bytes(join_key(checkpoint_key(run_name, step), name), data)
+        path = Path(storage.uri(join_key(checkpoint_key(run_name, step), name)))
+        files.append(FileEntry(name, len(data), sha256_file(path)))
+    manifest = Manifest(
+        run_name=run_name,
+        step=step,
+        tokens_seen=step * 10,
+        topology={"tp": 1, "pp": 1, "dp": 1},
+        model={"hidden_size": 8},
+        config={"train.steps": 9},
+        code_version="test",
+        created="2026-01-01T00:00:00+00:00",
+        files=files,
+    )
+    if commit:
+        storage.put_bytes(manifest_key(run_name, step), manifest.to_json().encode())
+    return manifest
+
+
+def test_a_checkpoint_without_manifest_does_not_exist(tmp_path):
+    storage = LocalStorage(tmp_path)
+    first = fake_checkpoint(storage, "run", 1)
+    fake_checkpoint(storage, "run", 2, commit=False)  # an upload that never finished
+    fake_checkpoint(storage, "run-other", 3)
+    assert [m.step for m in committed_checkpoints(storage, "run")] == [1]
+    assert latest_checkpoint(storage, "run") == first
+    assert read_manifest(storage, "run", 1) == first
+    assert latest_checkpoint(storage, "nobody") is None
+    found, manifest = checkpoint_from_uri(storage.uri(checkpoint_key("run", 1)))
+    assert manifest == first and found.uri("") == str(tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        checkpoint_from_uri(str(tmp_path / "run" / "checkpoints"))
+
+
+class RecordingStorage(LocalStorage):
+    def __init__(self, root):
+        super().__init__(root)
+        self.deleted: list[str] = []
+
+    def delete(self, key: str) -> None:
+        self.deleted.append(key)
+        super().delete(key)
+
+
+@pytest.mark.parametrize("milestones, kept", [(True, [1, 2, 4, 5, 6]), (False, [5, 6])])
+def test_retention_keeps_last_and_milestones_deleting_manifest_first(tmp_path, milestones, kept):
+    storage = RecordingStorage(tmp_path)
+    for step in range(1, 7):
+        fake_checkpoint(storage, "run", step)
+    config = CheckpointConfig(keep_last=2, milestones=milestones)
+    deleted = prune(storage, "run", config.keep_last, config.is_milestone)
+    assert [m.step for m in committed_checkpoints(storage, "run")] == kept
+    assert deleted == sorted(set(range(1, 7)) - set(kept))
+    for step in deleted:  # each: its manifest, then its files, before the next checkpoint
+        folder = checkpoint_key("run", step)
+        assert storage.deleted[:3] == [
+            f"{folder}/manifest.json",
+            f"{folder}/a.pt",
+            f"{folder}/b.pt",
+        ]
+        del storage.deleted[:3]
+    assert storage.list(checkpoint_key("run", deleted[0])) == []
+
+
+def test_download_verifies_size_and_sha256(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    manifest = fake_checkpoint(storage, "run", 3)
+    assert sorted(p.name for p in download(storage, manifest, tmp_path / "a").iterdir()) == [
+        "a.pt",
+        "b.pt",
+    ]
+    b = Path(storage.uri(join_key(checkpoint_key("run", 3), "b.pt")))
+    b.write_bytes(b"c" * 7)  # same size, other bytes
+    with pytest.raises(CorruptCheckpointError, match=r"step_00000003/b.pt: sha256 differs"):
+        download(storage, manifest, tmp_path / "b")
+    b.write_bytes(b"c" * 3)
+    with pytest.raises(CorruptCheckpointError, match=r"b.pt: 3 bytes, the manifest says 7"):
+        download(storage, manifest, tmp_path / "c", files=["b.pt"])
+    b.unlink()
+    with pytest.raises(CorruptCheckpointError, match=r"b.pt: missing"):
+        download(storage, manifest, tmp_path / "d", files=["b.pt"])
+    with pytest.raises(CorruptCheckpointError, match=r"z.pt: not listed in the manifest"):
+        download(storage, manifest, tmp_path / "d", files=["z.pt"])
+
+
+# Real runs: DeepSpeed engines under torchrun (gloo), the tiny model, a few steps.
+
+TINY = [
+    "launcher=torchrun",
+    "model=tiny",
+    "data.seq_len=32",
+    "parallel.micro_batch_size=2",
+    "train.peak_tflops=1.0",
+    "optim.decay_steps=6",  # the same schedule whether a run stops at step 3 or 6
+    "optim.warmup=0.2",
+]
+
+
+def run_args(tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
+    return [
+        "jobs/pretrain.py",
+        *TINY,
+        f"run_name={run_name}",
+        f"run_dir={tmp_path / 'runs' / run_name}",
+        f"storage.root={tmp_path / 'store'}",
+        *overrides,
+    ]
+
+
+def torchrun(tmp_path: Path, world: int, run_name: str, *overrides: str) -> str:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
+    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    args = run_args(tmp_path, run_name, f"parallel.dp={world}", *overrides)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return run_command(launcher + args, timeout=240, cwd=ROOT, env=env)
+
+
+def one_process(tmp_path: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *run_args(tmp_path, run_name, *overrides)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def metrics(tmp_path: Path, run_name: str) -> list[dict]:
+    text = (tmp_path / "runs" / run_name / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(tmp_path_factory):
+    """dp=2: one run of 6 steps, and one stopped after 3 steps then rerun with train.steps=6."""
+    tmp_path = tmp_path_factory.mktemp("dp2")
+    torchrun(tmp_path, 2, "whole", "train.steps=6", "checkpoint.enabled=false")
+    torchrun(tmp_path, 2, "split", "train.steps=3", "checkpoint.interval=3")
+    output = torchrun(tmp_path, 2, "split", "train.steps=6", "checkpoint.interval=3")
+    return tmp_path, output
+
+
+def test_resumed_run_matches_the_uninterrupted_one(dp2_runs):
+    tmp_path, output = dp2_runs
+    assert "resumed run 'split' at step 3" in output
+    whole, split = metrics(tmp_path, "whole"), metrics(tmp_path, "split")
+    assert [row["step"] for row in split] == list(range(6))
+    # Same weights, optimizer state, schedule and data order: bit-identical losses.
+    assert [row["loss"] for row in split] == [row["loss"] for row in whole]
+    assert [row["lr"] for row in split] == [row["lr"] for row in whole]
+
+
+def test_manifest_lists_every_rank_file_and_is_written_last(dp2_runs):
+    tmp_path, _ = dp2_runs
+    storage = LocalStorage(tmp_path / "store")
+    manifests = committed_checkpoints(storage, "split")
+    assert [m.step for m in manifests] == [3, 6]
+    manifest = manifests[-1]
+    assert manifest.topology == {"tp": 1, "pp": 1, "dp": 2}
+    assert manifest.tokens_seen == 6 * 2 * 2 * 32  # steps x micro x dp x seq_len
+    assert manifest.model["hidden_size"] == 64
+    assert manifest.config["optim.decay_steps"] == 6
+    folder = tmp_path / "store" / "split" / "checkpoints" / "step_00000006"
+    names = {entry.path for entry in manifest.files}
+    assert {
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "layer_00-model_00-model_states.pt",
+    } <= names
+    assert names | {"manifest.json"} == {p.name for p in folder.iterdir()}
+    for entry in manifest.files:
+        assert entry.size == (folder / entry.path).stat().st_size
+        assert entry.sha256 == sha256_file(folder / entry.path)
+    last_file = max((folder / name).stat().st_mtime_ns for name in names)
+    assert (folder / "manifest.json").stat().st_mtime_ns >= last_file
+    staging = tmp_path / "runs" / "split" / "staging"
+    assert not any(staging.rglob("*.pt"))  # uploaded shards are not kept locally
+
+
+def test_resuming_with_another_topology_is_refused(dp2_runs):
+    tmp_path, _ = dp2_runs
+    result = one_process(tmp_path, "split", "train.steps=8")  # dp=1, the run was dp=2
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "written with tp=1, pp=1, dp=2 but this run has tp=1, pp=1, dp=1" in result.stderr
+    assert "resharding a checkpoint to another layout is not supported yet" in result.stderr
+
+
+def test_diverged_weights_are_not_saved(tmp_path):
+    """lr=1e30 makes step 1's loss NaN: step 1's checkpoint (after the finite step 0) is the
+    last one committed, and the run stops after two non-finite losses."""
+    result = one_process(
+        tmp_path,
+        "diverge",
+        "train.steps=10",
+        "checkpoint.interval=1",
+        "train.max_nonfinite_steps=2",
+        "optim.lr=1e30",
+        "optim.min_lr=1e30",
+        "optim.warmup=0",
+    )
+    assert result.returncode != 0
+    assert "the loss was not finite for 2 consecutive steps" in result.stderr
+    assert "not saving step 2: its loss is not finite" in result.stdout + result.stderr
+    storage = LocalStorage(tmp_path / "store")
+    assert [m.step for m in committed_checkpoints(storage, "diverge")] == [1]
