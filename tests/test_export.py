@@ -15,11 +15,20 @@ import torch
 import transformers
 from distributed import run_workers
 
-from neoray.checkpoint.export import consolidate_checkpoint, export_directory, layer_files
+from neoray.checkpoint import Manifest, checkpoint_key
+from neoray.checkpoint.export import (
+    ExportConfig,
+    consolidate_checkpoint,
+    export_directory,
+    layer_files,
+    resolve_export,
+)
+from neoray.checkpoint.manifest import file_entry
 from neoray.model.hf import load_hf
 from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.convert import consolidate_directory
+from neoray.storage import StorageConfig, open_storage
 from neoray.train.config import OptimConfig, SyntheticDataConfig, TrainConfig
 from neoray.train.data import SyntheticTokens
 
@@ -89,9 +98,8 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
         (Path(out) / "engine_loss.json").write_text(json.dumps(loss))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp, pp, dp", [(2, 2, 2)])
-def test_export_reproduces_the_engine_loss(tmp_path, tp, pp, dp):
+def check_export_reproduces_the_engine_loss(tmp_path, tp, pp, dp):
+    """Train and save on (tp, pp, dp) processes; the export's loss is the engine's."""
     run_workers(train_and_save, tp * pp * dp, tp, pp, dp, str(tmp_path), timeout=600)
     step_dir = tmp_path / TAG
     assert {rank for _, rank in layer_files(step_dir)} == set(range(tp))
@@ -116,6 +124,58 @@ def test_export_reproduces_the_engine_loss(tmp_path, tp, pp, dp):
     print(f"({tp},{pp},{dp}) engine {engine_loss:.6f} ours {our_loss:.6f} hf {their_loss:.6f}")
     assert abs(our_loss - engine_loss) / engine_loss < 1e-4
     assert abs(their_loss - engine_loss) / engine_loss < 1e-4
+    return step_dir, out
+
+
+def commit_to_storage(step_dir: Path, storage, run_name: str) -> Manifest:
+    """Upload a checkpoint folder as training commits it: every file, then the manifest."""
+    local = json.loads((step_dir / "manifest.json").read_text())
+    files = [file_entry(p, p.name) for p in sorted(step_dir.iterdir()) if p.name != "manifest.json"]
+    manifest = Manifest(
+        run_name=run_name,
+        step=local["step"],
+        tokens_seen=0,
+        topology={"tp": 2, "pp": 2, "dp": 2},
+        model=local["model"],
+        config={},
+        code_version="test",
+        created="2026-01-01T00:00:00Z",
+        files=files,
+    )
+    for entry in files:
+        storage.upload_file(
+            step_dir / entry.path, f"{checkpoint_key(run_name, manifest.step)}/{entry.path}"
+        )
+    storage.put_bytes(
+        f"{checkpoint_key(run_name, manifest.step)}/manifest.json", manifest.to_json().encode()
+    )
+    return manifest
+
+
+@pytest.mark.slow
+def test_export_of_a_2x2x2_checkpoint_gives_the_engine_loss_and_is_published(tmp_path, s3_bucket):
+    step_dir, local_export = check_export_reproduces_the_engine_loss(tmp_path, 2, 2, 2)
+    storage = open_storage(StorageConfig(kind="s3", bucket=s3_bucket, prefix="runs"))
+    manifest = commit_to_storage(step_dir, storage, "run-a")
+    uri = storage.uri(checkpoint_key("run-a", manifest.step))
+
+    first = resolve_export(
+        ExportConfig(checkpoint=uri, dtype="fp32", cache_dir=str(tmp_path / "c1"))
+    )
+    assert (first.run_name, first.step) == ("run-a", STEPS)
+    weights = (first.hf_dir / "model.safetensors").read_bytes()
+    assert weights == (local_export / "model.safetensors").read_bytes()
+    published = f"{checkpoint_key('run-a', STEPS)}/hf_fp32"
+    assert storage.exists(f"{published}/export.json")
+
+    # Another machine takes the published export; the shards are not needed any more.
+    for entry in manifest.files:
+        storage.delete(f"{checkpoint_key('run-a', STEPS)}/{entry.path}")
+    config = ExportConfig(
+        checkpoint="run-a", step="latest", dtype="fp32", cache_dir=str(tmp_path / "c2")
+    )
+    second = resolve_export(config, StorageConfig(kind="s3", bucket=s3_bucket, prefix="runs"))
+    assert (second.hf_dir / "model.safetensors").read_bytes() == weights
 
 
 def test_half_precision_export_and_bad_directories(tmp_path):

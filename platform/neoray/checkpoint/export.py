@@ -124,26 +124,116 @@ class Export:
     step: int
 
 
-def export_cached(step_dir: str | Path, cache_dir: str | Path, dtype: str = "fp16") -> Export:
-    """The export of checkpoint `step_dir`, written once under
+EXPORT_MARKER = "export.json"  # written last into <checkpoint>/hf_<dtype>/: the export is complete
+
+
+def export_key(run_name: str, step: int, dtype: str) -> str:
+    """Where the export of a checkpoint lives in the object store: next to its shards."""
+    from neoray.checkpoint import checkpoint_key
+
+    return f"{checkpoint_key(run_name, step)}/hf_{dtype}"
+
+
+def export_cached(
+    step_dir: str | Path, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Export:
+    """The export of a local checkpoint directory `step_dir`, written once under
     `<cache_dir>/<run_name>/step_<step>/hf_<dtype>` and reused by later calls."""
     step_dir = Path(step_dir)
     manifest = json.loads((step_dir / MANIFEST).read_text())
     run_name = manifest.get("run_name") or step_dir.parent.parent.name
     step = int(manifest["step"])
-    out = Path(cache_dir) / run_name / f"step_{step:08d}" / f"hf_{dtype}"
+    out = cache_path(cache_dir, run_name, step, dtype)
     if not (out / "config.json").is_file():
-        export_directory(step_dir, out, dtype=dtype)
+        export_directory(step_dir, out, dtype, tokenizer)
     return Export(out, run_name, step)
 
 
-def run_export(cfg: ExportConfig) -> Path:
-    """`jobs/export.py`: export the checkpoint into `cfg.output` (or the cache)."""
-    step_dir = Path(cfg.checkpoint)
-    if not (step_dir / MANIFEST).is_file():
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint!r}: not a committed checkpoint directory (no {MANIFEST})"
-        )
+def cache_path(cache_dir: str | Path, run_name: str, step: int, dtype: str) -> Path:
+    return Path(cache_dir) / run_name / f"step_{step:08d}" / f"hf_{dtype}"
+
+
+def export_committed(
+    storage, manifest, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Export:
+    """The export of a committed checkpoint in `storage`, cached locally.
+
+    Taken from the object store when an earlier export was published there; otherwise only
+    the layer files are downloaded (sha256-verified), consolidated and exported, and the
+    result is uploaded to `<checkpoint>/hf_<dtype>/` with `export.json` written last.
+    """
+    import tempfile
+
+    from neoray.checkpoint import download
+    from neoray.storage import join_key
+
+    out = cache_path(cache_dir, manifest.run_name, manifest.step, dtype)
+    result = Export(out, manifest.run_name, manifest.step)
+    if (out / "config.json").is_file():
+        return result
+    folder = export_key(manifest.run_name, manifest.step, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+        staging = Path(tmp) / "hf"
+        if storage.exists(join_key(folder, EXPORT_MARKER)):
+            published = json.loads(storage.get_bytes(join_key(folder, EXPORT_MARKER)))
+            for name in published["files"]:
+                storage.download_file(join_key(folder, name), staging / name)
+        else:
+            shards = Path(tmp) / "checkpoint"
+            names = [e.path for e in manifest.files if LAYER_FILE.fullmatch(e.path)]
+            download(storage, manifest, shards, names)
+            (shards / MANIFEST).write_text(manifest.to_json())
+            export_directory(shards, staging, dtype, tokenizer)
+            files = sorted(p.name for p in staging.iterdir())
+            for name in files:
+                storage.upload_file(staging / name, join_key(folder, name))
+            storage.put_bytes(
+                join_key(folder, EXPORT_MARKER), json.dumps({"files": files}).encode()
+            )
+        staging.rename(out)
+    return result
+
+
+def committed_manifest(checkpoint: str, step: str | int | None, storage_config=None):
+    """(storage, manifest) of a checkpoint URI (`s3://.../<run>/checkpoints/step_<n>` or its
+    local path) or of run `checkpoint` at `step` (a number or "latest") in `storage_config`."""
+    from neoray.checkpoint import checkpoint_from_uri, latest_checkpoint, read_manifest
+    from neoray.storage import StorageConfig, open_storage
+
+    if checkpoint.startswith("s3://") or "/checkpoints/step_" in checkpoint:
+        return checkpoint_from_uri(checkpoint)
+    if step is None:
+        raise ConfigError(f"checkpoint={checkpoint!r} is a run name: add step=<n> or step=latest")
+    storage = open_storage(storage_config or StorageConfig())
+    if str(step) == "latest":
+        manifest = latest_checkpoint(storage, checkpoint)
+        if manifest is None:
+            raise FileNotFoundError(f"run {checkpoint!r} has no committed checkpoint in {storage}")
+        return storage, manifest
+    return storage, read_manifest(storage, checkpoint, int(step))
+
+
+def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
+    """The export `cfg` asks for: a local step directory, a checkpoint URI, or a run + step."""
+    local = Path(cfg.checkpoint)
+    if (local / MANIFEST).is_file() and "/checkpoints/step_" not in cfg.checkpoint:
+        return export_cached(local, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
+    storage, manifest = committed_manifest(cfg.checkpoint, cfg.step, storage_config)
+    return export_committed(storage, manifest, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
+
+
+def run_export(cfg: ExportConfig, storage_config=None) -> Path:
+    """`jobs/export.py`: the exported directory (copied to `cfg.output` when given)."""
+    import shutil
+
+    export = resolve_export(cfg, storage_config)
     if cfg.output is None:
-        return export_cached(step_dir, cfg.cache_dir, cfg.dtype).hf_dir
-    return export_directory(step_dir, cfg.output, cfg.dtype, cfg.tokenizer)
+        return export.hf_dir
+    out = Path(cfg.output)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(export.hf_dir, staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

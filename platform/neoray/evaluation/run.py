@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoray.config import ConfigError, dataclass_from_config, to_dict
+from neoray.config import dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
 
@@ -33,20 +33,17 @@ def resolve_source(
     run_name: str | None = None,
     cache_dir: str | Path = "runs/exports",
     dtype: str = "fp16",
+    storage: Any = None,
 ) -> ModelSource:
-    """A Hugging Face directory (used as is), or a checkpoint step directory (exported)."""
-    path = Path(checkpoint)
-    if (path / "config.json").is_file():
-        return ModelSource(path, run_name, int(step or 0))
-    if (path / "manifest.json").is_file():
-        from neoray.checkpoint.export import export_cached
+    """A Hugging Face directory (used as is), or a committed checkpoint (a URI, a local step
+    directory, or a run name and step in `storage`), exported once and cached."""
+    from neoray.checkpoint.export import ExportConfig, resolve_export
 
-        export = export_cached(path, cache_dir, dtype)
-        return ModelSource(export.hf_dir, export.run_name, export.step)
-    raise ConfigError(
-        f"checkpoint={checkpoint!r}: neither a Hugging Face directory (config.json) nor a "
-        "committed checkpoint directory (manifest.json)"
-    )
+    if (Path(checkpoint) / "config.json").is_file():
+        return ModelSource(Path(checkpoint), run_name, int(step or 0))
+    config = ExportConfig(checkpoint=checkpoint, step=step, dtype=dtype, cache_dir=str(cache_dir))
+    export = resolve_export(config, storage)
+    return ModelSource(export.hf_dir, export.run_name, export.step)
 
 
 def evaluate(
@@ -72,8 +69,11 @@ def evaluate(
 
 def run_evaluate(cfg: Any) -> dict[str, Any]:
     """The job: validate everything, then export (if needed), evaluate, log and print."""
+    from neoray.storage import StorageConfig
+
     eval_cfg = dataclass_from_config(EvalConfig, cfg.eval, "eval")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
+    storage = dataclass_from_config(StorageConfig, cfg.storage, "storage")
     values = to_dict(cfg)
     source = resolve_source(
         values["checkpoint"],
@@ -81,6 +81,7 @@ def run_evaluate(cfg: Any) -> dict[str, Any]:
         values.get("run_name"),
         values["cache_dir"],
         values["dtype"],
+        storage,
     )
     results = evaluate(source, eval_cfg, tracking)
     where = f"{source.run_name} step {source.step}" if source.run_name else str(source.hf_dir)
