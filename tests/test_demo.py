@@ -1,4 +1,5 @@
-"""`make demo`'s job, run for real through its Hydra entry point."""
+"""`make demo`'s job, run for real through its Hydra entry point: local Ray, local storage,
+MLflow in a SQLite file, lm-eval workers."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import transformers
 
 from neoray.tokenizer.load import load_tokenizer
@@ -24,44 +26,63 @@ def run_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env={**os.environ, "HYDRA_FULL_ERROR": "1"},
     )
 
 
 def test_demo_runs_the_pipeline_end_to_end(tmp_path):
-    out, data = tmp_path / "demo", tmp_path / "data"
+    out, data, tracking = tmp_path / "demo", tmp_path / "data", f"sqlite:///{tmp_path}/mlruns.db"
     result = run_job(
         tmp_path,
-        "batch.train_steps=60",
-        "batch.micro_batch_size=8",
+        "train.steps=60",
+        "checkpoint.interval=20",
+        "parallel.micro_batch_size=8",
         "demo.new_tokens=8",
-        f"demo.out_dir={out}",
+        "demo.mmlu_limit=1",
+        f"run_dir={out}",
+        f"storage.root={tmp_path / 'storage'}",
         f"data.root={data}",
+        f"tracking.uri={tracking}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["validation_loss_after"] < summary["validation_loss_before"] - 1.0
+    validation = {int(step): loss for step, loss in summary["validation_losses"].items()}
+    assert sorted(validation) == [20, 40, 60]  # one score per committed checkpoint
+    assert validation[60] < validation[20] - 0.2
     assert summary["max_abs_logit_gap_vs_transformers"] <= 1e-4
     assert (data / "code.idx").exists() and (data / "prose.idx").exists()
     assert (out / "loss.png").stat().st_size > 1000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 60
     # The export carries the tokenizer: transformers' own loader tokenizes as ours does.
-    theirs = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(summary["hf_export"])
     text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
     assert theirs(text)["input_ids"] == load_tokenizer(str(data / "tokenizer.json")).encode(text)
     assert "greedy continuation" in result.stdout
     assert "| mmlu | " in result.stdout and "| mmlu |" in summary["mmlu"]
+    # MLflow: the training run with its loss curve and checkpoints, the evaluations under it.
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("neoray").experiment_id],
+        "tags.`neoray.run_name` = 'demo'",
+    )
+    training = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(training) == 1
+    assert len(client.get_metric_history(training[0].info.run_id, "loss")) == 60
+    assert {f"checkpoint.step_{s:08d}" for s in (20, 40, 60)} <= training[0].data.tags.keys()
+    evaluations = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == training[0].info.run_id
+    ]
+    assert {r.data.tags["neoray.eval.suite"] for r in evaluations} == {"mmlu_0shot", "mmlu_5shot"}
 
 
 def test_demo_rejects_bad_config_before_any_work(tmp_path):
     never = tmp_path / "never"
-    result = run_job(tmp_path, "batch.train_steps=0", f"demo.out_dir={never}", f"data.root={never}")
-    assert result.returncode != 0 and "batch.train_steps must be at least 1" in result.stderr
-    result = run_job(tmp_path, "data.seq_len=512", f"demo.out_dir={never}", f"data.root={never}")
-    assert (
-        result.returncode != 0
-        and "data.seq_len (512) exceeds model.max_seq_len (256)" in result.stderr
-    )
-    result = run_job(tmp_path, "+demo.stpes=5")
+    where = (f"run_dir={never}", f"data.root={never}", f"storage.root={never}")
+    result = run_job(tmp_path, "train.steps=0", *where)
+    assert result.returncode != 0 and "train.steps must be at least 1" in result.stderr
+    result = run_job(tmp_path, "data.seq_len=512", *where)
+    assert result.returncode != 0 and "exceeds model.max_seq_len=256" in result.stderr
+    result = run_job(tmp_path, "+demo.stpes=5", *where)
     assert result.returncode != 0 and "unknown field(s) stpes" in result.stderr
     assert not never.exists()

@@ -1,156 +1,144 @@
-"""The end-to-end demo behind `make demo`: data, tokenizer, training, export, generation.
+"""The end-to-end demo behind `make demo`: the platform's main path on one machine.
 
-Everything comes from the Python installation itself, so nothing is downloaded: the demo
-corpus (standard-library code and pydoc's help topics) is written, a NeoX-style tokenizer is
-trained on it, both components are tokenized into `.bin/.idx` files, a small GPT-NeoX trains
-on their weighted mixture in the replayable order the data pipeline defines, and the model is
-exported in Hugging Face format, reloaded by `transformers` and asked to continue a prompt.
+Nothing is downloaded. The demo corpus (standard-library code and pydoc's help topics) is
+written, a NeoX-style tokenizer is trained on it and both components are tokenized into
+`.bin/.idx` files; the pretrain job then trains a small GPT-NeoX on their mixture with Ray
+Train workers on a local Ray (the same job a cluster runs), checkpointing to `./runs` and
+logging to MLflow. Every committed checkpoint is exported to Hugging Face format and scored on
+held-out data; the last export is reloaded by `transformers`, continues a prompt, and is
+evaluated on zero- and five-shot MMLU by lm-eval workers, logged next to the training run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from neoray.config import ConfigError
-from neoray.data.config import DataConfig
-from neoray.data.loader import BatchSchedule, micro_batch, train_mixture
+from neoray.cluster.train import ClusterConfig, connect
+from neoray.config import ConfigError, dataclass_from_config
 from neoray.data.mixture import BlendedDataset, build_mixture
 from neoray.data.prepare import prepare_data
-from neoray.model import GPTNeoX, NeoXConfig
+from neoray.model import GPTNeoX
 from neoray.model.generate import SamplingConfig, generate
-from neoray.model.hf import save_hf
+from neoray.model.hf import load_hf
 from neoray.tokenizer.load import load_tokenizer
+from neoray.train.config import PretrainConfig, pretrain_config
+from neoray.train.job import run_pretrain
 
 
 @dataclass
 class DemoConfig:
-    lr: float = 3e-3
-    seed: int = 0  # model initialisation; the data order has its own seed (data.seed)
-    validation_batches: int = 4
-    validation_interval: int = 50  # steps between validation losses
+    validation_batches: int = 4  # micro-batches of held-out data each checkpoint is scored on
     prompt: str = "def "
     new_tokens: int = 48
-    out_dir: str = "runs/demo"
     mmlu_limit: int = 2  # questions per MMLU subject in the closing evaluation (local data)
 
     def __post_init__(self) -> None:
-        for name in ("validation_batches", "validation_interval", "new_tokens"):
+        for name in ("validation_batches", "new_tokens", "mmlu_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"demo.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"demo.lr must be positive, got {self.lr}")
 
 
-def check_shapes(model: NeoXConfig, data: DataConfig, schedule: BatchSchedule) -> None:
-    """Refuse combinations that would fail later, before any file is written."""
-    if data.seq_len > model.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len ({data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len}): "
-            "lower one or raise the other"
-        )
-    if schedule.data_parallel_size != 1 or schedule.grad_accum_steps != 1:
-        raise ConfigError(
-            "the demo trains in one process: set batch.data_parallel_size and batch.grad_accum_steps to 1"
-        )
+def run_demo(cfg: Any) -> dict:
+    """Run the demo from its Hydra config (conf/demo.yaml); return and write the summary."""
+    demo = dataclass_from_config(DemoConfig, cfg.demo, "demo")
+    config = pretrain_config(cfg)  # every section is checked before any work starts
+    cluster = dataclass_from_config(ClusterConfig, cfg.cluster, "cluster")
+
+    prepare_data(config.data)
+    # One local Ray for the training workers and the evaluation workers.
+    started_ray = connect(cluster, config.parallel.world_size)
+    try:
+        summary = _train_and_evaluate(cfg, config, demo)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return summary
 
 
-def run_demo(
-    model_config: NeoXConfig, data: DataConfig, schedule: BatchSchedule, cfg: DemoConfig
-) -> dict:
-    """Run the demo; return (and write to `<out_dir>/summary.json`) what it measured."""
-    check_shapes(model_config, data, schedule)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _train_and_evaluate(cfg: Any, config: PretrainConfig, demo: DemoConfig) -> dict:
+    out = Path(config.run_dir)
+    run_pretrain(cfg)
 
-    prepare_data(data)
-    tokenizer = load_tokenizer(data.tokenizer)
-    model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
-    train = train_mixture(data, schedule)
+    exports = export_checkpoints(config)
     validation = build_mixture(
-        data, "validation", cfg.validation_batches * schedule.micro_batch_size
+        config.data, "validation", demo.validation_batches * config.parallel.micro_batch_size
     )
-
-    torch.manual_seed(cfg.seed)
-    model = GPTNeoX(model_config)
-    print(
-        f"model: {model_config.num_parameters() / 1e6:.2f} M parameters, "
-        f"{model_config.num_layers} layers, hidden {model_config.hidden_size}, "
-        f"vocab {tokenizer.vocab_size} (padded to {model_config.padded_vocab_size})"
-    )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01
-    )
-    losses, validation_losses = [], {}
-    start = time.perf_counter()
-    progress = tqdm(range(schedule.train_steps), desc="train", unit="step")
-    for step in progress:
-        if step % cfg.validation_interval == 0:
-            validation_losses[step] = validation_loss(model, validation, schedule.micro_batch_size)
-        tokens = micro_batch(train, schedule, step, micro_step=0, rank=0)
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-    elapsed = time.perf_counter() - start
-    validation_losses[len(losses)] = validation_loss(model, validation, schedule.micro_batch_size)
-    val_before, val_after = validation_losses[0], validation_losses[len(losses)]
-
-    hf_dir = save_hf(model, out / "hf", tokenizer=data.tokenizer)
-    gap = max_logit_gap_with_transformers(model, hf_dir, tokenizer.encode(cfg.prompt * 4))
+    validation_losses = {
+        step: validation_loss(load_hf(hf_dir), validation, config.parallel.micro_batch_size)
+        for step, hf_dir in exports.items()
+    }
+    last_step, hf_dir = max(exports.items())
+    model = load_hf(hf_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    gap = max_logit_gap_with_transformers(model, hf_dir, tokenizer.encode(demo.prompt * 4))
     continuation = generate(
         model,
-        [tokenizer.encode(cfg.prompt)],
-        SamplingConfig(max_new_tokens=cfg.new_tokens, eos_token_id=tokenizer.eod_id),
+        [tokenizer.encode(demo.prompt)],
+        SamplingConfig(max_new_tokens=demo.new_tokens, eos_token_id=tokenizer.eod_id),
     )[0]
-    plot_losses(losses, validation_losses, out / "loss.png")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plot_losses(rows, validation_losses, out / "loss.png")
+    mmlu = evaluate_mmlu(hf_dir, config, last_step, demo.mmlu_limit, cfg.tracking)
 
     summary = {
-        "parameters": model_config.num_parameters(),
-        "train_loss_first": losses[0],
-        "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
-        "validation_loss_before": val_before,
-        "validation_loss_after": val_after,
+        "parameters": config.model.num_parameters(),
+        "steps": last_step,
+        "train_loss_first": rows[0]["loss"],
+        "train_loss_last": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
         "validation_losses": validation_losses,
-        "tokens_per_s": schedule.train_samples * data.seq_len / elapsed,  # validation included
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
         "hf_export": str(hf_dir),
         "max_abs_logit_gap_vs_transformers": gap,
-        "prompt": cfg.prompt,
+        "prompt": demo.prompt,
         "continuation": tokenizer.decode(continuation),
+        "mmlu": mmlu,
     }
-    print(
-        f"validation loss {val_before:.3f} -> {val_after:.3f} "
-        f"({summary['tokens_per_s']:,.0f} tokens/s on this machine)"
-    )
-    print(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
-    print(f"greedy continuation of {cfg.prompt!r}: {cfg.prompt + summary['continuation']!r}")
-    print(f"loss curve: {out / 'loss.png'}")
-    summary["mmlu"] = evaluate_mmlu(hf_dir, out, cfg.mmlu_limit)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    losses = " -> ".join(f"{loss:.3f} (step {step})" for step, loss in validation_losses.items())
+    print(f"\nvalidation loss at the checkpoints: {losses}")
+    print(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
+    print(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
+    print(f"MMLU (lm-eval, {demo.mmlu_limit} question(s) per subject, local data):\n{mmlu}")
+    print(f"loss curves: {out / 'loss.png'}; summary: {out / 'summary.json'}")
+    print(
+        "browse the run, its checkpoints and evaluations in MLflow:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000"
+        "\n  then open http://127.0.0.1:5000 (experiment 'neoray')"
+    )
     return summary
+
+
+def export_checkpoints(config: PretrainConfig) -> dict[int, Path]:
+    """Every committed checkpoint of the run, exported to Hugging Face format (fp32), by step."""
+    from neoray.checkpoint import committed_checkpoints
+    from neoray.checkpoint.export import export_committed
+    from neoray.storage import open_storage
+
+    storage = open_storage(config.storage)
+    manifests = committed_checkpoints(storage, config.run_name)
+    if not manifests:
+        raise RuntimeError(f"run {config.run_name!r} committed no checkpoint in {storage}")
+    cache = Path(config.run_dir) / "exports"
+    return {m.step: export_committed(storage, m, cache, "fp32").hf_dir for m in manifests}
 
 
 @torch.no_grad()
 def validation_loss(model: GPTNeoX, dataset: BlendedDataset, micro_batch_size: int) -> float:
     """Mean loss over the validation mixture, in batches of `micro_batch_size` samples."""
-    was_training = model.training
     model.eval()
     losses = []
     for first in range(0, len(dataset), micro_batch_size):
         rows = range(first, min(first + micro_batch_size, len(dataset)))
         batch = torch.from_numpy(np.stack([dataset[i] for i in rows]))
         losses.append(model(batch[:, :-1], batch[:, 1:]).item())
-    model.train(was_training)
     return sum(losses) / len(losses)
 
 
@@ -161,35 +149,37 @@ def max_logit_gap_with_transformers(model: GPTNeoX, hf_dir: Path, tokens: list[i
 
     theirs = transformers.GPTNeoXForCausalLM.from_pretrained(hf_dir).eval()
     idx = torch.tensor([tokens[: model.config.max_seq_len]])
-    was_training = model.training
-    model.eval()
-    gap = (model(idx) - theirs(idx).logits).abs().max().item()
-    model.train(was_training)
-    return gap
+    return (model.eval()(idx) - theirs(idx).logits).abs().max().item()
 
 
-def evaluate_mmlu(hf_dir: Path, out: Path, limit: int) -> str:
-    """Zero- vs five-shot MMLU of the export with lm-eval on a local Ray, on the real MMLU dev
-    questions that ship with lm-eval (neoray.evaluation.testdata); prints the table."""
+def evaluate_mmlu(hf_dir: Path, config: PretrainConfig, step: int, limit: int, tracking) -> str:
+    """Zero- vs five-shot MMLU of the export with lm-eval workers on the local Ray, on the real
+    MMLU dev questions that ship with lm-eval; logged under the training run in MLflow."""
     from neoray.evaluation import testdata
-    from neoray.evaluation.run import ModelSource, mmlu_zero_vs_five_shot
+    from neoray.evaluation.run import ModelSource, TrackingConfig, mmlu_zero_vs_five_shot
 
-    data_dir = out / "eval_data"
+    data_dir = Path(config.run_dir) / "eval_data"
     testdata.write_mmlu(data_dir)
-    table = mmlu_zero_vs_five_shot(ModelSource(hf_dir, None, 0), data_dir, limit=limit)
-    print(f"MMLU (lm-eval, {limit} question(s) per subject, local data):\n{table}")
-    return table
+    return mmlu_zero_vs_five_shot(
+        ModelSource(hf_dir, config.run_name, step),
+        data_dir,
+        limit=limit,
+        tracking=TrackingConfig(
+            enabled=tracking.enabled, uri=tracking.uri, experiment=tracking.experiment
+        ),
+    )
 
 
-def plot_losses(losses: list[float], validation: dict[int, float], path: Path) -> None:
+def plot_losses(rows: list[dict], validation: dict[int, float], path: Path) -> None:
+    """Training loss per step and validation loss at each checkpoint, one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, label="train")
-    ax.plot(list(validation), list(validation.values()), "o-", label="validation")
+    ax.plot([r["step"] + 1 for r in rows], [r["loss"] for r in rows], label="train")
+    ax.plot(list(validation), list(validation.values()), "o-", label="validation (checkpoints)")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="demo: loss")
     ax.grid(alpha=0.3)
     ax.legend()

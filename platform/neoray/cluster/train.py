@@ -59,13 +59,19 @@ def connect(cluster: ClusterConfig, num_workers: int) -> bool:
         address="local",
         num_cpus=max(os.cpu_count() or 1, int(num_workers * cluster.cpus_per_worker + 0.999)),
         num_gpus=None if cluster.use_gpu else 0,
-        include_dashboard=False,
+        # Ray Train's placement-group cleaner asks the state API, which the dashboard serves.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
     )
     return True
 
 
 def _run_worker(loop_config: dict[str, Any]) -> None:
+    # Ray starts workers in a directory of its own; relative paths in the config (data,
+    # run_dir, storage root) mean the submitting process's directory, where the node has it.
+    if os.path.isdir(loop_config["cwd"]):
+        os.chdir(loop_config["cwd"])
     loop_config["function"](loop_config["argument"])
 
 
@@ -90,7 +96,7 @@ def run_workers(
     started_local = connect(cluster, num_workers)
     trainer = TorchTrainer(
         _run_worker,
-        train_loop_config={"function": function, "argument": argument},
+        train_loop_config={"function": function, "argument": argument, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
         ),

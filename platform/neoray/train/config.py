@@ -58,6 +58,7 @@ class TrainConfig:
     init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
     compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
+    log_interval: int = 10  # rank 0 prints a progress line every this many steps; 0: never
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
             )
+        if self.log_interval < 0:
+            raise ConfigError("train.log_interval must be >= 0 (0 turns progress lines off)")
         if self.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be at least 1")
 

@@ -47,6 +47,14 @@ from neoray.train.observer import TrainingObserver
 log = logging.getLogger(__name__)
 
 
+def progress_line(row: dict, steps: int) -> str:
+    """One line of progress for the console (metrics.jsonl and MLflow get every field)."""
+    return (
+        f"step {row['step'] + 1}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['tokens_per_s']:,.0f} tokens/s  MFU {row['mfu']:.1%}"
+    )
+
+
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss stayed NaN/inf for too many consecutive steps."""
 
@@ -205,6 +213,8 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
             out.write(row)
             if observer is not None:
                 observer.on_metrics(row)
+            if cfg.train.log_interval and (step + 1) % cfg.train.log_interval == 0:
+                print(progress_line(row, cfg.train.steps), flush=True)
         nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
         if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
             if snapshots is not None:
