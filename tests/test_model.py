@@ -86,7 +86,9 @@ def test_neox_initialization_scales():
     assert layer.attention.dense.weight.std().item() == pytest.approx(wang, rel=0.03)
     assert layer.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(wang, rel=0.03)
     assert layer.attention.query_key_value.bias.abs().max().item() == 0.0
-    assert layer.input_layernorm.weight.min().item() == 1.0
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.final_layer_norm):
+        assert norm.weight.min().item() == norm.weight.max().item() == 1.0
+        assert norm.bias.abs().max().item() == 0.0
 
 
 @pytest.mark.parametrize(

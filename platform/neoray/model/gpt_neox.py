@@ -222,14 +222,16 @@ class Layer(nn.Module):
 def init_weights(module: nn.Module, config: NeoXConfig) -> None:
     """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections.
 
-    Works by parameter name, so any module that names its parameters like `GPTNeoX` (a
-    pipeline stage, a tensor-parallel shard) is initialised by the same rules.
+    Works by parameter name (and finds layernorms by type), so any module that names its
+    parameters like `GPTNeoX` (a pipeline stage, a tensor-parallel shard) is initialised by the
+    same rules. Layernorms and biases start equal on every rank, as replicated weights must.
     """
     h, n = config.hidden_size, config.num_layers
     small = math.sqrt(2 / (5 * h))
     wang = 2 / (n * math.sqrt(h))
+    norms = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     for name, p in module.named_parameters():
-        if "layernorm" in name:
+        if id(p) in norms:  # every layernorm, the final one included: weight 1, bias 0
             p.fill_(1.0 if name.endswith("weight") else 0.0)
         elif name.endswith("bias"):
             p.zero_()
