@@ -4,7 +4,11 @@ server. Splitting a suite over workers must not change a single number, and must
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -160,3 +164,36 @@ def test_missing_data_and_bad_configs_fail_before_any_work(tmp_path):
         EvalConfig(suite="x", tasks=["piqa"], backend="openai")
     with pytest.raises(ConfigError, match="eval.tasks"):
         EvalConfig(suite="x", tasks=[])
+
+
+def kill_first_running_unit(timeout: float = 120.0) -> int:
+    """SIGKILL the first Ray worker process found running `run_unit`; its pid."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if "ray::run_unit" in " ".join(process.info["cmdline"] or []):
+                os.kill(process.info["pid"], signal.SIGKILL)
+                return process.info["pid"]
+        time.sleep(0.05)
+    raise AssertionError("no Ray worker ran run_unit")
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_killed_worker_is_retried_and_the_others_are_kept(mirror, model_dir, ray_local, retries):
+    cfg = suite(mirror, tasks=["arithmetic_2da", "arithmetic_2ds"], workers=2, max_retries=retries)
+    merged: dict = {}
+    run = threading.Thread(target=lambda: merged.update(evaluate_suite(str(model_dir), cfg)))
+    run.start()
+    kill_first_running_unit()
+    run.join()
+    if retries:
+        assert merged["failed"] == {}
+        undisturbed = evaluate_suite(str(model_dir), cfg)
+        assert merged["results"] == undisturbed["results"]
+    else:
+        [lost] = merged["failed"]
+        [kept] = {"arithmetic_2da", "arithmetic_2ds"} - {lost}
+        assert set(merged["results"]) == {kept}
+        assert merged["n-samples"][kept]["effective"] == LIMIT
