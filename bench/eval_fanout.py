@@ -1,6 +1,12 @@
 """Fan-out overhead: `evaluate` with one Ray worker vs `lm_eval.simple_evaluate` called directly,
 same export, same tasks (zero-shot MMLU), one thread each. The Ray cluster is up before timing starts (as for
-any job); each call builds its own TaskManager, as a fresh lm-eval run does. Goal: >= 0.95x."""
+any job); each call builds its own TaskManager, as a fresh lm-eval run does. Goal: >= 0.95x.
+Tokenization is held to one thread too (the `tokenizers` library otherwise uses every core in
+the process that calls lm-eval directly)."""
+
+import os
+
+os.environ["RAYON_NUM_THREADS"] = "1"  # before `tokenizers` starts its pool; workers inherit it
 
 import lm_eval
 import ray

@@ -4,7 +4,11 @@ server. Splitting a suite over workers must not change a single number, and must
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -25,8 +29,8 @@ pytestmark = pytest.mark.slow
 # An MMLU group (weighted by subject size), a loglikelihood task large enough to be cut into
 # document shards, perplexity (bootstrapped stderr) and a generative five-shot task whose
 # random few-shot sampler keeps it whole; at most LIMIT documents each.
-TASKS = ["mmlu_humanities", "arithmetic_2da", "lambada_openai", "gsm8k"]
-LIMIT = 60
+TASKS = ["mmlu_other", "arithmetic_2da", "lambada_openai", "gsm8k"]
+LIMIT = 250
 SETTINGS = dict(limit=LIMIT, batch_size=1, bootstrap_iters=200, gen_kwargs={"max_gen_toks": 8})
 
 
@@ -86,7 +90,7 @@ def test_one_and_three_workers_equal_lm_eval_directly(mirror, model_dir, ray_loc
     weighted = sum(direct["results"][n]["acc,none"] * sizes[n] for n in subjects) / sum(
         sizes.values()
     )
-    assert three["results"]["mmlu_humanities"]["acc,none"] == pytest.approx(weighted, rel=1e-12)
+    assert three["results"]["mmlu_other"]["acc,none"] == pytest.approx(weighted, rel=1e-12)
     assert (
         three["n-shot"]["gsm8k"] == 5
         and three["results"]["lambada_openai"]["perplexity_stderr,none"] > 0
@@ -160,3 +164,36 @@ def test_missing_data_and_bad_configs_fail_before_any_work(tmp_path):
         EvalConfig(suite="x", tasks=["piqa"], backend="openai")
     with pytest.raises(ConfigError, match="eval.tasks"):
         EvalConfig(suite="x", tasks=[])
+
+
+def kill_first_running_unit(timeout: float = 120.0) -> int:
+    """SIGKILL the first Ray worker process found running `run_unit`; its pid."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if "ray::run_unit" in " ".join(process.info["cmdline"] or []):
+                os.kill(process.info["pid"], signal.SIGKILL)
+                return process.info["pid"]
+        time.sleep(0.05)
+    raise AssertionError("no Ray worker ran run_unit")
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_killed_worker_is_retried_and_the_others_are_kept(mirror, model_dir, ray_local, retries):
+    cfg = suite(mirror, tasks=["arithmetic_2da", "arithmetic_2ds"], workers=2, max_retries=retries)
+    merged: dict = {}
+    run = threading.Thread(target=lambda: merged.update(evaluate_suite(str(model_dir), cfg)))
+    run.start()
+    kill_first_running_unit()
+    run.join()
+    if retries:
+        assert merged["failed"] == {}
+        undisturbed = evaluate_suite(str(model_dir), cfg)
+        assert merged["results"] == undisturbed["results"]
+    else:
+        [lost] = merged["failed"]
+        [kept] = {"arithmetic_2da", "arithmetic_2ds"} - {lost}
+        assert set(merged["results"]) == {kept}
+        assert merged["n-samples"][kept]["effective"] == LIMIT

@@ -48,7 +48,7 @@ class Unit:
     whole suite as configured (`eval.limit` applied by lm-eval itself)."""
 
     docs: dict[str, list[int] | None] = field(default_factory=dict)
-    size: int = 0  # documents, for balancing
+    cost: int = 0  # characters of its documents, for balancing
     whole: bool = False
 
 
@@ -77,29 +77,41 @@ def shardable(task, num_fewshot: int | None) -> bool:
     )
 
 
-def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
-    """Split the tasks' documents into at most `cfg.workers` balanced units.
+def document_costs(task, count: int) -> list[int]:
+    """Characters of each of the task's first `count` documents: a proxy for the tokens, and
+    so the time, evaluating each takes (subjects of MMLU differ by a factor of twenty)."""
+    return [len(str(doc)) for doc in itertools.islice(task.eval_docs, count)]
 
-    A task larger than an even share is cut into contiguous shards of about that share if
-    it is shardable; pieces are then packed largest first onto the least loaded unit.
+
+def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
+    """Split the tasks' documents into at most `cfg.workers` units of about equal cost.
+
+    A task costing more than an even share is cut into contiguous shards of about that
+    share if it is shardable; pieces are then packed largest first onto the cheapest unit.
     """
-    sizes = {name: min(len(task.eval_docs), cfg.limit or math.inf) for name, task in tasks.items()}
-    share = max(1, math.ceil(sum(sizes.values()) / cfg.workers))
+    costs = {
+        name: document_costs(task, min(len(task.eval_docs), cfg.limit or len(task.eval_docs)))
+        for name, task in tasks.items()
+    }
+    share = max(1, math.ceil(sum(map(sum, costs.values())) / cfg.workers))
     pieces: list[tuple[int, str, list[int] | None]] = []
     for name, task in tasks.items():
-        size = int(sizes[name])
-        if size > share and cfg.workers > 1 and shardable(task, cfg.num_fewshot):
-            count = math.ceil(size / share)
+        cost, size = sum(costs[name]), len(costs[name])
+        if cost > share and cfg.workers > 1 and shardable(task, cfg.num_fewshot):
+            count = min(size, math.ceil(cost / share))
             bounds = [round(i * size / count) for i in range(count + 1)]
-            pieces += [(b - a, name, list(range(a, b))) for a, b in itertools.pairwise(bounds)]
+            pieces += [
+                (sum(costs[name][a:b]), name, list(range(a, b)))
+                for a, b in itertools.pairwise(bounds)
+            ]
         else:
-            everything = cfg.limit is None or size == len(task.eval_docs)
-            pieces.append((size, name, None if everything else list(range(size))))
+            everything = size == len(task.eval_docs)
+            pieces.append((cost, name, None if everything else list(range(size))))
     units = [Unit() for _ in range(cfg.workers)]
-    for size, name, docs in sorted(pieces, key=lambda piece: -piece[0]):
-        unit = min(units, key=lambda u: u.size)
+    for cost, name, docs in sorted(pieces, key=lambda piece: -piece[0]):
+        unit = min(units, key=lambda u: u.cost)
         unit.docs[name] = docs
-        unit.size += size
+        unit.cost += cost
     return [unit for unit in units if unit.docs]
 
 
