@@ -39,6 +39,8 @@ bench: install
 	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/async_snapshot.py
 	$(BIN)/python bench/upload_throughput.py
+	$(BIN)/python bench/eval_fanout.py
+	$(BIN)/python bench/eval_scaling.py
 
 up: install
 	$(BIN)/neoray up

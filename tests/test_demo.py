@@ -50,6 +50,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
     assert theirs(text)["input_ids"] == load_tokenizer(str(data / "tokenizer.json")).encode(text)
     assert "greedy continuation" in result.stdout
+    assert "| mmlu | " in result.stdout and "| mmlu |" in summary["mmlu"]
 
 
 def test_demo_rejects_bad_config_before_any_work(tmp_path):

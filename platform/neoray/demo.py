@@ -39,6 +39,7 @@ class DemoConfig:
     prompt: str = "def "
     new_tokens: int = 48
     out_dir: str = "runs/demo"
+    mmlu_limit: int = 2  # questions per MMLU subject in the closing evaluation (local data)
 
     def __post_init__(self) -> None:
         for name in ("validation_batches", "validation_interval", "new_tokens"):
@@ -127,7 +128,6 @@ def run_demo(
         "prompt": cfg.prompt,
         "continuation": tokenizer.decode(continuation),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"validation loss {val_before:.3f} -> {val_after:.3f} "
         f"({summary['tokens_per_s']:,.0f} tokens/s on this machine)"
@@ -135,6 +135,8 @@ def run_demo(
     print(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
     print(f"greedy continuation of {cfg.prompt!r}: {cfg.prompt + summary['continuation']!r}")
     print(f"loss curve: {out / 'loss.png'}")
+    summary["mmlu"] = evaluate_mmlu(hf_dir, out, cfg.mmlu_limit)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -164,6 +166,19 @@ def max_logit_gap_with_transformers(model: GPTNeoX, hf_dir: Path, tokens: list[i
     gap = (model(idx) - theirs(idx).logits).abs().max().item()
     model.train(was_training)
     return gap
+
+
+def evaluate_mmlu(hf_dir: Path, out: Path, limit: int) -> str:
+    """Zero- vs five-shot MMLU of the export with lm-eval on a local Ray, on the real MMLU dev
+    questions that ship with lm-eval (neoray.evaluation.testdata); prints the table."""
+    from neoray.evaluation import testdata
+    from neoray.evaluation.run import ModelSource, mmlu_zero_vs_five_shot
+
+    data_dir = out / "eval_data"
+    testdata.write_mmlu(data_dir)
+    table = mmlu_zero_vs_five_shot(ModelSource(hf_dir, None, 0), data_dir, limit=limit)
+    print(f"MMLU (lm-eval, {limit} question(s) per subject, local data):\n{table}")
+    return table
 
 
 def plot_losses(losses: list[float], validation: dict[int, float], path: Path) -> None:

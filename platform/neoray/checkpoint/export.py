@@ -1,0 +1,239 @@
+"""Slim export: a committed training checkpoint of any (tp, pp) layout -> one Hugging Face dir.
+
+A checkpoint step directory holds what DeepSpeed's `PipelineEngine.save_checkpoint` wrote:
+one `layer_<LL>-model_<TT>-model_states.pt` per pipeline layer LL and tensor-parallel rank TT
+(that layer's state dict, names without the layer prefix), optimizer states (not needed
+here) and `manifest.json` with the model config. The layer files are read without pickle
+(`weights_only`), joined into the full `GPTNeoX` state dict by `neoray.parallel.convert`
+and written by `neoray.model.hf.save_hf` (`config.json`, `model.safetensors` in the chosen
+dtype, the tokenizer) under a temporary name, then renamed: the "slim checkpoint" of the
+GPT-NeoX-20B paper, which `transformers` and lm-eval load directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neoray.config import ConfigError
+from neoray.model.gpt_neox import GPTNeoX, NeoXConfig
+from neoray.model.hf import save_hf
+from neoray.parallel.convert import consolidate
+
+MANIFEST = "manifest.json"
+LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExportConfig:
+    """conf/export.yaml: which checkpoint, in which dtype, with which tokenizer, to where."""
+
+    checkpoint: str  # a step directory (local or s3://...), or <run_name> with step=
+    step: str | None = None  # with a run name: a step number or "latest"
+    output: str | None = None  # a local directory; None: the local cache (cache_dir)
+    dtype: str = "fp16"
+    tokenizer: str | None = None  # tokenizer.json or a name; None: the run's data.tokenizer
+    cache_dir: str = "runs/exports"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"export.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def layer_files(step_dir: Path) -> dict[tuple[int, int], Path]:
+    """(pipeline layer, tensor-parallel rank) -> its model-states file in `step_dir`."""
+    found = {}
+    for path in step_dir.iterdir():
+        if match := LAYER_FILE.fullmatch(path.name):
+            found[int(match[1]), int(match[2])] = path
+    if not found:
+        raise FileNotFoundError(
+            f"{step_dir}: no DeepSpeed layer files (layer_<LL>-model_<TT>-model_states.pt)"
+        )
+    return found
+
+
+def read_model_config(step_dir: Path) -> NeoXConfig:
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{step_dir}: no {MANIFEST}; it is not a committed checkpoint")
+    return NeoXConfig(**json.loads(manifest.read_text())["model"])
+
+
+def consolidate_checkpoint(step_dir: str | Path, config: NeoXConfig) -> dict[str, torch.Tensor]:
+    """The full `GPTNeoX` state dict of a DeepSpeed pipeline checkpoint directory."""
+    by_rank: dict[tuple[int, int], dict[str, torch.Tensor]] = defaultdict(dict)
+    for (layer, tp_rank), path in sorted(layer_files(Path(step_dir)).items()):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        by_rank[tp_rank, 0].update({f"{layer}.{name}": value for name, value in state.items()})
+    full = consolidate(by_rank, config)
+    with torch.device("meta"):
+        expected = GPTNeoX(config).state_dict()
+    missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{step_dir}: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
+    return full
+
+
+def tokenizer_file(spec: str) -> Path:
+    """A `tokenizer.json` path for a path or the name of a tokenizer neoray ships."""
+    from neoray.tokenizer.load import RELEASED_20B, released_20b_path
+
+    path = Path(released_20b_path() if spec == RELEASED_20B else spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {spec!r}: {path} is not a tokenizer.json file")
+    return path
+
+
+def export_directory(
+    step_dir: str | Path, out_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Path:
+    """Write the Hugging Face directory of the local checkpoint `step_dir` to `out_dir`.
+
+    Without `tokenizer`, the run's `data.tokenizer` (from the manifest's config) is shipped.
+    """
+    step_dir = Path(step_dir)
+    config = read_model_config(step_dir)
+    if tokenizer is None:
+        run_config = json.loads((step_dir / MANIFEST).read_text()).get("config", {})
+        tokenizer = run_config.get("data.tokenizer")
+    full = consolidate_checkpoint(step_dir, config)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    model.load_state_dict(full, assign=True)
+    return save_hf(
+        model,
+        out_dir,
+        tokenizer=tokenizer_file(tokenizer) if tokenizer else None,
+        dtype=DTYPES[dtype],
+    )
+
+
+@dataclass
+class Export:
+    """A slim export on local disk and the run and step it was taken from."""
+
+    hf_dir: Path
+    run_name: str
+    step: int
+
+
+EXPORT_MARKER = "export.json"  # written last into <checkpoint>/hf_<dtype>/: the export is complete
+
+
+def export_key(run_name: str, step: int, dtype: str) -> str:
+    """Where the export of a checkpoint lives in the object store: next to its shards."""
+    from neoray.checkpoint import checkpoint_key
+
+    return f"{checkpoint_key(run_name, step)}/hf_{dtype}"
+
+
+def export_cached(
+    step_dir: str | Path, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Export:
+    """The export of a local checkpoint directory `step_dir`, written once under
+    `<cache_dir>/<run_name>/step_<step>/hf_<dtype>` and reused by later calls."""
+    step_dir = Path(step_dir)
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    run_name = manifest.get("run_name") or step_dir.parent.parent.name
+    step = int(manifest["step"])
+    out = cache_path(cache_dir, run_name, step, dtype)
+    if not (out / "config.json").is_file():
+        export_directory(step_dir, out, dtype, tokenizer)
+    return Export(out, run_name, step)
+
+
+def cache_path(cache_dir: str | Path, run_name: str, step: int, dtype: str) -> Path:
+    return Path(cache_dir) / run_name / f"step_{step:08d}" / f"hf_{dtype}"
+
+
+def export_committed(
+    storage, manifest, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Export:
+    """The export of a committed checkpoint in `storage`, cached locally.
+
+    Taken from the object store when an earlier export was published there; otherwise only
+    the layer files are downloaded (sha256-verified), consolidated and exported, and the
+    result is uploaded to `<checkpoint>/hf_<dtype>/` with `export.json` written last.
+    """
+    import tempfile
+
+    from neoray.checkpoint import download
+    from neoray.storage import join_key
+
+    out = cache_path(cache_dir, manifest.run_name, manifest.step, dtype)
+    result = Export(out, manifest.run_name, manifest.step)
+    if (out / "config.json").is_file():
+        return result
+    folder = export_key(manifest.run_name, manifest.step, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+        staging = Path(tmp) / "hf"
+        if storage.exists(join_key(folder, EXPORT_MARKER)):
+            published = json.loads(storage.get_bytes(join_key(folder, EXPORT_MARKER)))
+            for name in published["files"]:
+                storage.download_file(join_key(folder, name), staging / name)
+        else:
+            shards = Path(tmp) / "checkpoint"
+            names = [e.path for e in manifest.files if LAYER_FILE.fullmatch(e.path)]
+            download(storage, manifest, shards, names)
+            (shards / MANIFEST).write_text(manifest.to_json())
+            export_directory(shards, staging, dtype, tokenizer)
+            files = sorted(p.name for p in staging.iterdir())
+            for name in files:
+                storage.upload_file(staging / name, join_key(folder, name))
+            storage.put_bytes(
+                join_key(folder, EXPORT_MARKER), json.dumps({"files": files}).encode()
+            )
+        staging.rename(out)
+    return result
+
+
+def committed_manifest(checkpoint: str, step: str | int | None, storage_config=None):
+    """(storage, manifest) of a checkpoint URI (`s3://.../<run>/checkpoints/step_<n>` or its
+    local path) or of run `checkpoint` at `step` (a number or "latest") in `storage_config`."""
+    from neoray.checkpoint import checkpoint_from_uri, latest_checkpoint, read_manifest
+    from neoray.storage import StorageConfig, open_storage
+
+    if checkpoint.startswith("s3://") or "/checkpoints/step_" in checkpoint:
+        return checkpoint_from_uri(checkpoint)
+    if step is None:
+        raise ConfigError(f"checkpoint={checkpoint!r} is a run name: add step=<n> or step=latest")
+    storage = open_storage(storage_config or StorageConfig())
+    if str(step) == "latest":
+        manifest = latest_checkpoint(storage, checkpoint)
+        if manifest is None:
+            raise FileNotFoundError(f"run {checkpoint!r} has no committed checkpoint in {storage}")
+        return storage, manifest
+    return storage, read_manifest(storage, checkpoint, int(step))
+
+
+def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
+    """The export `cfg` asks for: a local step directory, a checkpoint URI, or a run + step."""
+    local = Path(cfg.checkpoint)
+    if (local / MANIFEST).is_file() and "/checkpoints/step_" not in cfg.checkpoint:
+        return export_cached(local, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
+    storage, manifest = committed_manifest(cfg.checkpoint, cfg.step, storage_config)
+    return export_committed(storage, manifest, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
+
+
+def run_export(cfg: ExportConfig, storage_config=None) -> Path:
+    """`jobs/export.py`: the exported directory (copied to `cfg.output` when given)."""
+    import shutil
+
+    export = resolve_export(cfg, storage_config)
+    if cfg.output is None:
+        return export.hf_dir
+    out = Path(cfg.output)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(export.hf_dir, staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

@@ -1,0 +1,229 @@
+"""A suite of lm-eval tasks split over Ray workers and merged as if it had run in one piece.
+
+The driver builds the suite's tasks and groups with lm-eval's TaskManager and splits the
+documents into one unit of work per worker: whole tasks, and large tasks cut into contiguous
+document shards when their few-shot contexts do not depend on the order documents are
+processed in (zero-shot, or the `first_n` sampler; lm-eval's default sampler draws from one
+random stream per task, so those tasks stay whole). Each unit runs `lm_eval.simple_evaluate`
+with lm-eval's own backend and returns its per-sample results. The driver concatenates each
+task's samples in document order and hands them to lm-eval's own aggregation
+(`_process_results`: the task's aggregation functions, stderr, groups weighted by size), so
+the merged results are those of one unsplit run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from neoray.evaluation.config import EvalConfig
+from neoray.evaluation.mirror import task_manager
+
+log = logging.getLogger(__name__)
+
+
+class DocIndices(list):
+    """Sorted document indices for `simple_evaluate(samples=...)`: a list with set-speed
+    membership, since lm-eval tests `i in samples` for every document of the task."""
+
+    def __init__(self, indices) -> None:
+        super().__init__(sorted(indices))
+        self._members = frozenset(self)
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._members
+
+    def __reduce__(self):
+        return DocIndices, (list(self),)
+
+
+@dataclass
+class Unit:
+    """The work of one worker: task name -> document indices (None: all of them), or the
+    whole suite as configured (`eval.limit` applied by lm-eval itself)."""
+
+    docs: dict[str, list[int] | None] = field(default_factory=dict)
+    size: int = 0  # documents, for balancing
+    whole: bool = False
+
+
+@dataclass
+class TaskOutput:
+    """What a worker returns for one task: lm-eval's logged samples and the task's config."""
+
+    samples: list[dict]
+    config: dict[str, Any]
+
+
+def effective_fewshot(task, num_fewshot: int | None) -> int:
+    """The number of few-shot examples `simple_evaluate` will use for `task`."""
+    own = task.get_config("num_fewshot")
+    if num_fewshot is not None and own != 0:
+        return num_fewshot
+    return own or 0
+
+
+def shardable(task, num_fewshot: int | None) -> bool:
+    """True when a task's prompts do not depend on which other documents share its run."""
+    from lm_eval.api.samplers import FirstNSampler
+
+    return effective_fewshot(task, num_fewshot) == 0 or isinstance(
+        getattr(task, "sampler", None), FirstNSampler
+    )
+
+
+def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
+    """Split the tasks' documents into at most `cfg.workers` balanced units.
+
+    A task larger than an even share is cut into contiguous shards of about that share if
+    it is shardable; pieces are then packed largest first onto the least loaded unit.
+    """
+    sizes = {name: min(len(task.eval_docs), cfg.limit or math.inf) for name, task in tasks.items()}
+    share = max(1, math.ceil(sum(sizes.values()) / cfg.workers))
+    pieces: list[tuple[int, str, list[int] | None]] = []
+    for name, task in tasks.items():
+        size = int(sizes[name])
+        if size > share and cfg.workers > 1 and shardable(task, cfg.num_fewshot):
+            count = math.ceil(size / share)
+            bounds = [round(i * size / count) for i in range(count + 1)]
+            pieces += [(b - a, name, list(range(a, b))) for a, b in itertools.pairwise(bounds)]
+        else:
+            everything = cfg.limit is None or size == len(task.eval_docs)
+            pieces.append((size, name, None if everything else list(range(size))))
+    units = [Unit() for _ in range(cfg.workers)]
+    for size, name, docs in sorted(pieces, key=lambda piece: -piece[0]):
+        unit = min(units, key=lambda u: u.size)
+        unit.docs[name] = docs
+        unit.size += size
+    return [unit for unit in units if unit.docs]
+
+
+def model_args(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
+    """The lm-eval backend's arguments for the exported model directory."""
+    args: dict[str, Any] = {"pretrained": hf_dir, "dtype": cfg.dtype}
+    if cfg.backend == "vllm":
+        args["tensor_parallel_size"] = max(1, int(cfg.gpus_per_worker))
+    return args | cfg.model_args
+
+
+def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, TaskOutput]:
+    """Evaluate one unit with `lm_eval.simple_evaluate`; per-sample results by task.
+
+    The tasks are built from the suite's own specs (so group-level settings apply exactly as
+    in an unsplit run) and only this unit's are evaluated. Stderr is left to the merge.
+    `manager` is the driver's TaskManager: indexing lm-eval's task configs takes seconds.
+    """
+    import lm_eval
+    import torch
+
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    _quiet_datasets()
+    built = manager.load(cfg.tasks)["tasks"]
+    names = list(built) if unit.whole else list(unit.docs)
+    samples = {name: DocIndices(docs) for name, docs in unit.docs.items() if docs is not None}
+    results = lm_eval.simple_evaluate(
+        model=cfg.backend,
+        model_args=model_args(hf_dir, cfg),
+        tasks=[built[name] for name in names],
+        num_fewshot=cfg.num_fewshot,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        limit=cfg.limit if unit.whole else None,
+        samples=samples or None,
+        bootstrap_iters=0,
+        log_samples=True,
+        gen_kwargs=cfg.gen_kwargs,
+        task_manager=manager,
+    )
+    return {
+        name: TaskOutput(samples=results["samples"][name], config=results["configs"][name])
+        for name in names
+    }
+
+
+def merge(
+    tasks: dict[str, Any],
+    groups: dict[str, Any],
+    outputs: dict[str, list[TaskOutput]],
+    bootstrap_iters: int,
+) -> dict[str, Any]:
+    """lm-eval's results dict for the tasks whose outputs are all in, as one run computes it."""
+    from lm_eval.evaluator_utils import _process_results
+
+    accumulated = {}
+    for name, task in tasks.items():
+        if name not in outputs:
+            continue
+        samples = [sample for output in outputs[name] for sample in output.samples]
+        filters = list(dict.fromkeys(sample["filter"] for sample in samples))
+        samples.sort(key=lambda s: (filters.index(s["filter"]), s["doc_id"]))
+        raw_metrics: dict[tuple[str, str], list] = defaultdict(list)
+        for sample in samples:
+            for metric in sample["metrics"]:
+                raw_metrics[metric, sample["filter"]].append(sample[metric])
+        task.set_config(key="num_fewshot", value=outputs[name][0].config.get("num_fewshot"))
+        accumulated[name] = {"task": task, "raw_metrics": raw_metrics, "logged_samples": samples}
+    complete = {
+        name: group
+        for name, group in groups.items()
+        if all(task.task_name in accumulated for task in group.get_all_tasks())
+    }
+    merged = _process_results(accumulated, complete, bootstrap_iters)
+    return merged._to_eval_results(samples=merged.samples)
+
+
+def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Run `cfg`'s suite on the Hugging Face directory `hf_dir` over Ray; lm-eval's results
+    dict (with `samples`), plus `failed`: tasks whose worker failed after its retries."""
+    import ray
+
+    _quiet_datasets()
+    manager = task_manager(cfg.data_dir)
+    remote = ray.remote(
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker,
+        max_retries=cfg.max_retries,
+        retry_exceptions=True,
+    )(run_unit)
+    hf_dir, manager_ref = os.path.abspath(hf_dir), ray.put(manager)
+
+    def submit(units: list[Unit]) -> dict:
+        return {remote.remote(unit, hf_dir, cfg, manager_ref): unit for unit in units}
+
+    if cfg.workers == 1:  # nothing to plan: the driver builds its tasks while the worker runs
+        pending = submit([Unit(whole=True)])
+        loaded = manager.load(cfg.tasks)
+    else:
+        loaded = manager.load(cfg.tasks)
+        pending = submit(plan_units(loaded["tasks"], cfg))
+    tasks, groups = loaded["tasks"], loaded.get("groups", {})
+    log.info("suite %s: %d tasks in %d units", cfg.suite, len(tasks), len(pending))
+    outputs: dict[str, list[TaskOutput]] = defaultdict(list)
+    failed: dict[str, str] = {}
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        unit = pending.pop(ready)
+        try:
+            for name, output in ray.get(ready).items():
+                outputs[name].append(output)
+        except Exception as err:  # the unit failed after its retries; keep the others
+            names = list(tasks) if unit.whole else list(unit.docs)
+            log.error("worker for %s failed: %s", ", ".join(names), err)
+            failed.update(dict.fromkeys(names, str(err).splitlines()[0]))
+    for name in failed:
+        outputs.pop(name, None)
+    results = merge(tasks, groups, outputs, cfg.bootstrap_iters)
+    results["failed"] = failed
+    return results
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()

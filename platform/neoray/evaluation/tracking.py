@@ -1,0 +1,123 @@
+"""Evaluation runs in MLflow, nested under the training run they evaluate.
+
+The training run is the run of experiment `neoray` tagged `neoray.run_name=<run name>`; it is
+created (with that tag) when evaluation comes first. Each (checkpoint step, suite) gets one
+child run tagged `neoray.eval.suite`, `neoray.eval.step`, `neoray.run_name` and
+`mlflow.parentRunId`; evaluating the same pair again replaces it, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from neoray.evaluation.report import flat_metrics, mmlu_comparison
+
+RUN_NAME_TAG = "neoray.run_name"
+SUITE_TAG = "neoray.eval.suite"
+STEP_TAG = "neoray.eval.step"
+SHOTS_TAG = "neoray.eval.num_fewshot"
+PARENT_TAG = "mlflow.parentRunId"
+BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+class EvalTracker:
+    def __init__(self, tracking_uri: str, experiment: str = "neoray") -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
+
+    def _search(self, query: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=query)
+
+    def training_run_id(self, run_name: str) -> str:
+        """The training run of `run_name` (the one that is not an evaluation), created if absent."""
+        runs = [
+            run
+            for run in self._search(f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+            if SUITE_TAG not in run.data.tags
+        ]
+        if runs:
+            return min(runs, key=lambda run: run.info.start_time).info.run_id
+        run = self.client.create_run(
+            self.experiment_id, tags={RUN_NAME_TAG: run_name}, run_name=run_name
+        )
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def evaluation_runs(self, run_name: str, step: int, suite: str | None = None) -> list:
+        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STEP_TAG}` = '{step}'"
+        if suite is not None:
+            query += f" and tags.`{SUITE_TAG}` = '{suite}'"
+        return self._search(query)
+
+    def log_evaluation(
+        self, run_name: str, step: int, suite: str, results: dict[str, Any], source: str
+    ) -> str:
+        """Log a suite's merged results as the child run for (step, suite); its run id."""
+        from mlflow.entities import Metric
+
+        parent = self.training_run_id(run_name)
+        for old in self.evaluation_runs(run_name, step, suite):
+            self.client.delete_run(old.info.run_id)
+        shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"eval {suite} step {step}",
+            tags={
+                PARENT_TAG: parent,
+                RUN_NAME_TAG: run_name,
+                SUITE_TAG: suite,
+                STEP_TAG: str(step),
+                SHOTS_TAG: ",".join(shots),
+                "neoray.eval.source": source,
+            },
+        )
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in sorted(flat_metrics(results).items())]
+        for first in range(0, len(metrics), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[first : first + BATCH])
+        with tempfile.TemporaryDirectory() as tmp:
+            self.client.log_artifacts(run_id, write_artifacts(results, Path(tmp)))
+        self.client.set_terminated(run_id, "FAILED" if results.get("failed") else "FINISHED")
+        return run_id
+
+    def metrics_of(self, run_name: str, step: int, suite: str) -> dict[str, float]:
+        runs = self.evaluation_runs(run_name, step, suite)
+        return dict(runs[0].data.metrics) if runs else {}
+
+    def log_mmlu_comparison(
+        self, run_name: str, step: int, zero_suite: str, five_suite: str
+    ) -> str | None:
+        """The zero- vs five-shot MMLU table of a checkpoint, also logged on the training run
+        as `eval/step_<step>/mmlu_0shot_vs_5shot.md`; None until both suites are logged."""
+        zero = self.metrics_of(run_name, step, zero_suite)
+        five = self.metrics_of(run_name, step, five_suite)
+        if not zero or not five:
+            return None
+        table = mmlu_comparison(zero, five)
+        self.client.log_text(
+            self.training_run_id(run_name), table, f"eval/step_{step:08d}/mmlu_0shot_vs_5shot.md"
+        )
+        return table
+
+
+def write_artifacts(results: dict[str, Any], out: Path) -> str:
+    """`results.json` (lm-eval's results without samples) and `samples/<task>.jsonl`."""
+    samples = results.get("samples", {})
+    summary = {key: value for key, value in results.items() if key != "samples"}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "samples").mkdir()
+    for task, rows in samples.items():
+        with open(out / "samples" / f"{task}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+    return str(out)

@@ -1,0 +1,162 @@
+"""Evaluation fan-out: real lm-eval task configs on local data, a real local Ray, a real MLflow
+server. Splitting a suite over workers must not change a single number, and must equal
+`lm_eval.simple_evaluate` run directly on the exported directory with the `hf` backend."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+import lm_eval
+import pytest
+import services
+
+from neoray.config import ConfigError
+from neoray.evaluation import testdata
+from neoray.evaluation.config import EvalConfig
+from neoray.evaluation.fanout import evaluate_suite, plan_units
+from neoray.evaluation.mirror import MissingDatasetError, task_manager
+from neoray.evaluation.run import ModelSource, TrackingConfig, evaluate
+from neoray.evaluation.tracking import PARENT_TAG, RUN_NAME_TAG, SUITE_TAG, EvalTracker
+
+pytestmark = pytest.mark.slow
+
+# An MMLU group (weighted by subject size), a loglikelihood task large enough to be cut into
+# document shards, perplexity (bootstrapped stderr) and a generative five-shot task whose
+# random few-shot sampler keeps it whole; at most LIMIT documents each.
+TASKS = ["mmlu_humanities", "arithmetic_2da", "lambada_openai", "gsm8k"]
+LIMIT = 60
+SETTINGS = dict(limit=LIMIT, batch_size=1, bootstrap_iters=200, gen_kwargs={"max_gen_toks": 8})
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    return testdata.write_all(tmp_path_factory.mktemp("mirror"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(mirror, tmp_path_factory):
+    return testdata.write_random_model(tmp_path_factory.mktemp("model") / "hf", mirror)
+
+
+def suite(mirror, **overrides) -> EvalConfig:
+    return EvalConfig(
+        **{"suite": "test", "tasks": TASKS, "data_dir": str(mirror), **SETTINGS, **overrides}
+    )
+
+
+def test_sharding_splits_large_tasks_and_keeps_random_fewshot_tasks_whole(mirror):
+    tasks = task_manager(mirror).load(TASKS)["tasks"]
+    units = plan_units(tasks, suite(mirror, workers=3))
+    assert len(units) == 3
+    shards = [unit.docs["arithmetic_2da"] for unit in units if "arithmetic_2da" in unit.docs]
+    assert len(shards) > 1 and sorted(i for s in shards for i in s) == list(range(LIMIT))
+    assert [unit.docs["gsm8k"] for unit in units if "gsm8k" in unit.docs] == [None]
+    assert sorted(
+        name for unit in units for name in unit.docs if name.startswith("mmlu_")
+    ) == sorted(name for name in tasks if name.startswith("mmlu_"))
+
+
+def test_one_and_three_workers_equal_lm_eval_directly(mirror, model_dir, ray_local):
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        tasks=TASKS,
+        device="cpu",
+        task_manager=task_manager(mirror),
+        **SETTINGS,
+    )
+    one = evaluate_suite(str(model_dir), suite(mirror, workers=1))
+    three = evaluate_suite(str(model_dir), suite(mirror, workers=3))
+    assert one["failed"] == three["failed"] == {}
+    assert set(direct["results"]) == set(TASKS) | {
+        n for n in direct["results"] if n.startswith("mmlu")
+    }
+    for merged in (one, three):
+        assert merged["results"] == direct["results"]
+        assert merged["groups"] == direct["groups"]
+        assert merged["n-samples"] == direct["n-samples"]
+        assert merged["n-shot"] == direct["n-shot"]
+        for task, samples in direct["samples"].items():
+            assert [s["doc_id"] for s in merged["samples"][task]] == [s["doc_id"] for s in samples]
+    # the group score is lm-eval's size-weighted mean of the subjects
+    subjects = [n for n in direct["results"] if n.startswith("mmlu_") and n in direct["n-samples"]]
+    sizes = {n: direct["n-samples"][n]["effective"] for n in subjects}
+    weighted = sum(direct["results"][n]["acc,none"] * sizes[n] for n in subjects) / sum(
+        sizes.values()
+    )
+    assert three["results"]["mmlu_humanities"]["acc,none"] == pytest.approx(weighted, rel=1e-12)
+    assert (
+        three["n-shot"]["gsm8k"] == 5
+        and three["results"]["lambada_openai"]["perplexity_stderr,none"] > 0
+    )
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    [port] = services.free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
+        f"--artifacts-destination={root / 'artifacts'}",
+        "--workers=1",
+    ]
+    with services.running("MLflow", command, log=root / "mlflow.log", ready=ready, timeout=90):
+        yield url
+
+
+def test_results_land_under_the_training_run_at_the_checkpoint_step(
+    mirror, model_dir, ray_local, mlflow_server
+):
+    tracking = TrackingConfig(uri=mlflow_server, experiment="eval-test")
+    tracker = EvalTracker(tracking.uri, tracking.experiment)
+    parent = tracker.client.create_run(
+        tracker.experiment_id, tags={RUN_NAME_TAG: "run-a"}, run_name="run-a"
+    ).info.run_id
+    source = ModelSource(model_dir, "run-a", 42)
+    mmlu = dict(tasks=["mmlu_humanities"], limit=2, data_dir=str(mirror), batch_size=4)
+    for _ in range(2):  # the second evaluation replaces the first
+        evaluate(source, EvalConfig(suite="mmlu_0shot", num_fewshot=0, **mmlu), tracking)
+    results = evaluate(source, EvalConfig(suite="mmlu_5shot", num_fewshot=5, **mmlu), tracking)
+
+    prompt = results["samples"]["mmlu_philosophy"][0]["arguments"][0][0]
+    assert prompt.count("Answer:") == 6  # five answered dev questions, then the question
+
+    runs = tracker.evaluation_runs("run-a", 42)
+    assert sorted(r.data.tags[SUITE_TAG] for r in runs) == ["mmlu_0shot", "mmlu_5shot"]
+    assert {r.data.tags[PARENT_TAG] for r in runs} == {parent}
+    five = next(r for r in runs if r.data.tags[SUITE_TAG] == "mmlu_5shot")
+    assert five.info.run_id == results["mlflow_run_id"]
+    group = results["results"]["mmlu_humanities"]
+    assert five.data.metrics["mmlu_humanities/acc"] == group["acc,none"]
+    assert five.data.metrics["mmlu_humanities/acc_stderr"] == group["acc_stderr,none"]
+    assert "mmlu_philosophy/acc" in five.data.metrics
+    history = tracker.client.get_metric_history(five.info.run_id, "mmlu_humanities/acc")
+    assert [m.step for m in history] == [42]
+    artifacts = {a.path for a in tracker.client.list_artifacts(five.info.run_id)}
+    assert artifacts == {"results.json", "samples"}
+
+    table = tracker.log_mmlu_comparison("run-a", 42, "mmlu_0shot", "mmlu_5shot")
+    assert table.splitlines()[2].startswith("| mmlu_humanities |")
+
+
+def test_missing_data_and_bad_configs_fail_before_any_work(tmp_path):
+    with pytest.raises(MissingDatasetError, match=r"task piqa: .* no train \(.*piqa/train.jsonl\)"):
+        task_manager(tmp_path).load(["piqa"])
+    with pytest.raises(ConfigError, match="eval.backend"):
+        EvalConfig(suite="x", tasks=["piqa"], backend="openai")
+    with pytest.raises(ConfigError, match="eval.tasks"):
+        EvalConfig(suite="x", tasks=[])
