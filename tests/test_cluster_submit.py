@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from neoray.cluster.services import group_alive
+from neoray.tracking import code_version
 
 NEORAY = str(Path(sys.executable).parent / "neoray")
 TINY = ["model=tiny", "data.seq_len=32", "train.peak_tflops=1.0", "tracking=server"]
@@ -111,6 +112,8 @@ def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.submission_id"] == submission
     assert run.data.tags["neoray.topology"] == "tp=1 pp=1 dp=2"
+    # The uploaded project has no git history: the submitter's code version went along.
+    assert run.data.tags["neoray.code_version"] == code_version()
     assert run.data.params["train.steps"] == "3"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     assert (run_dir / "metrics.jsonl").exists()  # an absolute run_dir is shared with the node

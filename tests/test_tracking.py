@@ -84,6 +84,13 @@ def test_one_run_per_training_run_resumed_by_name(mlflow_server):
     assert (checkpoint.step, checkpoint.value) == (2, 2.0)
     assert "connection refused" in run.data.tags["checkpoint.failed.step_00000003"]
 
+    # An evaluation nested under it carries the same name tag: it is not the training run.
+    evaluation = client.create_run(
+        run.info.experiment_id,
+        tags={RUN_NAME_TAG: "run-a", "mlflow.parentRunId": first.run_id},
+    )
+    client.set_terminated(evaluation.info.run_id)
+
     # The same training run resumed with more steps: the same MLflow run, the first value of
     # a param kept (MLflow params are immutable) and the new one recorded as a tag.
     longer = {**params, "train": {"steps": 8, "seed": 1}}

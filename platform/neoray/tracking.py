@@ -35,9 +35,11 @@ __all__ = [
 ]
 
 RUN_NAME_TAG = "neoray.run_name"
+PARENT_TAG = "mlflow.parentRunId"  # set on nested (evaluation) runs
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 TAG_VALUE_LIMIT = 8000  # MLflow's limit on a tag value
 BATCH_LIMIT = 100  # params per log_batch call
+SEARCH_LIMIT = 1000  # runs of one name looked at: the training run and its evaluations
 
 
 @dataclass
@@ -85,14 +87,16 @@ def _quoted(value: str) -> str:
 
 
 def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
-    """The newest run of the experiment tagged `neoray.run_name=<run_name>`, or None."""
+    """The training run of `run_name`: the first run of the experiment tagged
+    `neoray.run_name=<run_name>` that is not nested under another (evaluation runs carry the
+    same tag under their training run); None if there is none yet."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = {_quoted(run_name)}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        order_by=["attributes.start_time ASC"],
+        max_results=SEARCH_LIMIT,
     )
-    return runs[0] if runs else None
+    return next((run for run in runs if PARENT_TAG not in run.data.tags), None)
 
 
 def experiment_id(client: Any, name: str) -> str:
