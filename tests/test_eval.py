@@ -21,8 +21,9 @@ from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.fanout import evaluate_suite, plan_units
 from neoray.evaluation.mirror import MissingDatasetError, task_manager
-from neoray.evaluation.run import ModelSource, TrackingConfig, evaluate
+from neoray.evaluation.run import ModelSource, evaluate
 from neoray.evaluation.tracking import PARENT_TAG, RUN_NAME_TAG, SUITE_TAG, EvalTracker
+from neoray.tracking import TrackingConfig
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ from neoray.model import GPTNeoX
 from neoray.model.generate import SamplingConfig, generate
 from neoray.model.hf import load_hf
 from neoray.tokenizer.load import load_tokenizer
+from neoray.tracking import TrackingConfig
 from neoray.train.config import PretrainConfig, pretrain_config
 from neoray.train.job import run_pretrain
 
@@ -156,7 +157,7 @@ def evaluate_mmlu(hf_dir: Path, config: PretrainConfig, step: int, limit: int, t
     """Zero- vs five-shot MMLU of the export with lm-eval workers on the local Ray, on the real
     MMLU dev questions that ship with lm-eval; logged under the training run in MLflow."""
     from neoray.evaluation import testdata
-    from neoray.evaluation.run import ModelSource, TrackingConfig, mmlu_zero_vs_five_shot
+    from neoray.evaluation.run import ModelSource, mmlu_zero_vs_five_shot
 
     data_dir = Path(config.run_dir) / "eval_data"
     testdata.write_mmlu(data_dir)
@@ -164,9 +165,7 @@ def evaluate_mmlu(hf_dir: Path, config: PretrainConfig, step: int, limit: int, t
         ModelSource(hf_dir, config.run_name, step),
         data_dir,
         limit=limit,
-        tracking=TrackingConfig(
-            enabled=tracking.enabled, uri=tracking.uri, experiment=tracking.experiment
-        ),
+        tracking=dataclass_from_config(TrackingConfig, tracking, "tracking"),
     )
 
 

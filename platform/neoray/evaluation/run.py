@@ -9,6 +9,7 @@ from typing import Any
 from neoray.config import dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
+from neoray.tracking import TrackingConfig
 
 
 @dataclass
@@ -18,13 +19,6 @@ class ModelSource:
     hf_dir: Path
     run_name: str | None
     step: int
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: str = "sqlite:///mlruns.db"
-    experiment: str = "neoray"
 
 
 def resolve_source(
