@@ -41,6 +41,7 @@ def run_variant(args: argparse.Namespace, compile_layers: bool, run_dir: Path) -
         f"model.checkpoint_activations={args.checkpoint_activations}",
         f"run_dir={run_dir}",
         "checkpoint.enabled=false",
+        "tracking.enabled=false",
         *args.overrides,
     ]
     subprocess.run(command, check=True, cwd=ROOT)
