@@ -116,7 +116,10 @@ def test_mixed_precision_with_activation_checkpointing(tmp_path, precision, loss
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1]
-    assert all(math.isfinite(row["loss"]) and abs(row["loss"] - 6.93) < 0.05 for row in rows)
+    # At NeoX init the logits are ~N(0, hidden * small_init**2 = 0.4), so the first losses are
+    # about ln(vocab) + 0.4 / 2: reduced precision must not move them.
+    expected = math.log(1024) + 0.2
+    assert all(math.isfinite(row["loss"]) and abs(row["loss"] - expected) < 0.1 for row in rows)
     assert rows[0]["loss_scale"] == loss_scale
     assert rows[0]["hfu"] > rows[0]["mfu"]  # recomputation counts as hardware FLOPs
 
