@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from neoray.evaluation.report import flat_metrics, mmlu_comparison
+from neoray.tracking import PARENT_TAG, RUN_NAME_TAG, experiment_id, find_run
 
-RUN_NAME_TAG = "neoray.run_name"
 SUITE_TAG = "neoray.eval.suite"
 STEP_TAG = "neoray.eval.step"
 SHOTS_TAG = "neoray.eval.num_fewshot"
-PARENT_TAG = "mlflow.parentRunId"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 
 
@@ -29,23 +28,16 @@ class EvalTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
+        self.experiment_id = experiment_id(self.client, experiment)
 
     def _search(self, query: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=query)
 
     def training_run_id(self, run_name: str) -> str:
         """The training run of `run_name` (the one that is not an evaluation), created if absent."""
-        runs = [
-            run
-            for run in self._search(f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
-            if SUITE_TAG not in run.data.tags
-        ]
-        if runs:
-            return min(runs, key=lambda run: run.info.start_time).info.run_id
+        found = find_run(self.client, self.experiment_id, run_name)
+        if found is not None:
+            return found.info.run_id
         run = self.client.create_run(
             self.experiment_id, tags={RUN_NAME_TAG: run_name}, run_name=run_name
         )
