@@ -135,4 +135,4 @@ def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, s3_bucket, monkey
                       (expand_inputs, f"s3://{s3_bucket}/*.jsonl")]:  # fmt: skip
         with pytest.raises(PermissionError, match=uri.replace("*", r"\*")):
             call(uri)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 30  # not minutes of retries, on however busy a machine

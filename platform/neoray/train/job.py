@@ -18,6 +18,7 @@ from neoray.cluster.train import ClusterConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.tracking import TrackingConfig
 from neoray.train.config import PretrainConfig, pretrain_config
+from neoray.train.precision import check_precision
 
 LAUNCHERS = ("ray", "torchrun")
 
@@ -84,6 +85,8 @@ def run_pretrain(cfg: Any) -> None:
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={cfg.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     cluster = dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
+    if cfg.launcher == "torchrun" or not (cluster.address or os.environ.get("RAY_ADDRESS")):
+        check_precision(config.train.precision)  # the ranks run on this machine's devices
     job = WorkerJob(
         config=config,
         run_name=config.run_name,

@@ -43,14 +43,16 @@ from neoray.train.metrics import (
     peak_memory_gib,
 )
 from neoray.train.observer import TrainingObserver
+from neoray.train.precision import check_precision
 
 log = logging.getLogger(__name__)
 
 
 def progress_line(row: dict, steps: int) -> str:
     """One line of progress for the console (metrics.jsonl and MLflow get every field)."""
+    loss = float("nan") if row["loss"] is None else row["loss"]  # None: not finite (JSON)
     return (
-        f"step {row['step'] + 1}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"step {row['step'] + 1}/{steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "
         f"{row['tokens_per_s']:,.0f} tokens/s  MFU {row['mfu']:.1%}"
     )
 
@@ -156,6 +158,7 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
     committed checkpoint; rank 0 writes `<run_dir>/metrics.jsonl` and reports each step's
     metrics and each checkpoint (committed or failed) to `observer`."""
     validate_layout(cfg.model, cfg.parallel, int(os.environ["WORLD_SIZE"]))
+    check_precision(cfg.train.precision)  # a worker on a remote node may have another device
     device = _device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
