@@ -40,6 +40,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
         "parallel.micro_batch_size=8",
         "demo.new_tokens=8",
         "demo.mmlu_limit=1",
+        "train.log_interval=10",
         f"run_dir={out}",
         f"storage.root={tmp_path / 'storage'}",
         f"data.root={data}",
@@ -59,6 +60,16 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
     assert theirs(text)["input_ids"] == load_tokenizer(str(data / "tokenizer.json")).encode(text)
     assert "greedy continuation" in result.stdout
+    # The terminal gets the steps, one progress line per 10 steps and the results; Ray,
+    # DeepSpeed and lm-eval speak into the log.
+    lines = result.stdout.splitlines()
+    assert len(lines) < 60 and result.stderr.strip() == "", result.stdout + result.stderr
+    assert [line for line in lines if line.startswith("[")][-1].startswith("[5/5]")
+    assert [line.split("/")[0].strip() for line in lines if "/60  loss" in line] == [
+        f"step {n}" for n in range(10, 61, 10)
+    ]
+    log = (out / "demo.log").read_text()
+    assert "RayTrainWorker" in log and "DeepSpeed" in log and lines[-1] in log
     assert "| mmlu | " in result.stdout and "| mmlu |" in summary["mmlu"]
     # MLflow: the training run with its loss curve and checkpoints, the evaluations under it.
     client = mlflow.MlflowClient(tracking)
@@ -81,8 +92,8 @@ def test_demo_rejects_bad_config_before_any_work(tmp_path):
     where = (f"run_dir={never}", f"data.root={never}", f"storage.root={never}")
     result = run_job(tmp_path, "train.steps=0", *where)
     assert result.returncode != 0 and "train.steps must be at least 1" in result.stderr
-    result = run_job(tmp_path, "data.seq_len=512", *where)
-    assert result.returncode != 0 and "exceeds model.max_seq_len=256" in result.stderr
+    result = run_job(tmp_path, "data.seq_len=4096", *where)
+    assert result.returncode != 0 and "exceeds model.max_seq_len=2048" in result.stderr
     result = run_job(tmp_path, "+demo.stpes=5", *where)
     assert result.returncode != 0 and "unknown field(s) stpes" in result.stderr
     assert not never.exists()

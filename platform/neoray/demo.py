@@ -12,6 +12,7 @@ evaluated on zero- and five-shot MMLU by lm-eval workers, logged next to the tra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from neoray.cluster.train import ClusterConfig, connect
 from neoray.config import ConfigError, dataclass_from_config
+from neoray.console import MetricsFollower, log_to_file
 from neoray.data.mixture import BlendedDataset, build_mixture
 from neoray.data.prepare import prepare_data
 from neoray.model import GPTNeoX
@@ -46,29 +48,58 @@ class DemoConfig:
 
 
 def run_demo(cfg: Any) -> dict:
-    """Run the demo from its Hydra config (conf/demo.yaml); return and write the summary."""
+    """Run the demo from its Hydra config (conf/demo.yaml); return and write the summary.
+
+    The terminal gets the demo's steps, training progress and results; everything else (Ray,
+    DeepSpeed, lm-eval) goes to `<run_dir>/demo.log`.
+    """
     demo = dataclass_from_config(DemoConfig, cfg.demo, "demo")
     config = pretrain_config(cfg)  # every section is checked before any work starts
     cluster = dataclass_from_config(ClusterConfig, cfg.cluster, "cluster")
+    log_path = Path(config.run_dir) / "demo.log"
+    with log_to_file(log_path) as say:
+        say(f"neoray demo: the platform's main path on this machine (full log: {log_path})")
+        try:
+            say(
+                "[1/5] data: the demo corpus (standard-library code, pydoc topics), an "
+                f"{config.model.vocab_size:,}-token NeoX-style tokenizer, .bin/.idx files"
+            )
+            prepare_data(config.data)
+            # One local Ray for the training workers and the evaluation workers.
+            started_ray = connect(cluster, config.parallel.world_size)
+            try:
+                return _train_and_evaluate(cfg, config, demo, say)
+            finally:
+                if started_ray:
+                    import ray
 
-    prepare_data(config.data)
-    # One local Ray for the training workers and the evaluation workers.
-    started_ray = connect(cluster, config.parallel.world_size)
-    try:
-        summary = _train_and_evaluate(cfg, config, demo)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    return summary
+                    ray.shutdown()
+        except Exception as err:
+            say(f"failed: {type(err).__name__}: {err}\n  the whole story: {log_path}")
+            raise
 
 
-def _train_and_evaluate(cfg: Any, config: PretrainConfig, demo: DemoConfig) -> dict:
+def _train_and_evaluate(
+    cfg: Any, config: PretrainConfig, demo: DemoConfig, say: Callable[[str], None]
+) -> dict:
     out = Path(config.run_dir)
-    run_pretrain(cfg)
+    say(
+        f"[2/5] pretraining a {config.model.num_parameters() / 1e6:.1f} M-parameter GPT-NeoX "
+        f"for {config.train.steps} steps: {config.parallel.world_size} Ray Train worker(s) on a "
+        f"local Ray, DeepSpeed ZeRO-1, a checkpoint every {config.checkpoint.interval} steps"
+    )
+    follower = MetricsFollower(out / "metrics.jsonl", progress(config), say)
+    follower.start()
+    try:
+        run_pretrain(cfg)
+    finally:
+        follower.stop()
 
     exports = export_checkpoints(config)
+    say(
+        f"[3/5] {len(exports)} committed checkpoints exported to Hugging Face format, "
+        "each scored on held-out data"
+    )
     validation = build_mixture(
         config.data, "validation", demo.validation_batches * config.parallel.micro_batch_size
     )
@@ -77,6 +108,7 @@ def _train_and_evaluate(cfg: Any, config: PretrainConfig, demo: DemoConfig) -> d
         for step, hf_dir in exports.items()
     }
     last_step, hf_dir = max(exports.items())
+    say("[4/5] the last export reloaded by transformers and asked to continue a prompt")
     model = load_hf(hf_dir)
     tokenizer = load_tokenizer(config.data.tokenizer)
     gap = max_logit_gap_with_transformers(model, hf_dir, tokenizer.encode(demo.prompt * 4))
@@ -87,6 +119,11 @@ def _train_and_evaluate(cfg: Any, config: PretrainConfig, demo: DemoConfig) -> d
     )[0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     plot_losses(rows, validation_losses, out / "loss.png")
+    say(
+        f"[5/5] zero- and five-shot MMLU by lm-eval workers on Ray ({demo.mmlu_limit} "
+        f"question(s) per subject; the model's {config.model.max_seq_len}-token context holds "
+        "five shots of most subjects)"
+    )
     mmlu = evaluate_mmlu(hf_dir, config, last_step, demo.mmlu_limit, cfg.tracking)
 
     summary = {
@@ -104,17 +141,33 @@ def _train_and_evaluate(cfg: Any, config: PretrainConfig, demo: DemoConfig) -> d
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     losses = " -> ".join(f"{loss:.3f} (step {step})" for step, loss in validation_losses.items())
-    print(f"\nvalidation loss at the checkpoints: {losses}")
-    print(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
-    print(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
-    print(f"MMLU (lm-eval, {demo.mmlu_limit} question(s) per subject, local data):\n{mmlu}")
-    print(f"loss curves: {out / 'loss.png'}; summary: {out / 'summary.json'}")
-    print(
+    say("")
+    say(f"validation loss at the checkpoints: {losses}")
+    say(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
+    say(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
+    say(f"MMLU (lm-eval, {demo.mmlu_limit} question(s) per subject, local data):\n{mmlu}")
+    say(f"loss curves: {out / 'loss.png'}; summary: {out / 'summary.json'}")
+    say(
         "browse the run, its checkpoints and evaluations in MLflow:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000"
         "\n  then open http://127.0.0.1:5000 (experiment 'neoray')"
     )
     return summary
+
+
+def progress(config: PretrainConfig) -> Callable[[dict], str | None]:
+    """The progress line of every `train.log_interval`-th step (and the last), indented."""
+    from neoray.train.loop import progress_line
+
+    steps, interval = config.train.steps, config.train.log_interval or config.train.steps
+
+    def describe(row: dict) -> str | None:
+        done = row["step"] + 1
+        if done % interval and done != steps:
+            return None
+        return "  " + progress_line(row, steps)
+
+    return describe
 
 
 def export_checkpoints(config: PretrainConfig) -> dict[int, Path]:

@@ -23,6 +23,9 @@ T = TypeVar("T")
 # Environment that workers need from the submitting process (never credentials: a runtime
 # environment is visible in the dashboard).
 FORWARDED_ENV = ("DS_ACCELERATOR", "NEORAY_CODE_VERSION")
+# Ray Train routes a worker's print() to its logger and, where stdout is wrapped (as in every
+# Ray worker), to stdout as well: each progress line would reach the driver twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass
@@ -92,7 +95,7 @@ def run_workers(
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    env = WORKER_ENV | {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     started_local = connect(cluster, num_workers)
     trainer = TorchTrainer(
         _run_worker,
