@@ -8,6 +8,10 @@ by transformers), must give the engine's loss to 1e-4 relative.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from neoray.checkpoint.export import (
     export_directory,
     layer_files,
     resolve_export,
+    run_export,
 )
 from neoray.checkpoint.manifest import file_entry
 from neoray.model.hf import load_hf
@@ -187,3 +192,78 @@ def test_half_precision_export_and_bad_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="no DeepSpeed layer files"):
         consolidate_checkpoint(missing, load_preset("tiny"))
     assert not (tmp_path / "out").exists()
+
+
+def pretrain_two_steps(root: Path, run_dir: Path, seed: int) -> Path:
+    """Run `X` trained for two steps from the initial weights of `seed`; its step-2 folder."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "jobs/pretrain.py",
+            "launcher=torchrun",
+            "run_name=X",
+            "train.steps=2",
+            f"train.seed={seed}",
+            "data.seq_len=32",
+            "train.peak_tflops=1.0",
+            "tracking.enabled=false",
+            f"storage.root={root}",
+            f"run_dir={run_dir}",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / checkpoint_key("X", 2)
+
+
+@pytest.mark.slow
+def test_a_run_retrained_under_its_name_exports_its_new_weights(tmp_path, s3_bucket):
+    """Train X, export it (cached, published and copied to output=), delete the run, train X
+    again from other initial weights: every export of step 2 is of the new weights."""
+    root, cache = tmp_path / "runs", str(tmp_path / "exports")
+    s3_config = StorageConfig(kind="s3", bucket=s3_bucket, prefix="runs")
+    s3 = open_storage(s3_config)
+    exported = []
+    for seed in (1, 2):
+        shutil.rmtree(root, ignore_errors=True)  # the run deleted
+        step_dir = pretrain_two_steps(root, tmp_path / "run", seed)
+        truth = export_directory(step_dir, tmp_path / f"truth{seed}", "fp32").joinpath(
+            "model.safetensors"
+        )
+        # S3: retention deletes a checkpoint's listed files and leaves its published export
+        for key in s3.list(checkpoint_key("X", 2)):
+            if "/hf_" not in key:
+                s3.delete(key)
+        commit_to_storage(step_dir, s3, "X")
+        exports = [
+            run_export(ExportConfig(checkpoint=str(step_dir), dtype="fp32", cache_dir=cache)),
+            run_export(
+                ExportConfig(
+                    checkpoint=str(step_dir),
+                    dtype="fp32",
+                    cache_dir=cache,
+                    output=str(tmp_path / f"out{seed}"),
+                )
+            ),
+            run_export(
+                ExportConfig(checkpoint="X", step="2", dtype="fp32", cache_dir=cache),
+                StorageConfig(root=str(root)),
+            ),
+            run_export(
+                ExportConfig(
+                    checkpoint=s3.uri(checkpoint_key("X", 2)), dtype="fp32", cache_dir=cache
+                )
+            ),
+            run_export(
+                ExportConfig(checkpoint="X", step="latest", dtype="fp32", cache_dir=cache + "2"),
+                s3_config,
+            ),
+        ]
+        for hf_dir in exports:
+            assert (hf_dir / "model.safetensors").read_bytes() == truth.read_bytes(), hf_dir
+        exported.append(truth.read_bytes())
+    assert exported[0] != exported[1]

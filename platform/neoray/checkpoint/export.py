@@ -12,8 +12,11 @@ GPT-NeoX-20B paper, which `transformers` and lm-eval load directly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +127,16 @@ class Export:
     step: int
 
 
-EXPORT_MARKER = "export.json"  # written last into <checkpoint>/hf_<dtype>/: the export is complete
+EXPORT_MARKER = "export.json"  # written last into an export directory: it is complete
+
+
+def checkpoint_id(manifest) -> str:
+    """What an export is of: the sha256 of the model config and of every layer file's sha256
+    as the manifest lists them. A run retrained under the same name and step has new weights
+    and so a new id; the run name and step alone would serve the old export."""
+    layers = sorted((e.path, e.sha256) for e in manifest.files if LAYER_FILE.fullmatch(e.path))
+    blob = json.dumps({"model": manifest.model, "layers": layers}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def export_key(run_name: str, step: int, dtype: str) -> str:
@@ -134,23 +146,57 @@ def export_key(run_name: str, step: int, dtype: str) -> str:
     return f"{checkpoint_key(run_name, step)}/hf_{dtype}"
 
 
+def cache_path(cache_dir: str | Path, manifest, dtype: str) -> Path:
+    """The local cache entry of `manifest`'s export: its run, step, dtype and checkpoint id."""
+    step = f"step_{manifest.step:08d}"
+    return Path(cache_dir) / manifest.run_name / step / f"hf_{dtype}-{checkpoint_id(manifest)[:16]}"
+
+
+def marker(files: list[str], manifest) -> bytes:
+    """The export.json of an export of `manifest`: its files and the checkpoint it is of."""
+    of = {"run_name": manifest.run_name, "step": manifest.step, "id": checkpoint_id(manifest)}
+    return json.dumps({"files": files, "checkpoint": of}, indent=2).encode()
+
+
+def is_export_of(marker_bytes: bytes | None, manifest) -> bool:
+    """True when an export.json says its directory is an export of `manifest`'s checkpoint."""
+    if marker_bytes is None:
+        return False
+    try:
+        return json.loads(marker_bytes)["checkpoint"]["id"] == checkpoint_id(manifest)
+    except (ValueError, KeyError, TypeError):
+        return False  # an export of older code, or a damaged marker: build it again
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _publish_locally(staging: Path, out: Path) -> None:
+    """Move a complete export into the cache, replacing an entry that was not complete."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
 def export_cached(
     step_dir: str | Path, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
 ) -> Export:
-    """The export of a local checkpoint directory `step_dir`, written once under
-    `<cache_dir>/<run_name>/step_<step>/hf_<dtype>` and reused by later calls."""
+    """The export of a local checkpoint directory `step_dir`, written once into the cache (see
+    `cache_path`) and reused while the checkpoint is the same."""
+    from neoray.checkpoint.manifest import Manifest
+
     step_dir = Path(step_dir)
-    manifest = json.loads((step_dir / MANIFEST).read_text())
-    run_name = manifest.get("run_name") or step_dir.parent.parent.name
-    step = int(manifest["step"])
-    out = cache_path(cache_dir, run_name, step, dtype)
-    if not (out / "config.json").is_file():
-        export_directory(step_dir, out, dtype, tokenizer)
-    return Export(out, run_name, step)
-
-
-def cache_path(cache_dir: str | Path, run_name: str, step: int, dtype: str) -> Path:
-    return Path(cache_dir) / run_name / f"step_{step:08d}" / f"hf_{dtype}"
+    manifest = Manifest.from_json((step_dir / MANIFEST).read_text())
+    out = cache_path(cache_dir, manifest, dtype)
+    if not is_export_of(_read(out / EXPORT_MARKER), manifest):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+            staging = export_directory(step_dir, Path(tmp) / "hf", dtype, tokenizer)
+            files = sorted(p.name for p in staging.iterdir())
+            (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
+            _publish_locally(staging, out)
+    return Export(out, manifest.run_name, manifest.step)
 
 
 def export_committed(
@@ -158,26 +204,27 @@ def export_committed(
 ) -> Export:
     """The export of a committed checkpoint in `storage`, cached locally.
 
-    Taken from the object store when an earlier export was published there; otherwise only
-    the layer files are downloaded (sha256-verified), consolidated and exported, and the
-    result is uploaded to `<checkpoint>/hf_<dtype>/` with `export.json` written last.
+    Taken from the object store when an export of this very checkpoint was published there;
+    otherwise only the layer files are downloaded (sha256-verified), consolidated and exported,
+    and the result is published to `<checkpoint>/hf_<dtype>/`: an outdated `export.json`
+    deleted first, the files uploaded, the new `export.json` written last.
     """
-    import tempfile
-
     from neoray.checkpoint import download
     from neoray.storage import join_key
 
-    out = cache_path(cache_dir, manifest.run_name, manifest.step, dtype)
+    out = cache_path(cache_dir, manifest, dtype)
     result = Export(out, manifest.run_name, manifest.step)
-    if (out / "config.json").is_file():
+    if is_export_of(_read(out / EXPORT_MARKER), manifest):
         return result
     folder = export_key(manifest.run_name, manifest.step, dtype)
+    marker_key = join_key(folder, EXPORT_MARKER)
+    published = storage.get_bytes(marker_key) if storage.exists(marker_key) else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
         staging = Path(tmp) / "hf"
-        if storage.exists(join_key(folder, EXPORT_MARKER)):
-            published = json.loads(storage.get_bytes(join_key(folder, EXPORT_MARKER)))
-            for name in published["files"]:
+        if is_export_of(published, manifest):
+            files = json.loads(published)["files"]
+            for name in files:
                 storage.download_file(join_key(folder, name), staging / name)
         else:
             shards = Path(tmp) / "checkpoint"
@@ -186,12 +233,13 @@ def export_committed(
             (shards / MANIFEST).write_text(manifest.to_json())
             export_directory(shards, staging, dtype, tokenizer)
             files = sorted(p.name for p in staging.iterdir())
+            if published is not None:  # an export of other weights: no longer complete
+                storage.delete(marker_key)
             for name in files:
                 storage.upload_file(staging / name, join_key(folder, name))
-            storage.put_bytes(
-                join_key(folder, EXPORT_MARKER), json.dumps({"files": files}).encode()
-            )
-        staging.rename(out)
+            storage.put_bytes(marker_key, marker(files, manifest))
+        (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
+        _publish_locally(staging, out)
     return result
 
 
@@ -225,8 +273,6 @@ def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
 
 def run_export(cfg: ExportConfig, storage_config=None) -> Path:
     """`jobs/export.py`: the exported directory (copied to `cfg.output` when given)."""
-    import shutil
-
     export = resolve_export(cfg, storage_config)
     if cfg.output is None:
         return export.hf_dir
