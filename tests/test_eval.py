@@ -42,7 +42,10 @@ def mirror(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(mirror, tmp_path_factory):
-    return testdata.write_random_model(tmp_path_factory.mktemp("model") / "hf", mirror)
+    # sharp output distributions: multiple-choice scores far from ties
+    return testdata.write_random_model(
+        tmp_path_factory.mktemp("model") / "hf", mirror, output_scale=6.0
+    )
 
 
 def suite(mirror, **overrides) -> EvalConfig:
@@ -63,39 +66,69 @@ def test_sharding_splits_large_tasks_and_keeps_random_fewshot_tasks_whole(mirror
     ) == sorted(name for name in tasks if name.startswith("mmlu_"))
 
 
-def test_one_and_three_workers_equal_lm_eval_directly(mirror, model_dir, ray_local):
-    direct = lm_eval.simple_evaluate(
+def assert_same_evaluation(merged: dict, direct: dict) -> None:
+    """Every metric, group and count, and every document's log-likelihoods, as lm-eval's own."""
+    assert merged["failed"] == {}
+    assert merged["results"] == direct["results"]
+    assert merged.get("groups") == direct.get("groups")
+    assert merged["n-samples"] == direct["n-samples"]
+    assert merged["n-shot"] == direct["n-shot"]
+    for task, samples in direct["samples"].items():
+        ours = merged["samples"][task]
+        assert [s["doc_id"] for s in ours] == [s["doc_id"] for s in samples], task
+        for a, b in zip(ours, samples, strict=True):
+            assert a["filtered_resps"] == b["filtered_resps"], (task, a["doc_id"])
+            assert {m: a[m] for m in a["metrics"]} == {m: b[m] for m in b["metrics"]}
+
+
+def direct_evaluation(mirror, model_dir, tasks, **settings) -> dict:
+    return lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": "float32"},
-        tasks=TASKS,
+        tasks=tasks,
         device="cpu",
         task_manager=task_manager(mirror),
-        **SETTINGS,
+        **settings,
     )
-    one = evaluate_suite(str(model_dir), suite(mirror, workers=1))
-    three = evaluate_suite(str(model_dir), suite(mirror, workers=3))
-    assert one["failed"] == three["failed"] == {}
+
+
+@pytest.fixture(scope="module")
+def direct(mirror, model_dir):
+    return direct_evaluation(mirror, model_dir, TASKS, **SETTINGS)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_any_worker_count_equals_lm_eval_directly(mirror, model_dir, ray_local, direct, workers):
+    merged = evaluate_suite(str(model_dir), suite(mirror, workers=workers))
+    assert_same_evaluation(merged, direct)
     assert set(direct["results"]) == set(TASKS) | {
         n for n in direct["results"] if n.startswith("mmlu")
     }
-    for merged in (one, three):
-        assert merged["results"] == direct["results"]
-        assert merged["groups"] == direct["groups"]
-        assert merged["n-samples"] == direct["n-samples"]
-        assert merged["n-shot"] == direct["n-shot"]
-        for task, samples in direct["samples"].items():
-            assert [s["doc_id"] for s in merged["samples"][task]] == [s["doc_id"] for s in samples]
     # the group score is lm-eval's size-weighted mean of the subjects
     subjects = [n for n in direct["results"] if n.startswith("mmlu_") and n in direct["n-samples"]]
     sizes = {n: direct["n-samples"][n]["effective"] for n in subjects}
     weighted = sum(direct["results"][n]["acc,none"] * sizes[n] for n in subjects) / sum(
         sizes.values()
     )
-    assert three["results"]["mmlu_other"]["acc,none"] == pytest.approx(weighted, rel=1e-12)
+    assert merged["results"]["mmlu_other"]["acc,none"] == pytest.approx(weighted, rel=1e-12)
     assert (
-        three["n-shot"]["gsm8k"] == 5
-        and three["results"]["lambada_openai"]["perplexity_stderr,none"] > 0
+        merged["n-shot"]["gsm8k"] == 5
+        and merged["results"]["lambada_openai"]["perplexity_stderr,none"] > 0
     )
+
+
+def test_five_shot_subjects_cut_into_shards_equal_lm_eval_directly(mirror, model_dir, ray_local):
+    """Three MMLU subjects, five-shot with the `first_n` sampler, on three workers: one subject
+    is cut into two shards that land on the same worker (the plan below shows it)."""
+    tasks = ["mmlu_abstract_algebra", "mmlu_anatomy", "mmlu_clinical_knowledge"]
+    cfg = EvalConfig(
+        suite="test", tasks=tasks, num_fewshot=5, workers=3, batch_size=1, data_dir=str(mirror)
+    )
+    units = plan_units(task_manager(mirror).load(tasks)["tasks"], cfg)
+    assert {"mmlu_clinical_knowledge": [0, 1, 2, 3, 4]} in [unit.docs for unit in units]
+    merged = evaluate_suite(str(model_dir), cfg)
+    direct = direct_evaluation(mirror, model_dir, tasks, num_fewshot=5, batch_size=1)
+    assert_same_evaluation(merged, direct)
 
 
 @pytest.fixture(scope="module")

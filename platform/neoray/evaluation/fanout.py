@@ -83,34 +83,58 @@ def document_costs(task, count: int) -> list[int]:
     return [len(str(doc)) for doc in itertools.islice(task.eval_docs, count)]
 
 
-def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
-    """Split the tasks' documents into at most `cfg.workers` units of about equal cost.
+def planned_count(task, limit: int | None) -> int:
+    """How many documents of `task` a run evaluates: the first `limit`, or all of them."""
+    return min(len(task.eval_docs), limit or len(task.eval_docs))
 
-    A task costing more than an even share is cut into contiguous shards of about that
-    share if it is shardable; pieces are then packed largest first onto the cheapest unit.
-    """
+
+def plan_units(tasks: dict[str, Any], cfg: EvalConfig) -> list[Unit]:
+    """Split the suite's documents into at most `cfg.workers` units of about equal cost."""
     costs = {
-        name: document_costs(task, min(len(task.eval_docs), cfg.limit or len(task.eval_docs)))
-        for name, task in tasks.items()
+        name: document_costs(task, planned_count(task, cfg.limit)) for name, task in tasks.items()
     }
-    share = max(1, math.ceil(sum(map(sum, costs.values())) / cfg.workers))
+    return pack(
+        costs,
+        sizes={name: len(task.eval_docs) for name, task in tasks.items()},
+        shardable={name: shardable(task, cfg.num_fewshot) for name, task in tasks.items()},
+        workers=cfg.workers,
+    )
+
+
+def pack(
+    costs: dict[str, list[int]],
+    sizes: dict[str, int],
+    shardable: dict[str, bool],
+    workers: int,
+) -> list[Unit]:
+    """Units covering document 0..len(costs[t])-1 of every task t exactly once.
+
+    `costs[t]` holds the cost of each document to evaluate, `sizes[t]` the task's size (a unit
+    of a task evaluated in full carries None instead of indices). A task costing more than an
+    even share is cut into contiguous shards of about that share if it is shardable; pieces are
+    packed largest first onto the cheapest unit, and shards of one task that land on the same
+    unit are joined into one document list.
+    """
+    share = max(1, math.ceil(sum(map(sum, costs.values())) / workers))
     pieces: list[tuple[int, str, list[int] | None]] = []
-    for name, task in tasks.items():
-        cost, size = sum(costs[name]), len(costs[name])
-        if cost > share and cfg.workers > 1 and shardable(task, cfg.num_fewshot):
-            count = min(size, math.ceil(cost / share))
-            bounds = [round(i * size / count) for i in range(count + 1)]
+    for name, task_costs in costs.items():
+        cost, count = sum(task_costs), len(task_costs)
+        if cost > share and workers > 1 and shardable[name]:
+            shards = min(count, math.ceil(cost / share))
+            bounds = [round(i * count / shards) for i in range(shards + 1)]
             pieces += [
-                (sum(costs[name][a:b]), name, list(range(a, b)))
+                (sum(task_costs[a:b]), name, list(range(a, b)))
                 for a, b in itertools.pairwise(bounds)
             ]
         else:
-            everything = size == len(task.eval_docs)
-            pieces.append((cost, name, None if everything else list(range(size))))
-    units = [Unit() for _ in range(cfg.workers)]
+            pieces.append((cost, name, None if count == sizes[name] else list(range(count))))
+    units = [Unit() for _ in range(workers)]
     for cost, name, docs in sorted(pieces, key=lambda piece: -piece[0]):
         unit = min(units, key=lambda u: u.cost)
-        unit.docs[name] = docs
+        if name in unit.docs:  # another shard of this task: one worker evaluates both
+            unit.docs[name] = sorted(unit.docs[name] + docs)
+        else:
+            unit.docs[name] = docs
         unit.cost += cost
     return [unit for unit in units if unit.docs]
 
@@ -123,12 +147,16 @@ def model_args(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     return args | cfg.model_args
 
 
-def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, TaskOutput]:
+def run_unit(
+    unit: Unit, hf_dir: str, cfg: EvalConfig, manager, built: dict[str, Any] | None = None
+) -> dict[str, TaskOutput]:
     """Evaluate one unit with `lm_eval.simple_evaluate`; per-sample results by task.
 
-    The tasks are built from the suite's own specs (so group-level settings apply exactly as
-    in an unsplit run) and only this unit's are evaluated. Stderr is left to the merge.
-    `manager` is the driver's TaskManager: indexing lm-eval's task configs takes seconds.
+    `built` holds the unit's tasks as the driver built them from the suite's own specs (so
+    group-level settings apply exactly as in an unsplit run, and no worker builds the tasks of
+    the others); a whole-suite unit builds the suite itself. Only the unit's documents are
+    evaluated; stderr is left to the merge. `manager` is the driver's TaskManager: indexing
+    lm-eval's task configs takes seconds.
     """
     import lm_eval
     import torch
@@ -136,7 +164,8 @@ def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, Tas
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads)
     _quiet_datasets()
-    built = manager.load(cfg.tasks)["tasks"]
+    if built is None:
+        built = manager.load(cfg.tasks)["tasks"]
     names = list(built) if unit.whole else list(unit.docs)
     samples = {name: DocIndices(docs) for name, docs in unit.docs.items() if docs is not None}
     results = lm_eval.simple_evaluate(
@@ -159,13 +188,38 @@ def run_unit(unit: Unit, hf_dir: str, cfg: EvalConfig, manager) -> dict[str, Tas
     }
 
 
+def coverage_problem(samples: list[dict], expected: int) -> str | None:
+    """Why `samples` are not exactly one result per filter for documents 0..expected-1."""
+    by_filter: dict[str, list[int]] = defaultdict(list)
+    for sample in samples:
+        by_filter[sample["filter"]].append(sample["doc_id"])
+    if not by_filter:
+        return f"no samples of the {expected} planned documents came back"
+    for name, ids in by_filter.items():
+        if sorted(ids) != list(range(expected)):
+            missing = sorted(set(range(expected)) - set(ids))
+            repeated = len(ids) - len(set(ids))
+            return (
+                f"filter {name!r}: {len(set(ids))} of {expected} planned documents came back "
+                f"(missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+                f"{repeated} repeated); a score on part of the data would be wrong"
+            )
+    return None
+
+
 def merge(
     tasks: dict[str, Any],
     groups: dict[str, Any],
     outputs: dict[str, list[TaskOutput]],
     bootstrap_iters: int,
+    expected_docs: dict[str, int],
+    incomplete: dict[str, str],
 ) -> dict[str, Any]:
-    """lm-eval's results dict for the tasks whose outputs are all in, as one run computes it."""
+    """lm-eval's results dict for the tasks whose outputs are all in, as one run computes it.
+
+    A task whose samples are not exactly its `expected_docs[task]` documents is left out and
+    reported in `incomplete` (task -> reason), as are the groups it belongs to.
+    """
     from lm_eval.evaluator_utils import _process_results
 
     accumulated = {}
@@ -173,6 +227,10 @@ def merge(
         if name not in outputs:
             continue
         samples = [sample for output in outputs[name] for sample in output.samples]
+        if problem := coverage_problem(samples, expected_docs[name]):
+            log.error("%s: %s", name, problem)
+            incomplete[name] = problem
+            continue
         filters = list(dict.fromkeys(sample["filter"] for sample in samples))
         samples.sort(key=lambda s: (filters.index(s["filter"]), s["doc_id"]))
         raw_metrics: dict[tuple[str, str], list] = defaultdict(list)
@@ -205,15 +263,17 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     )(run_unit)
     hf_dir, manager_ref = os.path.abspath(hf_dir), ray.put(manager)
 
-    def submit(units: list[Unit]) -> dict:
-        return {remote.remote(unit, hf_dir, cfg, manager_ref): unit for unit in units}
-
     if cfg.workers == 1:  # nothing to plan: the driver builds its tasks while the worker runs
-        pending = submit([Unit(whole=True)])
+        pending = {remote.remote(Unit(whole=True), hf_dir, cfg, manager_ref): Unit(whole=True)}
         loaded = manager.load(cfg.tasks)
     else:
         loaded = manager.load(cfg.tasks)
-        pending = submit(plan_units(loaded["tasks"], cfg))
+        pending = {
+            remote.remote(
+                unit, hf_dir, cfg, manager_ref, {n: loaded["tasks"][n] for n in unit.docs}
+            ): unit
+            for unit in plan_units(loaded["tasks"], cfg)
+        }
     tasks, groups = loaded["tasks"], loaded.get("groups", {})
     log.info("suite %s: %d tasks in %d units", cfg.suite, len(tasks), len(pending))
     outputs: dict[str, list[TaskOutput]] = defaultdict(list)
@@ -230,7 +290,8 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
             failed.update(dict.fromkeys(names, str(err).splitlines()[0]))
     for name in failed:
         outputs.pop(name, None)
-    results = merge(tasks, groups, outputs, cfg.bootstrap_iters)
+    expected = {name: planned_count(task, cfg.limit) for name, task in tasks.items()}
+    results = merge(tasks, groups, outputs, cfg.bootstrap_iters, expected, failed)
     results["failed"] = failed
     return results
 

@@ -70,3 +70,15 @@ def mmlu_comparison(zero_shot: dict[str, float], five_shot: dict[str, float]) ->
             continue
         lines.append(f"| {row} | {zero:.4f} | {five:.4f} | {five - zero:+.4f} |")
     return "\n".join(lines)
+
+
+def chosen_answers(results: dict[str, Any]) -> dict[tuple[str, int], int]:
+    """(task, document) -> the index of the choice with the highest log-likelihood, for every
+    multiple-choice sample in `results["samples"]`."""
+    chosen = {}
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            scores = [resp[0] for resp in sample["filtered_resps"]]
+            if len(scores) > 1 and all(isinstance(score, float) for score in scores):
+                chosen[task, sample["doc_id"]] = scores.index(max(scores))
+    return chosen

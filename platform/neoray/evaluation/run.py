@@ -93,10 +93,11 @@ def mmlu_zero_vs_five_shot(
     tracking: TrackingConfig | None = None,
 ) -> str:
     """Evaluate `source` on zero- and five-shot MMLU (conf/eval/mmlu_{0,5}shot.yaml) and
-    return the comparison table (logged on the training run too when tracked)."""
-    from neoray.evaluation.report import flat_metrics, mmlu_comparison
+    return the comparison table (logged on the training run too when tracked), with a line
+    on how often the two settings chose the same answer."""
+    from neoray.evaluation.report import chosen_answers, flat_metrics, mmlu_comparison
 
-    metrics = []
+    metrics, choices = [], []
     for suite, shots in (("mmlu_0shot", 0), ("mmlu_5shot", 5)):
         cfg = EvalConfig(
             suite=suite,
@@ -110,4 +111,12 @@ def mmlu_zero_vs_five_shot(
         if results["failed"]:
             raise RuntimeError(f"{suite}: task(s) failed: {results['failed']}")
         metrics.append(flat_metrics(results))
-    return mmlu_comparison(*metrics)
+        choices.append(chosen_answers(results))
+    zero, five = choices
+    same = sum(zero[key] == five.get(key) for key in zero)
+    favourite = max(set(zero.values()), key=list(zero.values()).count)
+    return (
+        f"{mmlu_comparison(*metrics)}\n"
+        f"the same answer in both settings for {same} of {len(zero)} questions; zero-shot "
+        f"chose {'ABCD'[favourite]} for {list(zero.values()).count(favourite)} of them"
+    )

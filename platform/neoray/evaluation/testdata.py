@@ -208,9 +208,15 @@ def write_random_model(
     num_layers: int = 2,
     hidden_size: int = 64,
     seed: int = 0,
+    output_scale: float = 1.0,
 ) -> Path:
     """A randomly initialised GPT-NeoX in Hugging Face format, with a NeoX-style tokenizer
-    trained on the mirror's text: a model to run evaluation pipelines on, in seconds."""
+    trained on the mirror's text: a model to run evaluation pipelines on, in seconds.
+
+    `output_scale` multiplies the output layer: a random model's next-token distributions are
+    nearly flat, so its multiple-choice log-likelihoods nearly tie and a flipped argmax can hide
+    or fake a difference; scaled up, they are far apart.
+    """
     import torch
 
     from neoray.model import GPTNeoX, NeoXConfig
@@ -236,7 +242,10 @@ def write_random_model(
         num_heads=4,
         max_seq_len=2048,
     )
-    path = save_hf(GPTNeoX(config).eval(), out_dir, tokenizer=tokenizer_json)
+    model = GPTNeoX(config).eval()
+    with torch.no_grad():
+        model.embed_out.weight.mul_(output_scale)
+    path = save_hf(model, out_dir, tokenizer=tokenizer_json)
     corpus.unlink()
     tokenizer_json.unlink()
     return path
