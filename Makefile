@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/upload_throughput.py
 	$(BIN)/python bench/eval_fanout.py
 	$(BIN)/python bench/eval_scaling.py
+	$(BIN)/python bench/eval_watch_latency.py
 
 up: install
 	$(BIN)/neoray up

@@ -10,6 +10,8 @@ from pathlib import Path
 import mlflow
 import transformers
 
+from neoray.evaluation.ledger import Ledger
+from neoray.storage import StorageConfig, open_storage
 from neoray.tokenizer.load import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +86,23 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     evaluations = [
         r for r in runs if r.data.tags.get("mlflow.parentRunId") == training[0].info.run_id
     ]
-    assert {r.data.tags["neoray.eval.suite"] for r in evaluations} == {"mmlu_0shot", "mmlu_5shot"}
+    # Scheduled evaluation: every checkpoint on both MMLU suites, once, in the ledger and in
+    # MLflow; the training run carries each suite's accuracy across steps for the UI's chart.
+    assert sorted(
+        (int(r.data.tags["neoray.eval.step"]), r.data.tags["neoray.eval.suite"])
+        for r in evaluations
+    ) == [(step, suite) for step in (20, 40, 60) for suite in ("mmlu_0shot", "mmlu_5shot")]
+    entries = Ledger(open_storage(StorageConfig(root=str(tmp_path / "storage"))), "demo").entries()
+    assert [(e.step, e.suite, e.state, e.attempts) for e in entries] == [
+        (step, suite, "done", 1) for step in (20, 40, 60) for suite in ("mmlu_0shot", "mmlu_5shot")
+    ]
+    for suite in ("mmlu_0shot", "mmlu_5shot"):
+        history = client.get_metric_history(training[0].info.run_id, f"eval/{suite}/mmlu/acc")
+        by_step = {m.step: m.value for m in history}
+        assert by_step == {e.step: e.metrics["mmlu/acc"] for e in entries if e.suite == suite}
+        assert summary["mmlu_by_step"][suite] == {str(k): v for k, v in by_step.items()}
+    assert (out / "mmlu.png").stat().st_size > 1000
+    assert "queued 6 evaluation(s), newest first: step 60 mmlu_0shot" in result.stdout
 
 
 def test_demo_rejects_bad_config_before_any_work(tmp_path):

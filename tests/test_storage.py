@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 
@@ -49,6 +50,34 @@ def test_round_trip_list_and_delete(storage, tmp_path):
     storage.delete("run/checkpoints/step_00000001/a.pt")  # deleting twice is not an error
     assert storage.list("run/") == ["run/checkpoints/step_00000001/manifest.json"]
     assert storage.uri("run/x").endswith("some/prefix/run/x" if "s3" in repr(storage) else "run/x")
+
+
+def test_folders_lists_one_level(storage):
+    for key in ("run/checkpoints/step_00000002/a", "run/checkpoints/step_00000001/b/c", "run/x"):
+        storage.put_bytes(key, b"")
+    assert storage.folders("run/checkpoints") == ["step_00000001", "step_00000002"]
+    assert storage.folders("run") == ["checkpoints"]
+    assert storage.folders("nothing") == []
+
+
+def test_conditional_writes_let_exactly_one_racing_writer_win(storage):
+    key = "run/evals/step_00000001/suite.json"
+    assert storage.read_versioned(key) is None
+    created = storage.put_if(key, b"first", None)
+    assert storage.put_if(key, b"second", None) is None  # exists: create-if-absent loses
+    assert storage.read_versioned(key) == (b"first", created)
+    assert storage.put_if(key, b"stale", "0" * 32) is None
+    updated = storage.put_if(key, b"updated", created)
+    assert updated not in (None, created)
+    assert storage.put_if(key, b"late", created) is None  # the version it read is gone
+    assert storage.read_versioned(key) == (b"updated", updated)
+
+    # Writers that all read the same version: exactly one replaces it.
+    _, version = storage.read_versioned(key)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda i: storage.put_if(key, b"w%d" % i, version), range(8)))
+    [winner] = [i for i, won in enumerate(wins) if won is not None]
+    assert storage.read_versioned(key) == (b"w%d" % winner, wins[winner])
 
 
 def test_missing_keys_raise_file_not_found_naming_the_uri(storage, tmp_path):

@@ -83,6 +83,25 @@ def stop_job(args: argparse.Namespace) -> None:
     print(f"stopping {args.id}" if stopped else f"{args.id} had already ended")
 
 
+def show_evals(args: argparse.Namespace) -> None:
+    from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.report import ledger_table
+    from neoray.storage import StorageConfig, open_storage
+
+    if args.bucket:
+        config = StorageConfig(
+            kind="s3", bucket=args.bucket, prefix=args.prefix, endpoint_url=args.endpoint_url
+        )
+    else:
+        config = StorageConfig(root=args.root)
+    storage = open_storage(config)
+    entries = Ledger(storage, args.run_name).entries()
+    if not entries:
+        print(f"no evaluations of {args.run_name} in {storage.uri(args.run_name + '/evals')}")
+        return
+    print(ledger_table(entries))
+
+
 def stack_up(args: argparse.Namespace) -> None:
     from neoray.cluster import stack
 
@@ -143,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         if name == "logs":
             command.add_argument("--follow", "-f", action="store_true", help="until it ends")
+    evals = commands.add_parser(
+        "evals", help="print a run's evaluation ledger: step x suite, score or state"
+    )
+    evals.add_argument("run_name")
+    evals.add_argument("--root", default="runs", help="local storage root (default: runs)")
+    evals.add_argument("--bucket", help="S3 bucket of the run (instead of --root)")
+    evals.add_argument("--prefix", default="", help="S3 key prefix")
+    evals.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    evals.set_defaults(func=show_evals)
     for name, func, text in (
         ("up", stack_up, "start Ray, MLflow and S3 on 127.0.0.1"),
         ("down", stack_down, "stop what `neoray up` started"),

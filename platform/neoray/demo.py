@@ -5,14 +5,16 @@ written, a NeoX-style tokenizer is trained on it and both components are tokeniz
 `.bin/.idx` files; the pretrain job then trains a small GPT-NeoX on their mixture with Ray
 Train workers on a local Ray (the same job a cluster runs), checkpointing to `./runs` and
 logging to MLflow. Every committed checkpoint is exported to Hugging Face format and scored on
-held-out data; the last export is reloaded by `transformers`, continues a prompt, and is
-evaluated on zero- and five-shot MMLU by lm-eval workers, logged next to the training run.
+held-out data; the last export is reloaded by `transformers` and continues a prompt. Then the
+scheduled evaluation evaluates every checkpoint on zero- and five-shot MMLU with lm-eval
+workers, recorded in the run's evaluation ledger and logged next to the training run.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ class DemoConfig:
     validation_batches: int = 4  # micro-batches of held-out data each checkpoint is scored on
     prompt: str = "def "
     new_tokens: int = 48
-    mmlu_limit: int = 2  # questions per MMLU subject in the closing evaluation (local data)
+    mmlu_limit: int = 2  # questions per MMLU subject in the scheduled evaluation (local data)
 
     def __post_init__(self) -> None:
         for name in ("validation_batches", "new_tokens", "mmlu_limit"):
@@ -120,11 +122,13 @@ def _train_and_evaluate(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     plot_losses(rows, validation_losses, out / "loss.png")
     say(
-        f"[5/5] zero- and five-shot MMLU by lm-eval workers on Ray ({demo.mmlu_limit} "
-        f"question(s) per subject; the model's {config.model.max_seq_len}-token context holds "
-        "five shots of most subjects)"
+        "[5/5] scheduled evaluation: a watcher takes every committed checkpoint, newest first, "
+        f"through zero- and five-shot MMLU by lm-eval workers on Ray ({demo.mmlu_limit} "
+        f"question(s) per subject; the {config.model.max_seq_len}-token context holds five shots)"
     )
-    mmlu = evaluate_mmlu(hf_dir, config, last_step, demo.mmlu_limit, cfg.tracking)
+    mmlu = evaluate_checkpoints(config, demo.mmlu_limit, cfg.tracking, say)
+    plot_mmlu(mmlu, out / "mmlu.png")
+    ledger, comparison = mmlu["table"], mmlu["comparison"]
 
     summary = {
         "parameters": config.model.num_parameters(),
@@ -137,7 +141,8 @@ def _train_and_evaluate(
         "max_abs_logit_gap_vs_transformers": gap,
         "prompt": demo.prompt,
         "continuation": tokenizer.decode(continuation),
-        "mmlu": mmlu,
+        "mmlu": comparison,
+        "mmlu_by_step": {suite: mmlu[suite] for suite in ("mmlu_0shot", "mmlu_5shot")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     losses = " -> ".join(f"{loss:.3f} (step {step})" for step, loss in validation_losses.items())
@@ -145,8 +150,10 @@ def _train_and_evaluate(
     say(f"validation loss at the checkpoints: {losses}")
     say(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
     say(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
-    say(f"MMLU (lm-eval, {demo.mmlu_limit} question(s) per subject, local data):\n{mmlu}")
-    say(f"loss curves: {out / 'loss.png'}; summary: {out / 'summary.json'}")
+    say(f"MMLU accuracy by checkpoint (the evaluation ledger, runs/{config.run_name}/evals/):")
+    say(ledger)
+    say(f"step {last_step}, zero- vs five-shot:\n{comparison}")
+    say(f"plots: {out / 'loss.png'}, {out / 'mmlu.png'}; summary: {out / 'summary.json'}")
     say(
         "browse the run, its checkpoints and evaluations in MLflow:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000"
@@ -206,35 +213,88 @@ def max_logit_gap_with_transformers(model: GPTNeoX, hf_dir: Path, tokens: list[i
     return (model.eval()(idx) - theirs(idx).logits).abs().max().item()
 
 
-def evaluate_mmlu(hf_dir: Path, config: PretrainConfig, step: int, limit: int, tracking) -> str:
-    """Zero- vs five-shot MMLU of the export with lm-eval workers on the local Ray, on the real
-    MMLU dev questions that ship with lm-eval; logged under the training run in MLflow."""
+def evaluate_checkpoints(
+    config: PretrainConfig, limit: int, tracking: Any, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The scheduled evaluation of the run (what `jobs/eval_watch.py` does beside a cluster
+    run) on zero- and five-shot MMLU, until every committed checkpoint is evaluated, on the
+    real MMLU dev questions that ship with lm-eval. Returns {suite: {step: mmlu/acc}}, the
+    ledger table and the last step's zero- vs five-shot table."""
     from neoray.evaluation import testdata
-    from neoray.evaluation.run import ModelSource, mmlu_zero_vs_five_shot
+    from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.report import ledger_table, mmlu_comparison
+    from neoray.evaluation.run import checkpoint_watcher, load_suite
+    from neoray.evaluation.schedule import ScheduleConfig
+    from neoray.storage import open_storage
 
     data_dir = Path(config.run_dir) / "eval_data"
     testdata.write_mmlu(data_dir)
-    return mmlu_zero_vs_five_shot(
-        ModelSource(hf_dir, config.run_name, step),
-        data_dir,
-        limit=limit,
-        tracking=dataclass_from_config(TrackingConfig, tracking, "tracking"),
+    settings = {"limit": limit, "data_dir": str(data_dir)}
+    suites = [load_suite(name, settings) for name in ("mmlu_0shot", "mmlu_5shot")]
+
+    def report(line: str) -> None:  # what was queued and what came out, not every step
+        if line.startswith(("queued", "finished", "failed", "skipped")):
+            say(f"  {line}")
+
+    storage = open_storage(config.storage)
+    watcher = checkpoint_watcher(
+        storage,
+        config.run_name,
+        suites,
+        ScheduleConfig(until_finished=True, poll_seconds=1.0),
+        dataclass_from_config(TrackingConfig, tracking, "tracking"),
+        cache_dir=Path(config.run_dir) / "exports",
+        dtype="fp32",
+        say=report,
     )
+    watcher.run()
+    entries = Ledger(storage, config.run_name).entries()
+    table = ledger_table(entries, [suite.suite for suite in suites])
+    if any(entry.state != "done" for entry in entries):
+        raise RuntimeError(f"scheduled evaluation did not complete:\n{table}")
+    metrics = {(e.suite, e.step): e.metrics for e in entries}
+    last = max(e.step for e in entries)
+    return {
+        **{
+            suite.suite: {e.step: e.metrics["mmlu/acc"] for e in entries if e.suite == suite.suite}
+            for suite in suites
+        },
+        "table": table,
+        "comparison": mmlu_comparison(metrics["mmlu_0shot", last], metrics["mmlu_5shot", last]),
+    }
 
 
-def plot_losses(rows: list[dict], validation: dict[int, float], path: Path) -> None:
-    """Training loss per step and validation loss at each checkpoint, one figure."""
+@contextmanager
+def figure(path: Path, title: str, ylabel: str) -> Iterator[Any]:
+    """The axes of a small figure (x: training step) that is written to `path` on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] + 1 for r in rows], [r["loss"] for r in rows], label="train")
-    ax.plot(list(validation), list(validation.values()), "o-", label="validation (checkpoints)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="demo: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_mmlu(mmlu: dict[str, Any], path: Path) -> None:
+    """MMLU accuracy (zero- and five-shot) at each checkpoint, with chance at 25%."""
+    with figure(path, "demo: MMLU across checkpoints", "accuracy") as ax:
+        for suite, label in (("mmlu_0shot", "zero-shot"), ("mmlu_5shot", "five-shot")):
+            steps = sorted(mmlu[suite])
+            ax.plot(steps, [mmlu[suite][step] for step in steps], "o-", label=label)
+        ax.axhline(0.25, color="grey", linestyle=":", label="chance")
+
+
+def plot_losses(rows: list[dict], validation: dict[int, float], path: Path) -> None:
+    """Training loss per step and validation loss at each checkpoint, one figure."""
+    with figure(path, "demo: loss", "cross-entropy (nats/token)") as ax:
+        ax.plot([r["step"] + 1 for r in rows], [r["loss"] for r in rows], label="train")
+        ax.plot(list(validation), list(validation.values()), "o-", label="validation (checkpoints)")

@@ -11,6 +11,8 @@ they are never part of a `StorageConfig`, its repr, a log line or a manifest.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -80,6 +82,9 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def uri(self, key: str) -> str: ...
+    def folders(self, prefix: str) -> list[str]: ...
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+    def put_if(self, key: str, data: bytes, version: str | None) -> str | None: ...
 
 
 def _publish(local_path: Path, write: Any) -> None:
@@ -164,6 +169,38 @@ class LocalStorage:
             except OSError:
                 break
 
+    def folders(self, prefix: str) -> list[str]:
+        """Names of the folders directly under folder `prefix` (one directory read)."""
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The file's bytes and their version (sha256), or None when absent."""
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        """Write `data` only if the file is still at `version` (None: only if absent), as S3's
+        conditional writes do; the new version, or None when another writer changed it first.
+        Writers of one folder serialize on a lock of that folder, so one of two racers wins."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            current = self.read_versioned(key)
+            if (current[1] if current else None) != version:
+                return None
+            _publish(path, lambda out: out.write(data))
+            return hashlib.sha256(data).hexdigest()
+        finally:
+            os.close(folder)  # releases the lock
+
 
 # The environment variables that configure boto3's S3 client. A process that changes them (a
 # test, a worker given new credentials) gets a new client rather than a stale cached one.
@@ -231,6 +268,8 @@ def _s3_client_for(
 
 
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+# A conditional write that lost to another writer (412), or raced one in flight (409).
+_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class S3Storage:
@@ -363,6 +402,52 @@ class S3Storage:
         self._call(
             key, "deletion of", self.client.delete_object, Bucket=self.bucket, Key=self._key(key)
         )
+
+    def folders(self, prefix: str) -> list[str]:
+        """Names of the folders directly under folder `prefix` (S3's common prefixes)."""
+        full = join_key(self.prefix, prefix) + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(
+            prefix,
+            "listing of",
+            lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")),
+        )
+        return sorted(
+            p["Prefix"][len(full) :].rstrip("/")
+            for page in pages
+            for p in page.get("CommonPrefixes", [])
+        )
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its ETag, or None when absent."""
+        try:
+            response = self._call(
+                key, "download of", self.client.get_object, Bucket=self.bucket, Key=self._key(key)
+            )
+        except FileNotFoundError:
+            return None
+        return self._call(key, "download of", response["Body"].read), response["ETag"]
+
+    def put_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        """Write `data` only if the object still has ETag `version` (None: only if absent),
+        with S3's conditional writes (If-Match / If-None-Match); the new ETag, or None when
+        another writer changed it first."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+            )
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _LOST_RACE or status in (409, 412):
+                return None
+            raise self._fail(key, "conditional upload to", err) from err
+        except BotoCoreError as err:
+            raise self._fail(key, "conditional upload to", err) from err
+        return response["ETag"]
 
 
 def open_storage(config: StorageConfig) -> Storage:

@@ -172,8 +172,11 @@ def _read(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _publish_locally(staging: Path, out: Path) -> None:
-    """Move a complete export into the cache, replacing an entry that was not complete."""
+def _publish_locally(staging: Path, out: Path, manifest) -> None:
+    """Move a complete export into the cache, replacing an entry that was not complete. An
+    entry another process completed meanwhile is kept (a reader may be using it)."""
+    if is_export_of(_read(out / EXPORT_MARKER), manifest):
+        return
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -195,7 +198,7 @@ def export_cached(
             staging = export_directory(step_dir, Path(tmp) / "hf", dtype, tokenizer)
             files = sorted(p.name for p in staging.iterdir())
             (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
-            _publish_locally(staging, out)
+            _publish_locally(staging, out, manifest)
     return Export(out, manifest.run_name, manifest.step)
 
 
@@ -239,7 +242,7 @@ def export_committed(
                 storage.upload_file(staging / name, join_key(folder, name))
             storage.put_bytes(marker_key, marker(files, manifest))
         (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
-        _publish_locally(staging, out)
+        _publish_locally(staging, out, manifest)
     return result
 
 

@@ -72,13 +72,47 @@ def mmlu_comparison(zero_shot: dict[str, float], five_shot: dict[str, float]) ->
     return "\n".join(lines)
 
 
-def chosen_answers(results: dict[str, Any]) -> dict[tuple[str, int], int]:
-    """(task, document) -> the index of the choice with the highest log-likelihood, for every
-    multiple-choice sample in `results["samples"]`."""
-    chosen = {}
-    for task, samples in results.get("samples", {}).items():
-        for sample in samples:
-            scores = [resp[0] for resp in sample["filtered_resps"]]
-            if len(scores) > 1 and all(isinstance(score, float) for score in scores):
-                chosen[task, sample["doc_id"]] = scores.index(max(scores))
-    return chosen
+def suite_metrics(results: dict[str, Any], tasks: list[str]) -> dict[str, float]:
+    """The metrics of a suite's own tasks and groups (`tasks`; all metrics if none match)."""
+    flat = flat_metrics(results)
+    own = {name: value for name, value in flat.items() if name.split("/")[0] in tasks}
+    return own or flat
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """(name, value) of the first metric by name that is not a stderr: a suite's one number."""
+    for name, value in sorted(metrics.items()):
+        if "_stderr" not in name:
+            return name, value
+    return None
+
+
+def ledger_table(entries: list, suites: list[str] | None = None) -> str:
+    """The evaluation ledger as a table, a row per step and a column per suite: the suite's
+    headline score where done, else its state (failed with the attempts made)."""
+    suites = suites or sorted({entry.suite for entry in entries})
+    cells = {(entry.step, entry.suite): entry for entry in entries}
+    width = max([10, *map(len, suites)])
+    lines = [f"{'step':>10} " + " ".join(f"{suite:>{width}}" for suite in suites)]
+    for step in sorted({entry.step for entry in entries}):
+        row = []
+        for suite in suites:
+            entry = cells.get((step, suite))
+            if entry is None:
+                text = "-"
+            elif entry.state == "done" and entry.headline in entry.metrics:
+                text = f"{entry.metrics[entry.headline]:.4f}"
+            elif entry.state == "failed":
+                text = f"failed x{entry.attempts}"
+            else:
+                text = entry.state
+            row.append(f"{text:>{width}}")
+        lines.append(f"{step:>10} " + " ".join(row))
+    named = {e.suite: e.headline for e in entries if e.state == "done" and e.headline}
+    lines += [f"{suite}: {named[suite]}" for suite in suites if suite in named]
+    lines += [
+        f"step {e.step} {e.suite} {e.state}: {e.reason}"
+        for e in entries
+        if e.state in ("failed", "skipped") and e.reason
+    ]
+    return "\n".join(lines)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoray.config import dataclass_from_config, to_dict
+from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
 from neoray.tracking import TrackingConfig
+
+SUITE_DIR = Path(__file__).resolve().parents[3] / "conf" / "eval"
 
 
 @dataclass
@@ -56,7 +61,7 @@ def evaluate(
 
         tracker = EvalTracker(tracking.uri, tracking.experiment)
         results["mlflow_run_id"] = tracker.log_evaluation(
-            source.run_name, source.step, cfg.suite, results, str(source.hf_dir)
+            source.run_name, source.step, cfg.suite, results, str(source.hf_dir), cfg.tasks
         )
     return results
 
@@ -85,38 +90,121 @@ def run_evaluate(cfg: Any) -> dict[str, Any]:
     return results
 
 
-def mmlu_zero_vs_five_shot(
-    source: ModelSource,
-    data_dir: str | Path,
-    limit: int | None = None,
-    workers: int = 1,
-    tracking: TrackingConfig | None = None,
-) -> str:
-    """Evaluate `source` on zero- and five-shot MMLU (conf/eval/mmlu_{0,5}shot.yaml) and
-    return the comparison table (logged on the training run too when tracked), with a line
-    on how often the two settings chose the same answer."""
-    from neoray.evaluation.report import chosen_answers, flat_metrics, mmlu_comparison
+def load_suite(name: str, settings: dict[str, Any], suite_dir: str | None = None) -> EvalConfig:
+    """Suite `name` (`<suite_dir>/<name>.yaml`, else `conf/eval/<name>.yaml`) with `settings`
+    (the job's `eval.*`) applied."""
+    from omegaconf import OmegaConf
 
-    metrics, choices = [], []
-    for suite, shots in (("mmlu_0shot", 0), ("mmlu_5shot", 5)):
-        cfg = EvalConfig(
-            suite=suite,
-            tasks=["mmlu"],
-            num_fewshot=shots,
-            limit=limit,
-            workers=workers,
-            data_dir=str(data_dir),
-        )
-        results = evaluate(source, cfg, tracking)
-        if results["failed"]:
-            raise RuntimeError(f"{suite}: task(s) failed: {results['failed']}")
-        metrics.append(flat_metrics(results))
-        choices.append(chosen_answers(results))
-    zero, five = choices
-    same = sum(zero[key] == five.get(key) for key in zero)
-    favourite = max(set(zero.values()), key=list(zero.values()).count)
-    return (
-        f"{mmlu_comparison(*metrics)}\n"
-        f"the same answer in both settings for {same} of {len(zero)} questions; zero-shot "
-        f"chose {'ABCD'[favourite]} for {list(zero.values()).count(favourite)} of them"
+    folders = ([Path(suite_dir)] if suite_dir else []) + [SUITE_DIR]
+    for folder in folders:
+        if (folder / f"{name}.yaml").is_file():
+            suite = to_dict(OmegaConf.load(folder / f"{name}.yaml"))
+            return dataclass_from_config(EvalConfig, {**settings, **suite}, f"suite {name}")
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    where = " or ".join(str(folder) for folder in folders)
+    raise ConfigError(f"suites: no suite {name!r} in {where}; choose from {', '.join(known)}")
+
+
+def checkpoint_watcher(
+    storage,
+    run_name: str,
+    suites: list[EvalConfig],
+    schedule,
+    tracking: TrackingConfig,
+    cache_dir: str | Path = "runs/exports",
+    dtype: str = "fp16",
+    tokenizer: str | None = None,
+    say: Callable[[str], None] = print,
+):
+    """A `Watcher` of `run_name` whose evaluations export the checkpoint (once per step),
+    fan the suite out over the connected Ray cluster and log it to MLflow under the run."""
+    import threading
+    from collections import defaultdict
+
+    from neoray.checkpoint.export import export_committed
+    from neoray.checkpoint.manifest import checkpoint_key
+    from neoray.evaluation.watch import Watcher
+
+    exporting = defaultdict(threading.Lock)  # the suites of one step share its export
+
+    def evaluate_checkpoint(storage, manifest, suite: EvalConfig) -> dict[str, Any]:
+        with exporting[manifest.step]:
+            export = export_committed(storage, manifest, cache_dir, dtype, tokenizer)
+        return evaluate(ModelSource(export.hf_dir, manifest.run_name, manifest.step), suite)
+
+    log = None
+    if tracking.enabled:
+        from neoray.evaluation.tracking import EvalTracker
+
+        tracker = EvalTracker(tracking.uri, tracking.experiment)
+        both_mmlu = {"mmlu_0shot", "mmlu_5shot"} <= {suite.suite for suite in suites}
+
+        def log(manifest, suite: EvalConfig, results: dict[str, Any]) -> str:
+            source = storage.uri(checkpoint_key(manifest.run_name, manifest.step))
+            run_id = tracker.log_evaluation(
+                run_name, manifest.step, suite.suite, results, source, suite.tasks
+            )
+            if both_mmlu:  # the zero- vs five-shot table, once both are in
+                tracker.log_mmlu_comparison(run_name, manifest.step, "mmlu_0shot", "mmlu_5shot")
+            return run_id
+
+    return Watcher(storage, run_name, suites, schedule, evaluate_checkpoint, log, say)
+
+
+def run_eval_watch(cfg: Any) -> dict:
+    """The scheduled-evaluation job (conf/eval_watch.yaml): every setting is checked and the
+    storage reached before Ray starts; then the watcher runs until stopped or finished."""
+    import signal
+
+    import ray
+
+    from neoray.checkpoint.manifest import checkpoints_key
+    from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.report import ledger_table
+    from neoray.evaluation.schedule import ScheduleConfig
+    from neoray.storage import StorageConfig, StorageError, open_storage
+
+    values = to_dict(cfg)
+    if not values.get("suites"):
+        raise ConfigError("suites is empty: name at least one suite, e.g. 'suites=[mmlu_0shot]'")
+    suites = [
+        load_suite(name, values["eval"], values.get("suite_dir")) for name in values["suites"]
+    ]
+    schedule = dataclass_from_config(ScheduleConfig, cfg.schedule, "schedule")
+    tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
+    storage = open_storage(dataclass_from_config(StorageConfig, cfg.storage, "storage"))
+    run_name = str(values["run_name"])
+    try:
+        storage.folders(checkpoints_key(run_name))
+    except (StorageError, OSError) as err:
+        raise SystemExit(
+            f"eval_watch: cannot reach {storage.uri(checkpoints_key(run_name))}: {err}"
+        ) from err
+
+    def say(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    watcher = checkpoint_watcher(
+        storage,
+        run_name,
+        suites,
+        schedule,
+        tracking,
+        values["cache_dir"],
+        values["dtype"],
+        values.get("tokenizer"),
+        say,
     )
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    try:
+        settled = watcher.run()
+    except KeyboardInterrupt:
+        watcher.stop()
+        settled = dict(watcher.settled)
+    print(ledger_table(Ledger(storage, run_name).entries(), list(watcher.suites)), flush=True)
+    if watcher.running:  # stopped mid-evaluation: its claims are taken over once stale
+        say(f"stopped with {len(watcher.running)} evaluation(s) in flight")
+        os._exit(1)
+    return settled

@@ -201,6 +201,23 @@ def texts(data_dir: str | Path) -> list[str]:
     return found
 
 
+def write_tokenizer(out_path: str | Path, data_dir: str | Path, vocab_size: int = 512):
+    """A NeoX-style tokenizer trained on the mirror's text, saved as `out_path` (tokenizer.json)."""
+    from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    corpus = out_path.parent / f".{out_path.name}.corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(data_dir)))
+    try:
+        return train_tokenizer(
+            TokenizerTrainConfig(input=[str(corpus)], output=str(out_path), vocab_size=vocab_size),
+            show_progress=False,
+        )
+    finally:
+        corpus.unlink()
+
+
 def write_random_model(
     out_dir: str | Path,
     data_dir: str | Path,
@@ -221,19 +238,10 @@ def write_random_model(
 
     from neoray.model import GPTNeoX, NeoXConfig
     from neoray.model.hf import save_hf
-    from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir.parent / f".{out_dir.name}.corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(data_dir)))
     tokenizer_json = out_dir.parent / f".{out_dir.name}.tokenizer.json"
-    tokenizer = train_tokenizer(
-        TokenizerTrainConfig(
-            input=[str(corpus)], output=str(tokenizer_json), vocab_size=vocab_size
-        ),
-        show_progress=False,
-    )
+    tokenizer = write_tokenizer(tokenizer_json, data_dir, vocab_size)
     torch.manual_seed(seed)
     config = NeoXConfig(
         vocab_size=tokenizer.vocab_size,
@@ -246,6 +254,5 @@ def write_random_model(
     with torch.no_grad():
         model.embed_out.weight.mul_(output_scale)
     path = save_hf(model, out_dir, tokenizer=tokenizer_json)
-    corpus.unlink()
     tokenizer_json.unlink()
     return path

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neoray.evaluation.report import flat_metrics, mmlu_comparison
+from neoray.evaluation.report import flat_metrics, mmlu_comparison, suite_metrics
 from neoray.tracking import PARENT_TAG, RUN_NAME_TAG, experiment_id, find_run
 
 SUITE_TAG = "neoray.eval.suite"
@@ -51,9 +51,19 @@ class EvalTracker:
         return self._search(query)
 
     def log_evaluation(
-        self, run_name: str, step: int, suite: str, results: dict[str, Any], source: str
+        self,
+        run_name: str,
+        step: int,
+        suite: str,
+        results: dict[str, Any],
+        source: str,
+        tasks: list[str] | None = None,
     ) -> str:
-        """Log a suite's merged results as the child run for (step, suite); its run id."""
+        """Log a suite's merged results as the child run for (step, suite); its run id.
+
+        The metrics of the suite's own `tasks` (groups such as `mmlu` included) also go on the
+        training run as `eval/<suite>/<metric>` at `step`: there the MLflow UI draws them
+        across training, next to the loss."""
         from mlflow.entities import Metric
 
         parent = self.training_run_id(run_name)
@@ -75,12 +85,20 @@ class EvalTracker:
         run_id = run.info.run_id
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in sorted(flat_metrics(results).items())]
-        for first in range(0, len(metrics), BATCH):
-            self.client.log_batch(run_id, metrics=metrics[first : first + BATCH])
+        self._log_batches(run_id, metrics)
+        if tasks and not results.get("failed"):
+            summary = suite_metrics(results, tasks)
+            self._log_batches(
+                parent, [Metric(f"eval/{suite}/{k}", v, now, step) for k, v in summary.items()]
+            )
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifacts(run_id, write_artifacts(results, Path(tmp)))
         self.client.set_terminated(run_id, "FAILED" if results.get("failed") else "FINISHED")
         return run_id
+
+    def _log_batches(self, run_id: str, metrics: list) -> None:
+        for first in range(0, len(metrics), BATCH):
+            self.client.log_batch(run_id, metrics=metrics[first : first + BATCH])
 
     def metrics_of(self, run_name: str, step: int, suite: str) -> dict[str, float]:
         runs = self.evaluation_runs(run_name, step, suite)

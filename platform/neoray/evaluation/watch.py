@@ -1,0 +1,303 @@
+"""Scheduled evaluation: watch a run's committed checkpoints and evaluate each (checkpoint, suite)
+the policy selects exactly once, across restarts and next to other watchers.
+
+Each poll lists the run's step folders (one listing; a folder is read only when it is new or
+still uncommitted), asks the policy which steps it wants, and claims pairs that the ledger
+(`neoray.evaluation.ledger`) does not show as settled, newest first, up to `max_concurrent`.
+A claimed pair is evaluated on a thread of this process (the evaluation itself fans out over
+Ray), logged to MLflow while the claim is still ours, and recorded in the ledger. A heartbeat
+thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from neoray.checkpoint.manifest import (
+    STEP_DIR,
+    Manifest,
+    checkpoints_key,
+    manifest_key,
+    read_manifest,
+)
+from neoray.evaluation.config import EvalConfig
+from neoray.evaluation.ledger import Claim, Entry, Ledger
+from neoray.evaluation.report import flat_metrics, headline, suite_metrics
+from neoray.evaluation.schedule import Policy, ScheduleConfig, created_time
+from neoray.storage import Storage
+
+Pair = tuple[int, str]  # (step, suite)
+# (manifest, suite) -> lm-eval's merged results
+Evaluate = Callable[[Storage, Manifest, EvalConfig], dict[str, Any]]
+# (manifest, suite, results) -> the MLflow run id, or None when not tracked
+Log = Callable[[Manifest, EvalConfig, dict[str, Any]], str | None]
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def final_step(manifest: Manifest) -> int | None:
+    """The step the run ends at, from the run config its manifests carry."""
+    steps = manifest.config.get("train.steps")
+    return int(steps) if isinstance(steps, int) else None
+
+
+@dataclass
+class Running:
+    claim: Claim
+    future: concurrent.futures.Future
+
+
+class Watcher:
+    """Evaluates the selected (checkpoint, suite) pairs of one run (see the module doc)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        run_name: str,
+        suites: list[EvalConfig],
+        schedule: ScheduleConfig,
+        evaluate: Evaluate,
+        log: Log | None = None,
+        say: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+    ) -> None:
+        self.storage, self.run_name, self.schedule = storage, run_name, schedule
+        self.suites = {cfg.suite: cfg for cfg in suites}
+        self.evaluate, self.log, self.say, self.clock = evaluate, log, say, clock
+        self.owner = owner or default_owner()
+        self.ledger = Ledger(storage, run_name, clock)
+        self.policy = Policy(schedule)
+        self.manifests: dict[int, Manifest] = {}  # committed checkpoints seen
+        self.deleted: set[int] = set()  # committed checkpoints seen, then gone
+        self.wanted: set[int] = set()  # every step the policy has selected so far
+        self.final_step: int | None = None
+        self.settled: dict[Pair, Entry] = {}  # pairs whose ledger state is final
+        self.running: dict[Pair, Running] = {}
+        self.announced: set[Pair] = set()  # pairs already reported as queued or busy
+        self.woken = threading.Event()  # set when an evaluation ends: start the next now
+        self.stopped = threading.Event()
+        self.said_waiting = False
+
+    # -- what the run has committed
+
+    def discover(self) -> None:
+        """Read manifests of new step folders; note committed checkpoints that disappeared."""
+        folders = self.storage.folders(checkpoints_key(self.run_name))
+        present = {int(m.group(1)) for name in folders if (m := STEP_DIR.match(name))}
+        for step in sorted(present - set(self.manifests) - self.deleted):
+            if not self.storage.exists(manifest_key(self.run_name, step)):
+                continue  # still uploading: looked at again next poll
+            manifest = read_manifest(self.storage, self.run_name, step)
+            self.manifests[step] = manifest
+            self.final_step = final_step(manifest) or self.final_step
+            self.say(f"found checkpoint step {step} (committed {manifest.created})")
+        # A step is gone when its folder is, or (object stores may keep empty folders, and
+        # retention deletes the manifest first) when a step still to evaluate lost its manifest.
+        pending = {
+            step
+            for step in self.manifests.keys() & self.wanted
+            if any((step, suite) not in self.settled for suite in self.suites)
+            and not any(pair[0] == step for pair in self.running)
+        }
+        gone = set(self.manifests) - present
+        gone |= {
+            s for s in pending - gone if not self.storage.exists(manifest_key(self.run_name, s))
+        }
+        for step in sorted(gone):
+            self.deleted.add(step)
+            del self.manifests[step]
+            self.say(f"checkpoint step {step} was deleted (retention)")
+
+    def selected(self) -> set[int]:
+        committed = {step: created_time(m.created) for step, m in self.manifests.items()}
+        return self.policy.select(committed, self.final_step, self.clock())
+
+    # -- one round
+
+    def poll(self, pool: concurrent.futures.Executor) -> None:
+        self.discover()
+        if not self.manifests and not self.said_waiting:
+            where = self.storage.uri(checkpoints_key(self.run_name))
+            self.say(f"run {self.run_name} has no committed checkpoint yet in {where}; waiting")
+            self.said_waiting = True
+        selected = self.selected()
+        self.wanted |= selected
+        for step in sorted(self.deleted & self.wanted):
+            for suite in self.suites:
+                if (step, suite) not in self.settled:
+                    self._skip_deleted(step, suite)
+        todo = [
+            (step, suite)
+            for step in sorted(selected, reverse=True)
+            for suite in self.suites
+            if (step, suite) not in self.settled and (step, suite) not in self.running
+        ]
+        fresh = [pair for pair in todo if pair not in self.announced]
+        if fresh:
+            self.say(f"queued {len(fresh)} evaluation(s), newest first: {describe(fresh)}")
+            self.announced.update(fresh)
+        for pair in todo:
+            if len(self.running) >= self.schedule.max_concurrent:
+                break
+            self._try_start(pair, pool)
+
+    def _skip_deleted(self, step: int, suite: str) -> None:
+        entry, version, _ = self.ledger.read(step, suite)
+        if entry is not None and entry.state in ("done", "skipped", "running"):
+            if entry.state != "running":
+                self.settled[step, suite] = entry
+            return  # a running pair's owner records the skip itself
+        reason = f"checkpoint step {step} was deleted before it was evaluated"
+        if self.ledger.record(step, suite, version, "skipped", reason=reason):
+            self.say(f"skipped step {step} {suite}: {reason}")
+        entry, _, _ = self.ledger.read(step, suite)
+        if entry is not None and entry.state != "running":
+            self.settled[step, suite] = entry
+
+    def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
+        step, suite = pair
+        entry, version, problem = self.ledger.read(step, suite)
+        if problem:
+            self.say(f"ledger: {problem}; evaluating step {step} {suite} again")
+        s = self.schedule
+        if entry is not None and (
+            entry.state in ("done", "skipped")
+            or (entry.state == "failed" and entry.attempts >= s.max_attempts)
+        ):
+            self.settled[pair] = entry
+            return
+        if entry is not None and entry.state == "running":
+            silent = self.clock() - (entry.heartbeat or 0.0)
+            if silent <= s.stale_seconds:
+                return  # another watcher is on it
+            self.say(
+                f"step {step} {suite}: its owner {entry.owner} has been silent for "
+                f"{silent:.0f} s; taking over"
+            )
+            if entry.attempts >= s.max_attempts:
+                reason = f"the watcher evaluating it stopped, {entry.attempts} time(s)"
+                if self.ledger.record(
+                    step, suite, version, "failed", attempts=entry.attempts, reason=reason
+                ):
+                    self.say(f"failed step {step} {suite}: {reason}")
+                return
+        attempts = (entry.attempts if entry else 0) + 1
+        claim = self.ledger.claim(step, suite, self.owner, version, attempts)
+        if claim is None:
+            return  # another watcher claimed it first
+        self.say(f"started step {step} {suite} (attempt {attempts} of {s.max_attempts})")
+        future = pool.submit(self._evaluate, claim, self.manifests[step])
+        future.add_done_callback(lambda _: self.woken.set())
+        self.running[pair] = Running(claim, future)
+
+    def _evaluate(self, claim: Claim, manifest: Manifest) -> None:
+        """Evaluate, log to MLflow while the claim is ours, record the outcome."""
+        cfg = self.suites[claim.entry.suite]
+        try:
+            results = self.evaluate(self.storage, manifest, cfg)
+            if results.get("failed"):
+                raise RuntimeError(f"task(s) failed: {results['failed']}")
+            if not self.ledger.heartbeat(claim):
+                return  # taken over: the new owner logs and records it
+            run_id = self.log(manifest, cfg, results) if self.log else None
+            best = headline(suite_metrics(results, cfg.tasks))
+            self.ledger.finish(
+                claim,
+                "done",
+                metrics=flat_metrics(results),
+                headline=best[0] if best else None,
+                mlflow_run_id=run_id,
+                reason=None,
+            )
+        except Exception as err:
+            if not self.storage.exists(manifest_key(self.run_name, manifest.step)):
+                reason = f"checkpoint step {manifest.step} was deleted during its evaluation"
+                self.ledger.finish(claim, "skipped", reason=reason)
+            else:
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                self.ledger.finish(claim, "failed", reason=reason)
+
+    def reap(self) -> None:
+        """Report evaluations that ended; settle what will not run again."""
+        for pair, job in list(self.running.items()):
+            if not job.future.done():
+                continue
+            del self.running[pair]
+            entry, (step, suite) = job.claim.entry, pair
+            if job.claim.lost:
+                self.say(f"step {step} {suite}: another watcher took it over")
+            elif entry.state == "done":
+                name = entry.headline
+                score = f"{name} {entry.metrics[name]:.4f}" if name else "no metrics"
+                self.say(f"finished step {step} {suite}: {score}")
+            else:
+                retry = entry.state == "failed" and entry.attempts < self.schedule.max_attempts
+                self.say(
+                    f"{entry.state} step {step} {suite}: {entry.reason}"
+                    + (" (will retry)" if retry else "")
+                )
+            if not job.claim.lost and not (
+                entry.state == "failed" and entry.attempts < self.schedule.max_attempts
+            ):
+                self.settled[pair] = entry
+
+    def finished(self) -> bool:
+        """The final step is committed and every selected pair is settled."""
+        if self.final_step is None or self.final_step not in self.manifests or self.running:
+            return False
+        self.wanted |= self.selected()
+        return all((step, suite) in self.settled for step in self.wanted for suite in self.suites)
+
+    # -- the loop
+
+    def _heartbeats(self) -> None:
+        while not self.stopped.wait(self.schedule.heartbeat_seconds):
+            for pair, job in list(self.running.items()):
+                if not job.claim.lost and not self.ledger.heartbeat(job.claim):
+                    self.say(f"step {pair[0]} {pair[1]}: lost the claim to another watcher")
+
+    def run(self) -> dict[Pair, Entry]:
+        """Watch until stopped (`stop()`, or Ctrl-C) or, with `until_finished`, until done;
+        the settled pairs."""
+        s = self.schedule
+        self.say(
+            f"watching {self.run_name} in {self.storage.uri(self.run_name)}: suites "
+            f"{', '.join(self.suites)}; {s.describe() or 'every checkpoint'}; polling every "
+            f"{s.poll_seconds:g} s, {s.max_concurrent} at a time (owner {self.owner})"
+        )
+        heartbeats = threading.Thread(target=self._heartbeats, daemon=True)
+        heartbeats.start()
+        pool = concurrent.futures.ThreadPoolExecutor(s.max_concurrent, "evaluation")
+        try:
+            while not self.stopped.is_set():
+                self.reap()
+                self.poll(pool)
+                if s.until_finished and self.finished():
+                    self.say(f"finished: the final step {self.final_step} is evaluated")
+                    break
+                self.woken.wait(s.poll_seconds)
+                self.woken.clear()
+        finally:
+            self.stopped.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+        return dict(self.settled)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.woken.set()
+
+
+def describe(pairs: list[Pair], shown: int = 6) -> str:
+    text = ", ".join(f"step {step} {suite}" for step, suite in pairs[:shown])
+    return text + (f" and {len(pairs) - shown} more" if len(pairs) > shown else "")
