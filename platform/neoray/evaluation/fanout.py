@@ -148,15 +148,15 @@ def model_args(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def run_unit(
-    unit: Unit, hf_dir: str, cfg: EvalConfig, manager, built: dict[str, Any] | None = None
+    unit: Unit, hf_dir: str, cfg: EvalConfig, manager, built: dict[str, Any]
 ) -> dict[str, TaskOutput]:
     """Evaluate one unit with `lm_eval.simple_evaluate`; per-sample results by task.
 
     `built` holds the unit's tasks as the driver built them from the suite's own specs (so
-    group-level settings apply exactly as in an unsplit run, and no worker builds the tasks of
-    the others); a whole-suite unit builds the suite itself. Only the unit's documents are
-    evaluated; stderr is left to the merge. `manager` is the driver's TaskManager: indexing
-    lm-eval's task configs takes seconds.
+    group-level settings apply exactly as in an unsplit run, and no worker builds tasks: the
+    driver needs them for the merge anyway). Only the unit's documents are evaluated; stderr
+    is left to the merge. `manager` is the driver's TaskManager: without one, lm-eval indexes
+    its task configs again (seconds).
     """
     import lm_eval
     import torch
@@ -164,9 +164,7 @@ def run_unit(
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads)
     _quiet_datasets()
-    if built is None:
-        built = manager.load(cfg.tasks)["tasks"]
-    names = list(built) if unit.whole else list(unit.docs)
+    names = list(built)
     samples = {name: DocIndices(docs) for name, docs in unit.docs.items() if docs is not None}
     results = lm_eval.simple_evaluate(
         model=cfg.backend,
@@ -263,18 +261,19 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     )(run_unit)
     hf_dir, manager_ref = os.path.abspath(hf_dir), ray.put(manager)
 
-    if cfg.workers == 1:  # nothing to plan: the driver builds its tasks while the worker runs
-        pending = {remote.remote(Unit(whole=True), hf_dir, cfg, manager_ref): Unit(whole=True)}
-        loaded = manager.load(cfg.tasks)
-    else:
-        loaded = manager.load(cfg.tasks)
-        pending = {
-            remote.remote(
-                unit, hf_dir, cfg, manager_ref, {n: loaded["tasks"][n] for n in unit.docs}
-            ): unit
-            for unit in plan_units(loaded["tasks"], cfg)
-        }
+    loaded = manager.load(cfg.tasks)
     tasks, groups = loaded["tasks"], loaded.get("groups", {})
+    units = [Unit(whole=True)] if cfg.workers == 1 else plan_units(tasks, cfg)
+    pending = {
+        remote.remote(
+            unit,
+            hf_dir,
+            cfg,
+            manager_ref,
+            {n: tasks[n] for n in (tasks if unit.whole else unit.docs)},
+        ): unit
+        for unit in units
+    }
     log.info("suite %s: %d tasks in %d units", cfg.suite, len(tasks), len(pending))
     outputs: dict[str, list[TaskOutput]] = defaultdict(list)
     failed: dict[str, str] = {}
