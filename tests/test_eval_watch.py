@@ -437,3 +437,28 @@ def test_unreachable_storage_is_a_clear_error_naming_the_uri(tmp_path):
     )
     assert result.returncode != 0
     assert "eval_watch: cannot reach s3://b/W/checkpoints" in result.stderr
+
+
+def test_logging_a_pair_again_keeps_the_earlier_run_until_the_new_one_is_complete(
+    tmp_path, monkeypatch
+):
+    from neoray.evaluation.tracking import EvalTracker
+
+    tracker = EvalTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "relog")
+    scored = lambda acc: {"results": {"t": {"acc,none": acc}}, "n-shot": {"t": 0}}  # noqa: E731
+    first = tracker.log_evaluation("R", 1, "a", scored(0.5), "src", ["t"])
+
+    def unreachable(*_, **__):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(tracker.client, "log_artifacts", unreachable)
+    with pytest.raises(OSError, match="unreachable"):
+        tracker.log_evaluation("R", 1, "a", scored(0.7), "src", ["t"])
+    [kept] = tracker.evaluation_runs("R", 1, "a")  # the earlier result, and no partial run
+    assert (kept.info.run_id, kept.data.metrics["t/acc"]) == (first, 0.5)
+    monkeypatch.undo()
+    second = tracker.log_evaluation("R", 1, "a", scored(0.7), "src", ["t"])
+    [run] = tracker.evaluation_runs("R", 1, "a")
+    assert (run.info.run_id, run.data.metrics["t/acc"]) == (second, 0.7)
+    history = tracker.client.get_metric_history(tracker.training_run_id("R"), "eval/a/t/acc")
+    assert [(m.step, m.value) for m in history][-1] == (1, 0.7)

@@ -29,6 +29,7 @@ from neoray.checkpoint.export import (
     run_export,
 )
 from neoray.checkpoint.manifest import file_entry
+from neoray.config import ConfigError
 from neoray.model.hf import load_hf
 from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
@@ -246,7 +247,7 @@ def test_a_run_retrained_under_its_name_exports_its_new_weights(tmp_path, s3_buc
                     checkpoint=str(step_dir),
                     dtype="fp32",
                     cache_dir=cache,
-                    output=str(tmp_path / f"out{seed}"),
+                    output=str(tmp_path / "out"),  # the second export replaces the first
                 )
             ),
             run_export(
@@ -267,3 +268,15 @@ def test_a_run_retrained_under_its_name_exports_its_new_weights(tmp_path, s3_buc
             assert (hf_dir / "model.safetensors").read_bytes() == truth.read_bytes(), hf_dir
         exported.append(truth.read_bytes())
     assert exported[0] != exported[1]
+
+
+def test_output_that_is_not_an_export_is_refused_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's files")
+    never = ExportConfig(checkpoint=str(tmp_path / "no-such-checkpoint"), output=str(mine))
+    with pytest.raises(ConfigError, match=r"output=.*mine exists and is not an export"):
+        run_export(never)
+    with pytest.raises(ConfigError, match="is not an export"):
+        run_export(ExportConfig(checkpoint="x", step="1", output="."))  # the working directory
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

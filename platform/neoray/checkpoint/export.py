@@ -274,15 +274,32 @@ def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
     return export_committed(storage, manifest, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
 
 
+def check_output(output: str | Path) -> Path:
+    """`output=` of an export: a new directory, or an earlier export (it has an export.json)
+    that is replaced. Anything else is refused: it may be the user's files."""
+    out = Path(output).absolute()
+    if out.exists() and not (out / EXPORT_MARKER).is_file():
+        raise ConfigError(
+            f"output={output}: {out} exists and is not an export (no {EXPORT_MARKER}); "
+            "choose a new directory (an earlier export there is replaced)"
+        )
+    return out
+
+
 def run_export(cfg: ExportConfig, storage_config=None) -> Path:
-    """`jobs/export.py`: the exported directory (copied to `cfg.output` when given)."""
+    """`jobs/export.py`: the exported directory (copied to `cfg.output` when given). An earlier
+    export at `output` is replaced by renames: the new copy is complete before the old one
+    moves aside, and nothing is deleted before the new one is in place."""
+    out = None if cfg.output is None else check_output(cfg.output)
     export = resolve_export(cfg, storage_config)
-    if cfg.output is None:
+    if out is None:
         return export.hf_dir
-    out = Path(cfg.output)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(export.hf_dir, staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staging = Path(tmp) / "new"
+        shutil.copytree(export.hf_dir, staging)
+        check_output(out)  # still an export (or absent) now that the copy is done
+        if out.exists():
+            out.rename(Path(tmp) / "old")  # removed with the temporary directory
+        staging.rename(out)
     return out

@@ -64,11 +64,9 @@ class EvalTracker:
         The metrics of the suite's own `tasks` (groups such as `mmlu` included) also go on the
         training run as `eval/<suite>/<metric>` at `step`: there the MLflow UI draws them
         across training, next to the loss."""
-        from mlflow.entities import Metric
 
         parent = self.training_run_id(run_name)
-        for old in self.evaluation_runs(run_name, step, suite):
-            self.client.delete_run(old.info.run_id)
+        earlier = self.evaluation_runs(run_name, step, suite)
         shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
         run = self.client.create_run(
             self.experiment_id,
@@ -83,6 +81,26 @@ class EvalTracker:
             },
         )
         run_id = run.info.run_id
+        try:
+            self._log_results(run_id, parent, step, suite, results, tasks)
+        except BaseException:
+            self.client.delete_run(run_id)  # no partial run beside the earlier, complete one
+            raise
+        for old in earlier:  # replaced only once the new run is complete
+            self.client.delete_run(old.info.run_id)
+        return run_id
+
+    def _log_results(
+        self,
+        run_id: str,
+        parent: str,
+        step: int,
+        suite: str,
+        results: dict[str, Any],
+        tasks: list[str] | None,
+    ) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in sorted(flat_metrics(results).items())]
         self._log_batches(run_id, metrics)
@@ -94,7 +112,6 @@ class EvalTracker:
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifacts(run_id, write_artifacts(results, Path(tmp)))
         self.client.set_terminated(run_id, "FAILED" if results.get("failed") else "FINISHED")
-        return run_id
 
     def _log_batches(self, run_id: str, metrics: list) -> None:
         for first in range(0, len(metrics), BATCH):

@@ -8,7 +8,9 @@ fp32 matmuls (the best any kernel here will do) and shared by all processes of t
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ import torch
 
 from neoray.model.flops import PEAK_TFLOPS, hardware_flops_per_token, model_flops_per_token
 from neoray.model.gpt_neox import NeoXConfig
+
+log = logging.getLogger(__name__)
 
 
 def matmul_probe_tflops(size: int = 1024, repeats: int = 8) -> float:
@@ -83,15 +87,29 @@ class MetricsFile:
 
     def __init__(self, run_dir: str | Path, start_step: int = 0) -> None:
         """A run resumed at `start_step` keeps the rows of the steps before it (a crashed run
-        may have written rows past its last checkpoint: those steps are trained again)."""
+        may have written rows past its last checkpoint: those steps are trained again). A line
+        a crash cut short is dropped with a warning; the kept rows replace the file by rename,
+        so a crash while resuming loses nothing either."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
         if start_step > 0 and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] < start_step]
-        self._file = self.path.open("w")
-        self._file.writelines(line + "\n" for line in kept)
+            kept, torn = [], 0
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    torn += bool(line.strip())
+                    continue
+                if row["step"] < start_step:
+                    kept.append(line + "\n")
+            if torn:
+                log.warning("%s: dropped %d line(s) cut short by a crash", self.path, torn)
+            staging = self.path.with_name(f".{self.path.name}.tmp")
+            staging.write_text("".join(kept))
+            os.replace(staging, self.path)
+            self._file = self.path.open("a")
+        else:
+            self._file = self.path.open("w")
 
     def write(self, row: dict) -> None:
         finite = {
