@@ -7,6 +7,7 @@ by transformers), must give the engine's loss to 1e-4 relative.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from neoray.checkpoint import Manifest, checkpoint_key
 from neoray.checkpoint.export import (
     ExportConfig,
     consolidate_checkpoint,
+    export_cached,
     export_directory,
     layer_files,
     resolve_export,
@@ -264,6 +266,14 @@ def test_a_run_retrained_under_its_name_exports_its_new_weights(tmp_path, s3_buc
                 s3_config,
             ),
         ]
+        # Three exports of the same checkpoint at once into an empty cache: one is published,
+        # the others find it there; none fails on the rename.
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            racing = [
+                pool.submit(export_cached, step_dir, tmp_path / f"race{seed}", "fp32")
+                for _ in range(3)
+            ]
+            exports += [future.result().hf_dir for future in racing]
         for hf_dir in exports:
             assert (hf_dir / "model.safetensors").read_bytes() == truth.read_bytes(), hf_dir
         exported.append(truth.read_bytes())

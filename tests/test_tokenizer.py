@@ -150,3 +150,10 @@ def test_train_tokenizer_job(corpus, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "700 tokens" in result.stdout
     assert load_tokenizer(str(out)).vocab_size == 700
+
+
+def test_a_malformed_tokenizer_file_is_named(tmp_path):
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text('{"version": "1.0", "trunc')  # cut short
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a valid tokenizer.json"):
+        load_tokenizer(str(broken))

@@ -12,6 +12,7 @@ GPT-NeoX-20B paper, which `transformers` and lm-eval load directly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -173,13 +174,18 @@ def _read(path: Path) -> bytes | None:
 
 
 def _publish_locally(staging: Path, out: Path, manifest) -> None:
-    """Move a complete export into the cache, replacing an entry that was not complete. An
-    entry another process completed meanwhile is kept (a reader may be using it)."""
+    """Move a complete export (in a temporary folder) into the cache, replacing an entry that
+    is incomplete or of other weights. An export of the same checkpoint that another process
+    published first is kept as it is (a reader may be using it) and `staging` is dropped."""
     if is_export_of(_read(out / EXPORT_MARKER), manifest):
         return
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with contextlib.suppress(FileNotFoundError):  # another process may move it first
+        out.rename(staging.parent / "replaced")  # removed with the temporary folder
+    try:
+        staging.rename(out)
+    except OSError:  # a non-empty `out` appeared meanwhile: another process published
+        if not is_export_of(_read(out / EXPORT_MARKER), manifest):
+            raise
 
 
 def export_cached(

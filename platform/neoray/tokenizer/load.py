@@ -77,4 +77,9 @@ class TextTokenizer:
 def load_tokenizer(source: str) -> TextTokenizer:
     """Load a tokenizer.json from a local path or `s3://` URI, or the name `gpt-neox-20b`."""
     path = released_20b_path() if source == RELEASED_20B else source
-    return TextTokenizer(Tokenizer.from_str(read_bytes(path).decode("utf-8")), source)
+    data = read_bytes(path)
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:  # `tokenizers` raises a bare Exception for a malformed file
+        raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from err
+    return TextTokenizer(tokenizer, source)
