@@ -41,6 +41,36 @@ def test_redact_hides_every_secret_at_any_depth():
     assert redact(flatten(config))["storage.aws_secret_access_key"] == "***"
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["password", "db_passwd", "hf_token", "client_secret", "api_key", "apikey", "basic_auth",
+     "aws_credentials", "aws_secret_access_key", "ssh.private_key"],
+)  # fmt: skip
+def test_every_kind_of_secret_key_is_redacted(key):
+    assert redact({"section": {key: "s3cr3t"}}) == {"section": {key: "***"}}
+    assert redact(flatten({"section": {key: "s3cr3t"}})) == {f"section.{key}": "***"}
+
+
+@pytest.mark.parametrize("key", ["tokenizer", "tokens_seen", "author", "authority", "secretary"])
+def test_words_that_only_contain_a_secret_word_are_kept(key):
+    assert redact({key: "kept"}) == {key: "kept"}
+
+
+def test_passwords_inside_url_values_are_redacted():
+    config = {
+        "tracking": {"uri": "postgresql://neoray:hunter2@127.0.0.1:5432/mlflow"},
+        "storage": {"endpoint_url": "https://key:s3cr3t@s3.example.com"},
+        "data": {"inputs": ["s3://bucket/a.jsonl", "https://u:p4ss@host/b.jsonl"]},
+        "plain": "http://127.0.0.1:5000",
+    }
+    text = str(redact(flatten(config)))
+    for secret in ("hunter2", "s3cr3t", "p4ss"):
+        assert secret not in text
+    assert redact(config)["tracking"]["uri"] == "postgresql://neoray:***@127.0.0.1:5432/mlflow"
+    assert redact(config)["data"]["inputs"][0] == "s3://bucket/a.jsonl"
+    assert redact(config)["plain"] == "http://127.0.0.1:5000"
+
+
 def test_flatten_and_metric_names():
     assert flatten({"a": {"b": {"c": 1}, "d": [1, 2]}}) == {"a.b.c": 1, "a.d": [1, 2]}
     assert metric_key("acc,none") == "acc_none"

@@ -55,8 +55,14 @@ def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
 
 
 # A key names a secret when one of its words ("_", "-" or "." separated) is one of these:
-# `aws_secret_access_key`, `api_token`, `credentials` are; `tokenizer`, `tokens_seen` are not.
-SECRET_KEY = re.compile(r"(^|[._-])(secrets?|passwords?|token|credentials?|access_key)($|[._-])")
+# `aws_secret_access_key`, `api_token`, `credentials`, `basic_auth` are; `tokenizer`,
+# `tokens_seen`, `author` are not.
+SECRET_KEY = re.compile(
+    r"(^|[._-])(secrets?|passwords?|passwd|token|credentials?|access_key|api_?key|auth|"
+    r"private_key)($|[._-])"
+)
+# The password of a URL's user info: `http://user:pass@host` -> `http://user:***@host`.
+URL_PASSWORD = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
 REDACTED = "***"
 
 
@@ -74,14 +80,23 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `values` (nested or flat) with the value of every key that names a secret
-    (secret, password, token, credential, access_key, as a word) replaced by "***", at any depth. Used
-    wherever a config leaves the process: checkpoint manifests and experiment tracking."""
+    (`SECRET_KEY`) replaced by "***", and the password in every URL (`user:pass@host`)
+    as well, at any depth. Used wherever a config leaves the process: checkpoint manifests
+    and experiment tracking."""
     redacted: dict[str, Any] = {}
     for key, value in values.items():
         if SECRET_KEY.search(str(key).lower()):
             redacted[key] = REDACTED
-        elif isinstance(value, Mapping):
-            redacted[key] = redact(value)
         else:
-            redacted[key] = value
+            redacted[key] = _redact_value(value)
     return redacted
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(item) for item in value)
+    return value
