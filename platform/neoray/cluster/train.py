@@ -50,24 +50,15 @@ class ClusterConfig:
 def connect(cluster: ClusterConfig, num_workers: int) -> bool:
     """Join `cluster.address` or RAY_ADDRESS, or start a local Ray on 127.0.0.1 with enough
     logical CPUs for the workers. Returns True when a local Ray was started (stop it after)."""
-    import ray
+    from neoray.cluster.ray_start import start_or_join
 
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-        return False
-    ray.init(
-        address="local",
+    return start_or_join(
+        cluster.address,
         num_cpus=max(os.cpu_count() or 1, int(num_workers * cluster.cpus_per_worker + 0.999)),
-        num_gpus=None if cluster.use_gpu else 0,
+        use_gpu=cluster.use_gpu,
         # Ray Train's placement-group cleaner asks the state API, which the dashboard serves.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
+        dashboard=True,
     )
-    return True
 
 
 def _run_worker(loop_config: dict[str, Any]) -> None:

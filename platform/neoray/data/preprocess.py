@@ -202,8 +202,9 @@ def _run_ray(
     """Shards as Ray tasks, a bounded number in flight, results taken in shard order."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from neoray.cluster.ray_start import start_or_join
+
+    start_or_join()
     task = ray.remote(tokenize_shard).options(
         num_cpus=cfg.cpus_per_task,
         # encode_batch's thread pool would otherwise take every core of the node.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neoray.cluster.ray_start import start_or_join
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
@@ -49,12 +50,10 @@ def evaluate(
     source: ModelSource, cfg: EvalConfig, tracking: TrackingConfig | None = None
 ) -> dict[str, Any]:
     """Evaluate `source` on `cfg`'s suite over Ray and log the results (see module doc)."""
-    import ray
 
     from neoray.evaluation.fanout import evaluate_suite
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    start_or_join(log_to_driver=False)
     results = evaluate_suite(str(source.hf_dir), cfg)
     if tracking is not None and tracking.enabled and source.run_name:
         from neoray.evaluation.tracking import EvalTracker
@@ -156,8 +155,6 @@ def run_eval_watch(cfg: Any) -> dict:
     storage reached before Ray starts; then the watcher runs until stopped or finished."""
     import signal
 
-    import ray
-
     from neoray.checkpoint.manifest import checkpoints_key
     from neoray.evaluation.ledger import Ledger
     from neoray.evaluation.report import ledger_table
@@ -184,8 +181,7 @@ def run_eval_watch(cfg: Any) -> dict:
     def say(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    start_or_join(log_to_driver=False)
     watcher = checkpoint_watcher(
         storage,
         run_name,

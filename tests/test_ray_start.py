@@ -1,0 +1,41 @@
+"""Every job starts or joins Ray through one function; a Ray it starts serves its dashboard (the
+Jobs API) on loopback only."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_job_starts_ray_any_other_way():
+    calls = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("platform", "jobs")
+        for path in (ROOT / folder).rglob("*.py")
+        if "ray.init(" in path.read_text()
+    ]
+    assert calls == ["platform/neoray/cluster/ray_start.py"]
+
+
+def test_a_local_ray_serves_its_dashboard_on_127_0_0_1_only():
+    code = (
+        "import ray\n"
+        "from neoray.cluster.ray_start import start_or_join\n"
+        "assert start_or_join(num_cpus=1, dashboard=True)\n"
+        "assert not start_or_join()  # connected already: nothing new\n"
+        "import psutil\n"  # the dashboard's HTTP server: where its --port says
+        "[web] = [p for p in psutil.Process().children(recursive=True)\n"
+        "    if any(a.endswith('dashboard/dashboard.py') for a in p.cmdline())]\n"
+        "port = int(next(a for a in web.cmdline() if a.startswith('--port='))[7:])\n"
+        "print(','.join(sorted({c.laddr.ip for c in web.net_connections('inet')\n"
+        "    if c.status == 'LISTEN' and c.laddr.port == port})))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listening = result.stdout.split()[-1]
+    assert listening == "127.0.0.1"  # the dashboard (the Jobs API) on loopback only
