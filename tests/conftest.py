@@ -114,6 +114,17 @@ def s3_bucket(s3_server, monkeypatch):
     return s3_server.new_bucket()
 
 
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    """A `neoray.storage` backend of each kind: a local directory, and a prefix of a new bucket."""
+    from neoray.storage import StorageConfig, open_storage
+
+    if request.param == "local":
+        return open_storage(StorageConfig(root=str(tmp_path / "root")))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(StorageConfig(kind="s3", bucket=bucket, prefix="some/prefix"))
+
+
 # Tracking: training jobs started by any test log to a throwaway MLflow database, not the
 # checkout's mlruns.db (conf/tracking/local.yaml honours MLFLOW_TRACKING_URI).
 

@@ -110,14 +110,6 @@ def test_both_evaluation_jobs_take_the_same_eval_settings(job):
 # -- the watcher on storage, with an evaluation that records its calls
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(StorageConfig(root=str(tmp_path / "root")))
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(StorageConfig(kind="s3", bucket=bucket, prefix="runs"))
-
-
 def commit(storage, run: str, step: int, final: int = 4, at: float = T0) -> None:
     """A committed checkpoint as the watcher sees it: a manifest (its files are not read here)."""
     manifest = Manifest(

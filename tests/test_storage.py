@@ -18,14 +18,6 @@ from neoray.storage import (
 )
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(StorageConfig(root=str(tmp_path / "root")))
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(StorageConfig(kind="s3", bucket=bucket, prefix="some/prefix"))
-
-
 def test_round_trip_list_and_delete(storage, tmp_path):
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(3000))
