@@ -168,9 +168,11 @@ def test_backfill_newest_first_once_across_restarts(storage):
     assert any(line.startswith("queued 4 evaluation(s), newest first: step 4 a") for line in lines)
     assert "finished step 2 b: t/acc 0.2000" in lines
 
-    again = Recorder()  # a restarted watcher: everything is in the ledger
-    assert set(watch(storage, again, every=2)) == set(settled)
+    again, lines = Recorder(), []  # a restarted watcher: everything is in the ledger
+    assert set(watch(storage, again, lines=lines, every=2)) == set(settled)
     assert again.calls == []
+    assert "the ledger has 4 evaluation(s) settled already" in lines
+    assert not any(line.startswith(("queued", "started")) for line in lines)
     table = ledger_table(entries)
     assert table.splitlines()[1].split() == ["2", "0.2000", "0.2000"]
     assert "t/acc" in table

@@ -233,7 +233,7 @@ def evaluate_checkpoints(
     suites = [load_suite(name, settings) for name in ("mmlu_0shot", "mmlu_5shot")]
 
     def report(line: str) -> None:  # what was queued and what came out, not every step
-        if line.startswith(("queued", "finished", "failed", "skipped")):
+        if line.startswith(("the ledger", "queued", "finished", "failed", "skipped")):
             say(f"  {line}")
 
     storage = open_storage(config.storage)

@@ -84,7 +84,7 @@ class Watcher:
         self.final_step: int | None = None
         self.settled: dict[Pair, Entry] = {}  # pairs whose ledger state is final
         self.running: dict[Pair, Running] = {}
-        self.announced: set[Pair] = set()  # pairs already reported as queued or busy
+        self.announced: set[Pair] = set()  # pairs already reported (queued or settled)
         self.woken = threading.Event()  # set when an evaluation ends: start the next now
         self.stopped = threading.Event()
         self.said_waiting = False
@@ -144,9 +144,18 @@ class Watcher:
             if (step, suite) not in self.settled and (step, suite) not in self.running
         ]
         fresh = [pair for pair in todo if pair not in self.announced]
-        if fresh:
-            self.say(f"queued {len(fresh)} evaluation(s), newest first: {describe(fresh)}")
+        if fresh:  # newly selected: what the ledger has settled (a restart) is not queued
             self.announced.update(fresh)
+            for pair in fresh:
+                entry, _, _ = self.ledger.read(*pair)
+                if self._is_final(entry):
+                    self.settled[pair] = entry
+            queued = [pair for pair in fresh if pair not in self.settled]
+            if len(queued) < len(fresh):
+                self.say(f"the ledger has {len(fresh) - len(queued)} evaluation(s) settled already")
+            if queued:
+                self.say(f"queued {len(queued)} evaluation(s), newest first: {describe(queued)}")
+            todo = [pair for pair in todo if pair not in self.settled]
         for pair in todo:
             if len(self.running) >= self.schedule.max_concurrent:
                 break
@@ -165,16 +174,20 @@ class Watcher:
         if entry is not None and entry.state != "running":
             self.settled[step, suite] = entry
 
+    def _is_final(self, entry: Entry | None) -> bool:
+        """Whether the pair of this ledger entry will not be evaluated (again)."""
+        return entry is not None and (
+            entry.state in ("done", "skipped")
+            or (entry.state == "failed" and entry.attempts >= self.schedule.max_attempts)
+        )
+
     def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
         step, suite = pair
         entry, version, problem = self.ledger.read(step, suite)
         if problem:
             self.say(f"ledger: {problem}; evaluating step {step} {suite} again")
         s = self.schedule
-        if entry is not None and (
-            entry.state in ("done", "skipped")
-            or (entry.state == "failed" and entry.attempts >= s.max_attempts)
-        ):
+        if self._is_final(entry):
             self.settled[pair] = entry
             return
         if entry is not None and entry.state == "running":
