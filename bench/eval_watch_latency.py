@@ -22,10 +22,10 @@ from pathlib import Path
 
 from snapshot_setup import s3_endpoint
 
-from neoray.checkpoint.manifest import FileEntry, Manifest, checkpoint_key, manifest_key
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.ledger import Ledger
 from neoray.evaluation.schedule import ScheduleConfig
+from neoray.evaluation.testdata import commit_stand_in_checkpoint
 from neoray.evaluation.watch import Watcher
 from neoray.storage import StorageConfig, open_storage
 
@@ -33,24 +33,9 @@ SUITES = [EvalConfig(suite=name, tasks=["t"]) for name in ("mmlu_0shot", "mmlu_5
 
 
 def commit(storage, run: str, step: int, files: int = 0) -> None:
-    """A checkpoint as training commits it: its files, then the manifest."""
-    entries = []
-    for index in range(files):
-        name = f"layer_{index:02d}-model_00-model_states.pt"
-        storage.put_bytes(f"{checkpoint_key(run, step)}/{name}", b"x")
-        entries.append(FileEntry(name, 1, "0" * 64))
-    manifest = Manifest(
-        run_name=run,
-        step=step,
-        tokens_seen=0,
-        topology={"tp": 1, "pp": 1, "dp": 1},
-        model={},
-        config={"train.steps": 10**9},
-        code_version="bench",
-        created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        files=entries,
-    )
-    storage.put_bytes(manifest_key(run, step), manifest.to_json().encode())
+    """A checkpoint as training commits it (its files, then the manifest), now, by a run that
+    goes on for longer than the benchmark."""
+    commit_stand_in_checkpoint(storage, run, step, time.time(), final_step=10**9, files=files)
 
 
 def start_watcher(storage, run: str, poll: float, on_start) -> Watcher:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import services
 
-from neoray.checkpoint.manifest import CorruptCheckpointError, Manifest, manifest_key
+from neoray.checkpoint.manifest import CorruptCheckpointError, manifest_key
 from neoray.config import ConfigError
 from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
@@ -111,18 +111,8 @@ def test_both_evaluation_jobs_take_the_same_eval_settings(job):
 
 
 def commit(storage, run: str, step: int, final: int = 4, at: float = T0) -> None:
-    """A committed checkpoint as the watcher sees it: a manifest (its files are not read here)."""
-    manifest = Manifest(
-        run_name=run,
-        step=step,
-        tokens_seen=0,
-        topology={"tp": 1, "pp": 1, "dp": 1},
-        model={},
-        config={"train.steps": final},
-        code_version="test",
-        created=datetime.fromtimestamp(at + step, timezone.utc).isoformat(),
-    )
-    storage.put_bytes(manifest_key(run, step), manifest.to_json().encode())
+    """A committed checkpoint as the watcher sees it (its files are not read here)."""
+    testdata.commit_stand_in_checkpoint(storage, run, step, created=at + step, final_step=final)
 
 
 SUITES = [EvalConfig(suite="a", tasks=["t"]), EvalConfig(suite="b", tasks=["t"])]

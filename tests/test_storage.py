@@ -12,8 +12,8 @@ from neoray.config import ConfigError, redact
 from neoray.storage import (
     StorageConfig,
     StorageError,
-    _publish,
     open_storage,
+    publish_file,
     storage_from_uri,
 )
 
@@ -125,7 +125,7 @@ def test_local_publish_leaves_no_partial_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _publish(tmp_path / "d" / "new", write_half_then_fail)
+        publish_file(tmp_path / "d" / "new", write_half_then_fail)
     assert list((tmp_path / "d").iterdir()) == []
 
 

@@ -87,7 +87,7 @@ class Storage(Protocol):
     def put_if(self, key: str, data: bytes, version: str | None) -> str | None: ...
 
 
-def _publish(local_path: Path, write: Any) -> None:
+def publish_file(local_path: Path, write: Any) -> None:
     """Call `write(file)` on a temporary file next to `local_path`, then rename it into place:
     a reader (or a crash) never sees a half-written file under the final name."""
     local_path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,17 +120,19 @@ class LocalStorage:
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
         with open(local_path, "rb") as source:
-            _publish(self._path(key), lambda out: shutil.copyfileobj(source, out, 16 * MiB))
+            publish_file(self._path(key), lambda out: shutil.copyfileobj(source, out, 16 * MiB))
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         try:
             with open(self._path(key), "rb") as source:
-                _publish(Path(local_path), lambda out: shutil.copyfileobj(source, out, 16 * MiB))
+                publish_file(
+                    Path(local_path), lambda out: shutil.copyfileobj(source, out, 16 * MiB)
+                )
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{self.uri(key)}: not found") from err
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _publish(self._path(key), lambda out: out.write(data))
+        publish_file(self._path(key), lambda out: out.write(data))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -179,7 +181,7 @@ class LocalStorage:
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The file's bytes and their version (sha256), or None when absent."""
         try:
-            data = self._path(key).read_bytes()
+            data = self.get_bytes(key)
         except FileNotFoundError:
             return None
         return data, hashlib.sha256(data).hexdigest()
@@ -196,7 +198,7 @@ class LocalStorage:
             current = self.read_versioned(key)
             if (current[1] if current else None) != version:
                 return None
-            _publish(path, lambda out: out.write(data))
+            publish_file(path, lambda out: out.write(data))
             return hashlib.sha256(data).hexdigest()
         finally:
             os.close(folder)  # releases the lock
@@ -371,11 +373,15 @@ class S3Storage:
             Body=data,
         )
 
-    def get_bytes(self, key: str) -> bytes:
+    def _get_object(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag; FileNotFoundError names the URI when it is missing."""
         response = self._call(
             key, "download of", self.client.get_object, Bucket=self.bucket, Key=self._key(key)
         )
-        return self._call(key, "download of", response["Body"].read)
+        return self._call(key, "download of", response["Body"].read), response["ETag"]
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._get_object(key)[0]
 
     def exists(self, key: str) -> bool:
         try:
@@ -421,12 +427,9 @@ class S3Storage:
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The object's bytes and its ETag, or None when absent."""
         try:
-            response = self._call(
-                key, "download of", self.client.get_object, Bucket=self.bucket, Key=self._key(key)
-            )
+            return self._get_object(key)
         except FileNotFoundError:
             return None
-        return self._call(key, "download of", response["Body"].read), response["ETag"]
 
     def put_if(self, key: str, data: bytes, version: str | None) -> str | None:
         """Write `data` only if the object still has ETag `version` (None: only if absent),

@@ -50,7 +50,6 @@ def evaluate(
     source: ModelSource, cfg: EvalConfig, tracking: TrackingConfig | None = None
 ) -> dict[str, Any]:
     """Evaluate `source` on `cfg`'s suite over Ray and log the results (see module doc)."""
-
     from neoray.evaluation.fanout import evaluate_suite
 
     start_or_join(log_to_driver=False)

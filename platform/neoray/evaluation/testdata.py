@@ -201,6 +201,35 @@ def texts(data_dir: str | Path) -> list[str]:
     return found
 
 
+def commit_stand_in_checkpoint(
+    storage, run_name: str, step: int, created: float, final_step: int, files: int = 0
+) -> None:
+    """A committed checkpoint as the scheduled evaluation sees it, without weights: `files`
+    one-byte layer files, then the manifest (written last, as training commits), saying it was
+    committed at unix time `created` by a run that ends at `final_step`."""
+    from datetime import datetime, timezone
+
+    from neoray.checkpoint.manifest import FileEntry, Manifest, checkpoint_key, manifest_key
+
+    entries = []
+    for index in range(files):
+        name = f"layer_{index:02d}-model_00-model_states.pt"
+        storage.put_bytes(f"{checkpoint_key(run_name, step)}/{name}", b"x")
+        entries.append(FileEntry(name, 1, "0" * 64))
+    manifest = Manifest(
+        run_name=run_name,
+        step=step,
+        tokens_seen=0,
+        topology={"tp": 1, "pp": 1, "dp": 1},
+        model={},
+        config={"train.steps": final_step},
+        code_version="stand-in",
+        created=datetime.fromtimestamp(created, timezone.utc).isoformat(),
+        files=entries,
+    )
+    storage.put_bytes(manifest_key(run_name, step), manifest.to_json().encode())
+
+
 def write_tokenizer(out_path: str | Path, data_dir: str | Path, vocab_size: int = 512):
     """A NeoX-style tokenizer trained on the mirror's text, saved as `out_path` (tokenizer.json)."""
     from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer

@@ -163,10 +163,11 @@ class Watcher:
 
     def _skip_deleted(self, step: int, suite: str) -> None:
         entry, version, _ = self.ledger.read(step, suite)
-        if entry is not None and entry.state in ("done", "skipped", "running"):
-            if entry.state != "running":
-                self.settled[step, suite] = entry
-            return  # a running pair's owner records the skip itself
+        if self._is_final(entry):
+            self.settled[step, suite] = entry
+            return
+        if entry is not None and entry.state == "running":
+            return  # its owner records the skip itself
         reason = f"checkpoint step {step} was deleted before it was evaluated"
         if self.ledger.record(step, suite, version, "skipped", reason=reason):
             self.say(f"skipped step {step} {suite}: {reason}")
@@ -255,21 +256,17 @@ class Watcher:
                 score = f"{name} {entry.metrics[name]:.4f}" if name else "no metrics"
                 self.say(f"finished step {step} {suite}: {score}")
             else:
-                retry = entry.state == "failed" and entry.attempts < self.schedule.max_attempts
                 self.say(
                     f"{entry.state} step {step} {suite}: {entry.reason}"
-                    + (" (will retry)" if retry else "")
+                    + ("" if self._is_final(entry) else " (will retry)")
                 )
-            if not job.claim.lost and not (
-                entry.state == "failed" and entry.attempts < self.schedule.max_attempts
-            ):
+            if not job.claim.lost and self._is_final(entry):
                 self.settled[pair] = entry
 
     def finished(self) -> bool:
-        """The final step is committed and every selected pair is settled."""
+        """The final step is committed and every pair selected so far (by `poll`) is settled."""
         if self.final_step is None or self.final_step not in self.manifests or self.running:
             return False
-        self.wanted |= self.selected()
         return all((step, suite) in self.settled for step in self.wanted for suite in self.suites)
 
     # -- the loop

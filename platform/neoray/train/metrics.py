@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from neoray.model.flops import PEAK_TFLOPS, hardware_flops_per_token, model_flops_per_token
 from neoray.model.gpt_neox import NeoXConfig
+from neoray.storage import publish_file
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class MetricsFile:
                     kept.append(line + "\n")
             if torn:
                 log.warning("%s: dropped %d line(s) cut short by a crash", self.path, torn)
-            staging = self.path.with_name(f".{self.path.name}.tmp")
-            staging.write_text("".join(kept))
-            os.replace(staging, self.path)
+            publish_file(self.path, lambda out: out.write("".join(kept).encode()))
             self._file = self.path.open("a")
         else:
             self._file = self.path.open("w")
