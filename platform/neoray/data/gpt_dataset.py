@@ -154,6 +154,10 @@ class GPTDataset:
     ) -> None:
         self.data = data
         self.seq_len = seq_len
+        # One epoch: the tokens of these documents (a sample consumes seq_len of them).
+        self.tokens_per_epoch = int(
+            np.sum(data.sizes[documents.start : documents.stop], dtype=np.int64)
+        )
         self.index = load_or_build_sample_index(
             data, documents, seq_len, num_samples, seed, cache_dir
         )

@@ -65,6 +65,19 @@ class BlendedDataset:
         """Name of the component sample i comes from."""
         return self.names[self.dataset_index[i]]
 
+    def components(self, indices: np.ndarray) -> np.ndarray:
+        """Index into `names` of the component each sample comes from."""
+        return self.dataset_index[indices].astype(np.int64)
+
+    def epochs(self, samples: int) -> dict[str, float]:
+        """Epochs of each component that the first `samples` samples consume: the tokens they
+        take from it over the tokens of its documents in this split."""
+        taken = np.bincount(self.dataset_index[:samples], minlength=len(self.names))
+        return {
+            name: int(taken[d]) * data.seq_len / max(data.tokens_per_epoch, 1)
+            for d, (name, data) in enumerate(zip(self.names, self.datasets, strict=True))
+        }
+
 
 def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDataset:
     """`num_samples` samples of `split` mixed from the configured components.

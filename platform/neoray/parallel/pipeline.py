@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neoray.model.gpt_neox import NeoXConfig, init_weights
 from neoray.parallel.layers import EmbeddingStage, FinalNormStage, OutputStage, ParallelLayer
-from neoray.parallel.tensor import vocab_parallel_cross_entropy
+from neoray.parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_sample_losses
 from neoray.parallel.topology import Placement
 
 
@@ -28,6 +28,21 @@ def layer_specs(config: NeoXConfig, tp_group) -> list[LayerSpec]:
         LayerSpec(FinalNormStage, config),
         LayerSpec(OutputStage, config, tp_group),
     ]
+
+
+class NextTokenLoss:
+    """The pipeline's loss function: the micro-batch's mean next-token loss, or with
+    `per_sample` set each sample's (B,), which validation asks for to report the loss of each
+    mixture component (DeepSpeed hands the loss back per micro-batch, as computed)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.per_sample = False
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.per_sample:
+            return vocab_parallel_sample_losses(logits, targets, self.group)
+        return vocab_parallel_cross_entropy(logits, targets, self.group)
 
 
 def build_pipeline(
@@ -47,7 +62,7 @@ def build_pipeline(
     group = placement.tp_group
     module = PipelineModule(
         layers=layer_specs(config, group),
-        loss_fn=functools.partial(vocab_parallel_cross_entropy, group=group),
+        loss_fn=NextTokenLoss(group),
         topology=placement.topology,
         partition_method="type:ParallelLayer",
         activation_checkpoint_interval=config.checkpoint_activations,

@@ -141,33 +141,41 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy from logits split over the vocab, without gathering them.
+def _row_losses(logits: torch.Tensor, targets: torch.Tensor, group):
+    """Per-row cross-entropy from this rank's vocab slice, and what its gradient needs.
 
     Softmax needs only three numbers per row from the other ranks: the max (for stability),
     the sum of exponentials and the target's logit (from the rank that owns the target).
+    Returns (losses (N,), exp (N, V / tp) in place of the fp32 logits, sum_exp, the targets
+    local to this slice, and whether this rank owns each target).
     """
+    local_vocab = logits.shape[-1]
+    logits = logits.reshape(-1, local_vocab).float()
+    targets = targets.reshape(-1)
+    row_max = _all_reduce(logits.amax(dim=1), group, dist.ReduceOp.MAX)
+    shifted = logits - row_max.unsqueeze(1)
+
+    local_targets = targets - _rank(group) * local_vocab
+    owned = (local_targets >= 0) & (local_targets < local_vocab)
+    local_targets = local_targets.clamp(0, local_vocab - 1)
+    target_logit = shifted.gather(1, local_targets.unsqueeze(1)).squeeze(1) * owned
+    _all_reduce(target_logit, group)
+
+    exp = shifted.exp_()
+    sum_exp = _all_reduce(exp.sum(dim=1), group)
+    return sum_exp.log() - target_logit, exp, sum_exp, local_targets, owned
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy from logits split over the vocab, without gathering them."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        local_vocab = logits.shape[-1]
-        logits = logits.reshape(-1, local_vocab).float()
-        targets = targets.reshape(-1)
-        row_max = _all_reduce(logits.amax(dim=1), group, dist.ReduceOp.MAX)
-        shifted = logits - row_max.unsqueeze(1)
-
-        local_targets = targets - _rank(group) * local_vocab
-        owned = (local_targets >= 0) & (local_targets < local_vocab)
-        local_targets = local_targets.clamp(0, local_vocab - 1)
-        target_logit = shifted.gather(1, local_targets.unsqueeze(1)).squeeze(1) * owned
-        _all_reduce(target_logit, group)
-
-        exp = shifted.exp_()
-        sum_exp = _all_reduce(exp.sum(dim=1), group)
-        valid = targets != IGNORE_INDEX
+        losses, exp, sum_exp, local_targets, owned = _row_losses(logits, targets, group)
+        valid = targets.reshape(-1) != IGNORE_INDEX
         row_scale = valid / valid.sum().clamp(min=1)  # 1/count, and 0 on ignored rows
-        loss = ((sum_exp.log() - target_logit) * row_scale).sum()
+        loss = (losses * row_scale).sum()
 
         softmax = exp.div_(sum_exp.unsqueeze(1))
         ctx.save_for_backward(softmax, local_targets, owned, row_scale)
@@ -191,3 +199,14 @@ def vocab_parallel_cross_entropy(
     the logits' dtype, computed in fp32.
     """
     return _VocabParallelCrossEntropy.apply(logits, targets, group)
+
+
+@torch.no_grad()
+def vocab_parallel_sample_losses(
+    logits: torch.Tensor, targets: torch.Tensor, group
+) -> torch.Tensor:
+    """Each sample's mean next-token loss (B,) from logits (B, T, V / tp): for evaluation,
+    which breaks the loss down by where each sample comes from. -100 targets are ignored."""
+    losses = _row_losses(logits, targets, group)[0].view(targets.shape)
+    valid = targets != IGNORE_INDEX
+    return (losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)

@@ -6,6 +6,7 @@ can be checked without processes or devices, so mistakes surface before a cluste
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from neoray.checkpoint.config import CheckpointConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
+from neoray.data.gpt_dataset import split_documents
+from neoray.data.indexed import IndexedDataset, idx_path
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
 from neoray.storage import StorageConfig
@@ -59,6 +62,8 @@ class TrainConfig:
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
     compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
     log_interval: int = 10  # rank 0 prints a progress line every this many steps; 0: never
+    eval_interval: int = 1000  # validate every this many steps and at the end; 0: never
+    eval_iters: int = 10  # global batches of the validation split per validation
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -71,6 +76,18 @@ class TrainConfig:
             raise ConfigError("train.log_interval must be >= 0 (0 turns progress lines off)")
         if self.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be at least 1")
+        if self.eval_interval < 0:
+            raise ConfigError("train.eval_interval must be >= 0 (0 turns validation off)")
+        if self.eval_interval and self.eval_iters < 1:
+            raise ConfigError(
+                f"train.eval_iters={self.eval_iters}: validation needs at least 1 batch "
+                "(or set train.eval_interval=0 to turn it off)"
+            )
+
+    def validates_after(self, done: int) -> bool:
+        """Whether validation runs once `done` steps are trained: every `eval_interval`
+        steps, and after the last one."""
+        return bool(self.eval_interval) and (done % self.eval_interval == 0 or done == self.steps)
 
 
 @dataclass
@@ -130,6 +147,24 @@ def validate_vocab(model: NeoXConfig, data: DataConfig) -> None:
         )
 
 
+def validate_validation_split(data: DataConfig) -> None:
+    """In-loop validation reads the mixture's validation split: once the token files exist,
+    some component must have documents there (the split's middle weight, rounded per
+    component, can leave it empty on a small corpus)."""
+    counts = {}
+    for name, component in data.components.items():
+        if not os.path.exists(idx_path(component.prefix)):
+            return  # not preprocessed yet: build_mixture reports it on the workers
+        documents = len(IndexedDataset(component.prefix))
+        counts[name] = (len(split_documents(documents, data.split)[1]), documents)
+    if not any(validation for validation, _ in counts.values()):
+        raise ConfigError(
+            f"train.eval_interval: no component has documents in the validation split of "
+            f"data.split={data.split!r} ({', '.join(f'{k}: 0 of {n} documents' for k, (_, n) in counts.items())}"
+            "): raise the split's middle weight, or set train.eval_interval=0"
+        )
+
+
 def pretrain_config(cfg: Any) -> PretrainConfig:
     """Typed, validated config from the Hydra `pretrain` config (sections as in conf/pretrain.yaml)."""
     values = to_dict(cfg)
@@ -158,4 +193,6 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         )
     if isinstance(config.data, DataConfig):
         validate_vocab(config.model, config.data)
+        if config.train.eval_interval:
+            validate_validation_split(config.data)
     return config

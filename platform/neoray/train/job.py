@@ -8,6 +8,7 @@ global rank 0 logs the run to MLflow.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class WorkerJob:
     tracking: TrackingConfig
     params: dict[str, Any] = field(default_factory=dict)  # the job config, for MLflow
     tags: dict[str, str] = field(default_factory=dict)
+    report_validation: bool = False  # pass validation rows to Ray Train (a sweep's trial)
 
 
 def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
@@ -52,14 +54,27 @@ def train(job: WorkerJob) -> None:
     """The per-worker function: one rank of the run; global rank 0 tracks it in MLflow."""
     from neoray.train.loop import pretrain
 
+    on_validation = None
+    if job.report_validation:
+        on_validation = functools.partial(report_to_ray_train, steps=job.config.train.steps)
     if int(os.environ["RANK"]) != 0 or not job.tracking.enabled:
-        pretrain(job.config)
+        pretrain(job.config, on_validation=on_validation)
         return
     from neoray.tracking import MLflowTracker, ray_job_tags
 
     tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
     with MLflowTracker(job.tracking, job.run_name, job.params, tags) as tracker:
-        pretrain(job.config, tracker)
+        pretrain(job.config, tracker, on_validation)
+
+
+def report_to_ray_train(row: dict, steps: int) -> None:
+    """Hand a validation row to Ray Train (every worker must), which passes rank 0's on to
+    Ray Tune: its numbers, `trained_steps` (the time axis of a scheduler such as ASHA) and
+    `train_steps`, the run's length (a trial that stopped short of it was stopped early)."""
+    import ray.train
+
+    numbers = {key: value for key, value in row.items() if isinstance(value, int | float)}
+    ray.train.report({**numbers, "trained_steps": row["step"] + 1, "train_steps": steps})
 
 
 def _single_process_environment() -> None:
@@ -74,6 +89,43 @@ def _single_process_environment() -> None:
     )
 
 
+def worker_job(
+    cfg: Any,
+    config: PretrainConfig,
+    launcher: str,
+    tags: dict[str, str] | None = None,
+    report_validation: bool = False,
+) -> WorkerJob:
+    """What every rank of the run of Hydra config `cfg` (typed as `config`) receives."""
+    return WorkerJob(
+        config=config,
+        run_name=config.run_name,
+        tracking=dataclass_from_config(TrackingConfig, cfg.get("tracking"), "tracking"),
+        params=to_dict(cfg),
+        tags={**run_tags(config, launcher), **(tags or {})},
+        report_validation=report_validation,
+    )
+
+
+def cluster_config(cfg: Any) -> ClusterConfig:
+    return dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
+
+
+def run_on_ray(job: WorkerJob, cluster: ClusterConfig, callbacks: tuple = ()) -> None:
+    """Run `job` on one Ray Train worker per rank; `callbacks` are Ray Train's."""
+    from neoray.cluster.train import run_workers
+
+    run_workers(
+        train,
+        job,
+        num_workers=job.config.parallel.world_size,
+        cluster=cluster,
+        name=job.run_name,
+        default_storage=str(Path(job.config.run_dir) / "ray"),
+        callbacks=callbacks,
+    )
+
+
 def run_pretrain(cfg: Any) -> None:
     # Everything is validated before any process group, Ray worker or tensor exists.
     config = pretrain_config(cfg)
@@ -84,27 +136,12 @@ def run_pretrain(cfg: Any) -> None:
         return
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={cfg.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
-    cluster = dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
+    cluster = cluster_config(cfg)
     if cfg.launcher == "torchrun" or not (cluster.address or os.environ.get("RAY_ADDRESS")):
         check_precision(config.train.precision)  # the ranks run on this machine's devices
-    job = WorkerJob(
-        config=config,
-        run_name=config.run_name,
-        tracking=dataclass_from_config(TrackingConfig, cfg.get("tracking"), "tracking"),
-        params=to_dict(cfg),
-        tags=run_tags(config, cfg.launcher),
-    )
+    job = worker_job(cfg, config, cfg.launcher)
     if cfg.launcher == "ray":
-        from neoray.cluster.train import run_workers
-
-        run_workers(
-            train,
-            job,
-            num_workers=config.parallel.world_size,
-            cluster=cluster,
-            name=job.run_name,
-            default_storage=str(Path(config.run_dir) / "ray"),
-        )
+        run_on_ray(job, cluster)
     else:
         _single_process_environment()
         train(job)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
@@ -27,13 +28,14 @@ from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
 from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, manifest_created
 from neoray.config import flatten, redact
+from neoray.data.mixture import BlendedDataset
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
 from neoray.storage import Storage, open_storage
 from neoray.train.config import PretrainConfig
-from neoray.train.data import training_batches
+from neoray.train.data import batch_schedule, dataset, micro_batches
 from neoray.train.engine import build_engine
 from neoray.train.metrics import (
     MetricsFile,
@@ -44,17 +46,24 @@ from neoray.train.metrics import (
 )
 from neoray.train.observer import TrainingObserver
 from neoray.train.precision import check_precision
+from neoray.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
 
 def progress_line(row: dict, steps: int) -> str:
     """One line of progress for the console (metrics.jsonl and MLflow get every field)."""
-    loss = float("nan") if row["loss"] is None else row["loss"]  # None: not finite (JSON)
-    return (
-        f"step {row['step'] + 1}/{steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "
+    line = (
+        f"step {row['step'] + 1}/{steps}  loss {_number(row['loss'])}  lr {row['lr']:.2e}  "
         f"{row['tokens_per_s']:,.0f} tokens/s  MFU {row['mfu']:.1%}"
     )
+    if "val/loss" in row:
+        line += f"  val loss {_number(row['val/loss'])}"
+    return line
+
+
+def _number(value: float | None) -> str:
+    return f"{float('nan') if value is None else value:.4f}"  # None: not finite (JSON)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,6 +117,13 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
         )
 
 
+def epochs_seen(data, samples: int) -> dict[str, float]:
+    """`epochs/<component>` after `samples` training samples (a mixture's components only)."""
+    if not isinstance(data, BlendedDataset):
+        return {}
+    return {f"epochs/{name}": epochs for name, epochs in data.epochs(samples).items()}
+
+
 def manifest_factory(cfg: PretrainConfig):
     """(step, files) -> the Manifest of run `cfg` at `step`."""
     config = redact(flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
@@ -153,10 +169,16 @@ def _snapshots(
     )
 
 
-def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> None:
+def pretrain(
+    cfg: PretrainConfig,
+    observer: TrainingObserver | None = None,
+    on_validation: Callable[[dict], None] | None = None,
+) -> None:
     """Train run `cfg.run_name` up to `cfg.train.steps` steps, resuming from its latest
     committed checkpoint; rank 0 writes `<run_dir>/metrics.jsonl` and reports each step's
-    metrics and each checkpoint (committed or failed) to `observer`."""
+    metrics and each checkpoint (committed or failed) to `observer`. Every rank passes the
+    row of each step that ended with validation to `on_validation` (Ray Tune needs all of a
+    Ray Train run's workers to report)."""
     validate_layout(cfg.model, cfg.parallel, int(os.environ["WORLD_SIZE"]))
     check_precision(cfg.train.precision)  # a worker on a remote node may have another device
     device = _device()
@@ -179,6 +201,10 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
         log.info(
             "run %r already trained %d steps (train.steps=%d)", cfg.run_name, start, cfg.train.steps
         )
+        if on_validation is not None and cfg.train.eval_interval:
+            # Started again after it finished (a sweep whose driver died before recording
+            # this trial's end): whoever waits on its validation gets the final one again.
+            on_validation({"step": start - 1, **Validation(cfg, engine, placement).run()})
         dist.barrier()
         return
 
@@ -190,7 +216,10 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
         peak=_peak_tflops(cfg, device),
     )
     out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
-    batches = training_batches(cfg, placement.dp_rank, start)
+    schedule = batch_schedule(cfg)
+    train_data = dataset(cfg, "train", schedule.train_samples)
+    batches = micro_batches(train_data, schedule, placement.dp_rank, start)
+    validation = Validation(cfg, engine, placement) if cfg.train.eval_interval else None
     snapshots = _snapshots(cfg, engine, storage, staging, observer) if storage else None
     if snapshots is not None and resumed is None and cfg.checkpoint.should_save(0, cfg.train.steps):
         snapshots.save(0)
@@ -212,11 +241,21 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
             step_skipped=not engine.was_step_applied(),
             peak_memory_gib=peak_memory_gib(device),
         )
+        done = step + 1
+        validated = validation is not None and cfg.train.validates_after(done)
+        if validated:
+            start_time = time.perf_counter()
+            row.update(
+                validation.run(), **epochs_seen(train_data, done * schedule.global_batch_size)
+            )
+            row["val/time_s"] = time.perf_counter() - start_time
+            if on_validation is not None:
+                on_validation(row)
         if out is not None:
             out.write(row)
             if observer is not None:
                 observer.on_metrics(row)
-            if cfg.train.log_interval and (step + 1) % cfg.train.log_interval == 0:
+            if validated or (cfg.train.log_interval and done % cfg.train.log_interval == 0):
                 print(progress_line(row, cfg.train.steps), flush=True)
         nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
         if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
@@ -227,7 +266,6 @@ def pretrain(cfg: PretrainConfig, observer: TrainingObserver | None = None) -> N
                 "stopping without saving the diverged weights. Lower optim.lr, raise "
                 "optim.warmup, or train in bf16"
             )
-        done = step + 1
         if snapshots is not None and cfg.checkpoint.should_save(done, cfg.train.steps):
             if math.isfinite(loss):
                 snapshots.save(done)
