@@ -88,15 +88,17 @@ def _quoted(value: str) -> str:
 
 def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
     """The training run of `run_name`: the first run of the experiment tagged
-    `neoray.run_name=<run_name>` that is not nested under another (evaluation runs carry the
-    same tag under their training run); None if there is none yet."""
+    `neoray.run_name=<run_name>` that is not nested under another run of that name (evaluation
+    runs carry their training run's name; a sweep's trial runs are nested under the sweep's
+    run, of another name); None if there is none yet."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = {_quoted(run_name)}",
         order_by=["attributes.start_time ASC"],
         max_results=SEARCH_LIMIT,
     )
-    return next((run for run in runs if PARENT_TAG not in run.data.tags), None)
+    same_name = {run.info.run_id for run in runs}
+    return next((run for run in runs if run.data.tags.get(PARENT_TAG) not in same_name), None)
 
 
 def experiment_id(client: Any, name: str) -> str:

@@ -77,9 +77,11 @@ def run_workers(
     cluster: ClusterConfig,
     name: str,
     default_storage: str,
+    callbacks: tuple = (),
 ) -> None:
     """Call `function(argument)` on `num_workers` Ray Train workers forming one process group;
-    raise if the run fails after `cluster.max_failures` restarts."""
+    raise if the run fails after `cluster.max_failures` restarts. `callbacks` are Ray Train
+    callbacks (a sweep's trial passes Ray Tune's, which forwards the workers' reports)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -100,6 +102,7 @@ def run_workers(
             storage_path=str(Path(cluster.storage_path or default_storage).resolve()),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks),
         ),
     )
     try:

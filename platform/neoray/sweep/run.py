@@ -1,0 +1,259 @@
+"""`jobs/sweep.py`: check the sweep, run it with Ray Tune, record what it found.
+
+Everything that can be wrong in the sweep is refused before any trial starts: the space's
+keys and distributions, each key's extreme values as a pretrain config, the metric (one the
+runs report at validation), and whether the cluster can place `max_concurrent_trials` trials.
+Tune keeps the sweep's state under `<sweep_dir>/tune`: running the same command again after
+the driver died continues it, without running finished trials again.
+
+MLflow gets one run for the sweep (`<name>.sweep`) and, nested under it, each trial's own
+training run, marked completed (FINISHED), stopped early (KILLED) or failed (FAILED) at the
+end; the sweep's run holds the best trial's values, its metric, `best.yaml` and a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from neoray.config import ConfigError, dataclass_from_config
+from neoray.sweep.config import SweepConfig, sweep_config
+from neoray.sweep.outcome import (
+    MLFLOW_STATUS,
+    TrialOutcome,
+    best_trial,
+    plot,
+    trial_outcome,
+    write_best,
+)
+from neoray.sweep.space import check_keys, corners, override, tune_space
+from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
+from neoray.tracking import MLflowTracker, TrackingConfig, experiment_id, find_run, metric_key
+from neoray.train.config import PretrainConfig, pretrain_config
+from neoray.train.job import cluster_config
+
+# What a trial's driver process takes (Python, Ray Train's controller); reserving it also makes
+# the trial's resource request non-empty when it asks for no CPU, which Ray requires.
+TRIAL_DRIVER_MEMORY = 512 * 2**20
+
+
+@dataclass
+class SweepResult:
+    sweep: SweepConfig
+    outcomes: list[TrialOutcome]
+    best: TrialOutcome | None
+    command: str | None  # trains the best configuration
+
+
+def reported_metrics(config: PretrainConfig) -> list[str]:
+    """What a run reports at each validation, and so what a sweep can select on."""
+    from neoray.train.config import SyntheticDataConfig
+
+    components = (
+        ["synthetic"] if isinstance(config.data, SyntheticDataConfig) else config.data.components
+    )
+    return ["loss", "val/loss", "val/ppl", *(f"val/{name}/loss" for name in components)]
+
+
+def check_sweep(
+    sweep: SweepConfig, conf_dir: str, base_overrides: list[str]
+) -> tuple[DictConfig, PretrainConfig]:
+    """The base pretrain config, once the whole sweep is known to be runnable."""
+    base_cfg = compose_pretrain(conf_dir, base_overrides)
+    base = pretrain_config(base_cfg)
+    check_keys(sweep.space, base_cfg, conf_dir)
+    tune_space(sweep.space)  # the distributions and their arguments
+    for key, values in corners(sweep.space).items():
+        for value in values:
+            try:
+                pretrain_config(compose_pretrain(conf_dir, [*base_overrides, override(key, value)]))
+            except Exception as err:  # a Hydra error (an unknown group option) or ConfigError
+                raise ConfigError(f"sweep.space.{key}={value!r}: {err}") from err
+    if not base.train.eval_interval:
+        raise ConfigError(
+            f"sweep.metric={sweep.metric!r}: runs report it at validation, which "
+            "train.eval_interval=0 turns off; set train.eval_interval (e.g. 50)"
+        )
+    reported = reported_metrics(base)
+    if sweep.metric not in reported:
+        raise ConfigError(
+            f"sweep.metric={sweep.metric!r}: the runs never report it; choose one of "
+            f"{', '.join(reported)}"
+        )
+    return base_cfg, base
+
+
+def check_capacity(sweep: SweepConfig, base: PretrainConfig, base_cfg: DictConfig) -> None:
+    """Refuse (rather than wait forever) when the cluster cannot place the concurrent trials:
+    each needs its Ray Train workers, all at once, plus its driver."""
+    import ray
+
+    cluster = cluster_config(base_cfg)
+    workers = base.parallel.world_size
+    needs = {"CPU": workers * cluster.cpus_per_worker + sweep.trial_cpus}
+    if cluster.use_gpu:
+        needs["GPU"] = workers
+    available = ray.cluster_resources()
+    for resource, per_trial in needs.items():
+        have = available.get(resource, 0)
+        if per_trial * sweep.max_concurrent_trials > have:
+            fits = int(have // per_trial) if per_trial else 0
+            raise ConfigError(
+                f"sweep.max_concurrent_trials={sweep.max_concurrent_trials}: each trial needs "
+                f"{per_trial:g} {resource} ({workers} workers) and the cluster has {have:g}: "
+                + (
+                    f"set sweep.max_concurrent_trials={fits}"
+                    if fits
+                    else "give the cluster more, or make the trial smaller (parallel.*)"
+                )
+            )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id  # outcome.trial_outcome reads the trial id back from the folder
+
+
+def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
+    """A new Tuner, or the sweep's own restored when its state exists (the driver died)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context),
+        {"CPU": sweep.trial_cpus, "memory": TRIAL_DRIVER_MEMORY},
+    )
+    path = storage / "tune"
+    if tune.Tuner.can_restore(str(path)):
+        print(f"continuing sweep {sweep.name!r} from {path}", flush=True)
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    if sweep.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="trained_steps",
+            grace_period=sweep.scheduler.grace_period,
+            reduction_factor=sweep.scheduler.reduction_factor,
+            max_t=10**12,  # trials end themselves at train.steps
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space={"overrides": tune_space(sweep.space)},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=sweep.seed),
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
+        ),
+    )
+
+
+def _parent_run(tracking: TrackingConfig, sweep: SweepConfig, base_overrides: list[str]):
+    params = {"sweep": dataclasses.asdict(sweep), "base_overrides": " ".join(base_overrides)}
+    return MLflowTracker(
+        dataclasses.replace(tracking, system_metrics=False),
+        f"{sweep.name}.sweep",
+        params,
+        {"neoray.sweep": sweep.name},
+    )
+
+
+def _record_trials(tracking: TrackingConfig, sweep: SweepConfig, outcomes: list[TrialOutcome]):
+    """Mark each trial's MLflow run with how it ended (a stopped trial's workers were killed
+    before they could)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.uri)
+    experiment = experiment_id(client, tracking.experiment)
+    for outcome in outcomes:
+        run = find_run(client, experiment, trial_run_name(sweep.name, outcome.trial_id))
+        if run is None:  # failed before its rank 0 started tracking
+            continue
+        client.set_tag(run.info.run_id, "neoray.sweep.status", outcome.status)
+        client.set_terminated(run.info.run_id, MLFLOW_STATUS[outcome.status])
+
+
+def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepResult:
+    """Run (or continue) the sweep of `cfg.sweep`; every trial's pretrain config is composed
+    from the sweep's `fixed` overrides, then `command_line`'s, then its sampled values."""
+    from neoray.cluster.ray_start import start_or_join
+
+    sweep = sweep_config(cfg.sweep)
+    base_overrides = [*sweep.fixed, *command_line]
+    base_cfg, base = check_sweep(sweep, conf_dir, base_overrides)
+    tracking = dataclass_from_config(TrackingConfig, base_cfg.get("tracking"), "tracking")
+    storage = Path(cfg.sweep_dir).resolve()
+    cluster = cluster_config(base_cfg)
+    started = start_or_join(cluster.address, use_gpu=cluster.use_gpu, dashboard=True)
+    try:
+        check_capacity(sweep, base, base_cfg)
+        parent = _parent_run(tracking, sweep, base_overrides) if tracking.enabled else None
+        context = TrialContext(
+            sweep=sweep.name,
+            sweep_dir=str(storage),
+            conf_dir=conf_dir,
+            base_overrides=list(base_overrides),
+            cwd=os.getcwd(),
+            parent_run_id=parent.run_id if parent else None,
+        )
+        try:
+            results = _tuner(sweep, context, storage).fit()
+            outcomes = [trial_outcome(result, sweep.metric) for result in results]
+            result = _summarize(sweep, outcomes, base_overrides, storage)
+            if parent is not None:
+                _record_trials(tracking, sweep, outcomes)
+                _log_summary(parent, sweep, result, storage)
+        except BaseException:
+            if parent is not None:
+                parent.close(failed=True)
+            raise
+        if parent is not None:
+            parent.close()
+        return result
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _summarize(
+    sweep: SweepConfig, outcomes: list[TrialOutcome], base_overrides: list[str], storage: Path
+) -> SweepResult:
+    best = best_trial(outcomes, sweep.mode)
+    command = write_best(storage / "best.yaml", best, sweep, base_overrides) if best else None
+    plot(outcomes, sweep, storage / "sweep.png")
+    return SweepResult(sweep, outcomes, best, command)
+
+
+def _log_summary(parent: MLflowTracker, sweep: SweepConfig, result: SweepResult, storage: Path):
+    counts = {}
+    for outcome in result.outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    parent.set_tags({f"neoray.sweep.{status}": str(n) for status, n in counts.items()})
+    if result.best is not None:
+        best = result.best
+        parent.set_tags(
+            {
+                "best.trial": best.trial_id,
+                "best.command": result.command,
+                **{f"best.{key}": str(value) for key, value in best.values.items()},
+            }
+        )
+        if best.metric is not None:
+            parent.log_metrics({f"best/{metric_key(sweep.metric)}": best.metric}, step=0)
+        parent.client.log_artifact(parent.run_id, str(storage / "best.yaml"))
+    parent.client.log_artifact(parent.run_id, str(storage / "sweep.png"))

@@ -1,0 +1,235 @@
+"""Sweeps: Ray Tune trials of real pretraining runs on a local Ray, ASHA stopping the trials
+that trail, MLflow runs nested under the sweep's, best.yaml reproducing the best trial, a
+killed driver continued by the same command, and bad sweeps refused before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import services
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow-sweep")) as server:
+        yield server.url
+
+
+def write_sweep(folder: Path, name: str, **settings) -> list[str]:
+    """A sweep file of our own (conf/sweep/ holds the examples), found through Hydra's
+    search path; returns the overrides that select it."""
+    (folder / "sweep").mkdir(parents=True, exist_ok=True)
+    (folder / "sweep" / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **settings}))
+    return [f"hydra.searchpath=[file://{folder}]", f"sweep={name}"]
+
+
+def demo_base(demo_data, tmp_path: Path) -> list[str]:
+    return [
+        "data=demo",
+        f"data.root={demo_data.root}",
+        "data.seq_len=32",
+        "parallel.micro_batch_size=4",
+        "train.eval_iters=2",
+        "train.peak_tflops=1.0",
+        "train.log_interval=0",
+        "tracking.system_metrics=false",
+        f"storage.root={tmp_path / 'checkpoints'}",
+    ]
+
+
+def sweep_command(tmp_path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "jobs/sweep.py", f"sweep_dir={tmp_path / 'sweep'}", *overrides]
+
+
+def run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    return result
+
+
+def environment(tracking_uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": "cpu"}
+
+
+def trial_runs(tracking_uri: str, sweep: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("neoray").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`neoray.sweep` = '{sweep}'")
+    parents = [r for r in runs if r.data.tags.get("neoray.run_name") == f"{sweep}.sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    trials = [r for r in runs if r.info.run_id != parent.info.run_id]
+    return client, parent, trials
+
+
+def final_val_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "val/loss" in row][-1]["val/loss"]
+
+
+def test_asha_sweep_stops_trailing_trials_and_its_best_reproduces(
+    demo_data, tracking_server, tmp_path
+):
+    """Four learning rates in grid order (two good, then two far too small), two trials at a
+    time: the small ones reach ASHA's first rung behind the recorded ones and are stopped."""
+    select = write_sweep(
+        tmp_path / "conf",
+        "asha4",
+        space={"optim.lr": {"grid": [1e-2, 5e-3, 1e-6, 1e-7]}},
+        fixed=["train.steps=16", "train.eval_interval=4", "optim.warmup=0.0", "optim.min_lr=0"],
+        num_samples=1,
+        max_concurrent_trials=2,
+        scheduler={"name": "asha", "grace_period": 4, "reduction_factor": 2},
+    )
+    env = environment(tracking_server)
+    base = demo_base(demo_data, tmp_path)
+    result = run(sweep_command(tmp_path, *select, *base), env)
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(tmp_path / "sweep" / "tune"))
+    last = {t.trial_id: t.last_result for t in analysis.trials}
+    assert len(last) == 4 and all(t.status == "TERMINATED" for t in analysis.trials)
+    stopped = [i for i, r in last.items() if r["trained_steps"] < r["train_steps"]]
+    completed = [i for i, r in last.items() if r["trained_steps"] == r["train_steps"] == 16]
+    assert stopped and completed, last
+    assert all(last[i]["val/loss"] > min(last[c]["val/loss"] for c in completed) for i in stopped)
+
+    client, parent, trials = trial_runs(tracking_server, "asha4")
+    assert len(trials) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    status = {r.data.tags["neoray.sweep.trial"]: r for r in trials}
+    for trial_id in stopped:
+        assert status[trial_id].info.status == "KILLED"
+        assert status[trial_id].data.tags["neoray.sweep.status"] == "stopped_early"
+    for trial_id in completed:
+        assert status[trial_id].info.status == "FINISHED"
+        assert "val/loss" in status[trial_id].data.metrics
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best.yaml", "sweep.png"} <= artifacts
+
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert best["trial"] in completed
+    assert best["value"] == min(last[c]["val/loss"] for c in completed)
+    assert parent.data.tags["best.trial"] == best["trial"]
+    assert f"train it: {best['command']}" in result.stdout
+
+    # the printed command trains the best configuration again, to the same validation loss
+    command = shlex.split(best["command"])
+    assert command[:2] == ["python", "jobs/pretrain.py"]
+    rerun_dir = tmp_path / "best-run"
+    run([sys.executable, *command[1:], f"run_dir={rerun_dir}"], env)
+    trial_dir = tmp_path / "sweep" / "trials" / f"asha4-{best['trial']}"
+    assert final_val_loss(rerun_dir) == pytest.approx(final_val_loss(trial_dir), rel=1e-6)
+    assert final_val_loss(rerun_dir) == pytest.approx(best["value"], rel=1e-6)
+
+
+def test_a_killed_sweep_driver_is_continued_by_the_same_command(
+    demo_data, tracking_server, tmp_path
+):
+    select = write_sweep(
+        tmp_path / "conf",
+        "resume3",
+        space={"optim.lr": {"grid": [1e-2, 3e-3, 1e-3]}},
+        fixed=["train.steps=8", "train.eval_interval=4"],
+        num_samples=1,
+        max_concurrent_trials=1,
+        scheduler={"name": "fifo"},
+    )
+    env = environment(tracking_server)
+    command = sweep_command(tmp_path, *select, *demo_base(demo_data, tmp_path))
+    driver = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    from ray.tune import ExperimentAnalysis
+
+    tune_dir = tmp_path / "sweep" / "tune"
+    finished: set[str] = set()
+    deadline = time.monotonic() + 300
+    try:
+        while not finished and time.monotonic() < deadline:
+            time.sleep(2)
+            if driver.poll() is not None:
+                pytest.fail(f"the sweep ended (exit {driver.returncode}) before it was killed")
+            try:
+                trials = ExperimentAnalysis(str(tune_dir)).trials
+            except Exception:  # no state written yet
+                continue
+            finished = {t.trial_id for t in trials if t.status == "TERMINATED"}
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert finished, "no trial finished within 300 s"
+    kept = {
+        trial_id: (tmp_path / "sweep" / "trials" / f"resume3-{trial_id}" / "metrics.jsonl")
+        for trial_id in finished
+    }
+    before = {trial_id: path.stat().st_mtime_ns for trial_id, path in kept.items()}
+
+    result = run(command, env)
+    assert "continuing sweep 'resume3'" in result.stdout
+    analysis = ExperimentAnalysis(str(tune_dir))
+    assert len(analysis.trials) == 3
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    assert all(t.last_result["trained_steps"] == 8 for t in analysis.trials)
+    for trial_id, path in kept.items():  # finished trials were not run again
+        assert path.stat().st_mtime_ns == before[trial_id], trial_id
+
+
+@pytest.mark.parametrize(
+    "settings, overrides, message",
+    [
+        ({"space": {"optim.lrr": {"choice": [1e-3]}}}, [], r"unknown key 'optim\.lrr'.*optim\.lr"),
+        ({"space": {"optim.lr": {"lognormal": [1, 2]}}}, [], r"unknown distribution 'lognormal'"),
+        (
+            {"space": {"optim.lr": {"choice": [1e-3]}}, "metric": "val/accuracy"},
+            [],
+            r"sweep\.metric='val/accuracy': the runs never report it",
+        ),
+        (
+            {"space": {"optim.lr": {"choice": [1e-3]}}},
+            ["train.eval_interval=0"],
+            r"train\.eval_interval=0",
+        ),
+        ({"space": {"model": {"choice": ["tiny", "gpt5"]}}}, [], r"sweep\.space\.model='gpt5'"),
+        (
+            {"space": {"optim.lr": {"choice": [1e-3]}}, "max_concurrent_trials": 64},
+            [],
+            r"sweep\.max_concurrent_trials=64: each trial needs 1 CPU",
+        ),
+    ],
+)
+def test_bad_sweeps_are_refused_before_any_trial(tmp_path, settings, overrides, message):
+    import re
+
+    select = write_sweep(tmp_path / "conf", "bad", **settings)
+    command = sweep_command(
+        tmp_path, *select, "train.eval_interval=4", "tracking.enabled=false", *overrides
+    )
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr + result.stdout), result.stderr[-3000:]
+    assert not (tmp_path / "sweep" / "tune").exists()  # no trial started
