@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/eval_fanout.py
 	$(BIN)/python bench/eval_scaling.py
 	$(BIN)/python bench/eval_watch_latency.py
+	$(BIN)/python bench/sweep_overhead.py
 
 up: install
 	$(BIN)/neoray up

@@ -4,8 +4,9 @@ Nothing is downloaded. The demo corpus (standard-library code and pydoc's help t
 written, a NeoX-style tokenizer is trained on it and both components are tokenized into
 `.bin/.idx` files; the pretrain job then trains a small GPT-NeoX on their mixture with Ray
 Train workers on a local Ray (the same job a cluster runs), checkpointing to `./runs` and
-logging to MLflow. Every committed checkpoint is exported to Hugging Face format and scored on
-held-out data; the last export is reloaded by `transformers` and continues a prompt. Then the
+logging to MLflow, and validating on held-out data in the loop (overall and per component) at
+each checkpoint. Every committed checkpoint is exported to Hugging Face format; the last export
+is reloaded by `transformers` and continues a prompt. Then the
 scheduled evaluation evaluates every checkpoint on zero- and five-shot MMLU with lm-eval
 workers, recorded in the run's evaluation ledger and logged next to the training run.
 """
@@ -25,7 +26,6 @@ import torch
 from neoray.cluster.train import ClusterConfig, connect
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.console import MetricsFollower, log_to_file
-from neoray.data.mixture import BlendedDataset, build_mixture
 from neoray.data.prepare import prepare_data
 from neoray.model import GPTNeoX
 from neoray.model.generate import SamplingConfig, generate
@@ -38,13 +38,12 @@ from neoray.train.job import run_pretrain
 
 @dataclass
 class DemoConfig:
-    validation_batches: int = 4  # micro-batches of held-out data each checkpoint is scored on
     prompt: str = "def "
     new_tokens: int = 48
     mmlu_limit: int = 2  # questions per MMLU subject in the scheduled evaluation (local data)
 
     def __post_init__(self) -> None:
-        for name in ("validation_batches", "new_tokens", "mmlu_limit"):
+        for name in ("new_tokens", "mmlu_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"demo.{name} must be positive, got {getattr(self, name)}")
 
@@ -98,17 +97,10 @@ def _train_and_evaluate(
         follower.stop()
 
     exports = export_checkpoints(config)
-    say(
-        f"[3/5] {len(exports)} committed checkpoints exported to Hugging Face format, "
-        "each scored on held-out data"
-    )
-    validation = build_mixture(
-        config.data, "validation", demo.validation_batches * config.parallel.micro_batch_size
-    )
-    validation_losses = {
-        step: validation_loss(load_hf(hf_dir), validation, config.parallel.micro_batch_size)
-        for step, hf_dir in exports.items()
-    }
+    say(f"[3/5] {len(exports)} committed checkpoints exported to Hugging Face format")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validated = [row for row in rows if "val/loss" in row]
+    validation_losses = {row["step"] + 1: row["val/loss"] for row in validated}
     last_step, hf_dir = max(exports.items())
     say("[4/5] the last export reloaded by transformers and asked to continue a prompt")
     model = load_hf(hf_dir)
@@ -119,8 +111,7 @@ def _train_and_evaluate(
         [tokenizer.encode(demo.prompt)],
         SamplingConfig(max_new_tokens=demo.new_tokens, eos_token_id=tokenizer.eod_id),
     )[0]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plot_losses(rows, validation_losses, out / "loss.png")
+    plot_losses(rows, out / "loss.png")
     say(
         "[5/5] scheduled evaluation: a watcher takes every committed checkpoint, newest first, "
         f"through zero- and five-shot MMLU by lm-eval workers on Ray ({demo.mmlu_limit} "
@@ -147,7 +138,7 @@ def _train_and_evaluate(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     losses = " -> ".join(f"{loss:.3f} (step {step})" for step, loss in validation_losses.items())
     say("")
-    say(f"validation loss at the checkpoints: {losses}")
+    say(f"validation loss (in the training loop): {losses}")
     say(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
     say(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
     say(f"MMLU accuracy by checkpoint (the evaluation ledger, runs/{config.run_name}/evals/):")
@@ -189,18 +180,6 @@ def export_checkpoints(config: PretrainConfig) -> dict[int, Path]:
         raise RuntimeError(f"run {config.run_name!r} committed no checkpoint in {storage}")
     cache = Path(config.run_dir) / "exports"
     return {m.step: export_committed(storage, m, cache, "fp32").hf_dir for m in manifests}
-
-
-@torch.no_grad()
-def validation_loss(model: GPTNeoX, dataset: BlendedDataset, micro_batch_size: int) -> float:
-    """Mean loss over the validation mixture, in batches of `micro_batch_size` samples."""
-    model.eval()
-    losses = []
-    for first in range(0, len(dataset), micro_batch_size):
-        rows = range(first, min(first + micro_batch_size, len(dataset)))
-        batch = torch.from_numpy(np.stack([dataset[i] for i in rows]))
-        losses.append(model(batch[:, :-1], batch[:, 1:]).item())
-    return sum(losses) / len(losses)
 
 
 @torch.no_grad()
@@ -293,8 +272,14 @@ def plot_mmlu(mmlu: dict[str, Any], path: Path) -> None:
         ax.axhline(0.25, color="grey", linestyle=":", label="chance")
 
 
-def plot_losses(rows: list[dict], validation: dict[int, float], path: Path) -> None:
-    """Training loss per step and validation loss at each checkpoint, one figure."""
+def plot_losses(rows: list[dict], path: Path) -> None:
+    """Training loss per step and the in-loop validation loss, overall and per component."""
+    validated = [row for row in rows if "val/loss" in row]
+    components = {key for row in validated for key in row if key.endswith("/loss")}
+    keys = ["val/loss", *sorted(components - {"val/loss"})]
     with figure(path, "demo: loss", "cross-entropy (nats/token)") as ax:
         ax.plot([r["step"] + 1 for r in rows], [r["loss"] for r in rows], label="train")
-        ax.plot(list(validation), list(validation.values()), "o-", label="validation (checkpoints)")
+        for key in keys:
+            label = "validation" if key == "val/loss" else f"validation: {key.split('/')[1]}"
+            steps = [row["step"] + 1 for row in validated]
+            ax.plot(steps, [row[key] for row in validated], "o-", label=label)

@@ -13,6 +13,7 @@ end; the sweep's run holds the best trial's values, its metric, `best.yaml` and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -200,29 +201,23 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
     started = start_or_join(cluster.address, use_gpu=cluster.use_gpu, dashboard=True)
     try:
         check_capacity(sweep, base, base_cfg)
-        parent = _parent_run(tracking, sweep, base_overrides) if tracking.enabled else None
-        context = TrialContext(
-            sweep=sweep.name,
-            sweep_dir=str(storage),
-            conf_dir=conf_dir,
-            base_overrides=list(base_overrides),
-            cwd=os.getcwd(),
-            parent_run_id=parent.run_id if parent else None,
-        )
-        try:
+        parent_run = _parent_run(tracking, sweep, base_overrides) if tracking.enabled else None
+        with parent_run or contextlib.nullcontext() as parent:
+            context = TrialContext(
+                sweep=sweep.name,
+                sweep_dir=str(storage),
+                conf_dir=conf_dir,
+                base_overrides=list(base_overrides),
+                cwd=os.getcwd(),
+                parent_run_id=parent.run_id if parent else None,
+            )
             results = _tuner(sweep, context, storage).fit()
             outcomes = [trial_outcome(result, sweep.metric) for result in results]
             result = _summarize(sweep, outcomes, base_overrides, storage)
             if parent is not None:
                 _record_trials(tracking, sweep, outcomes)
                 _log_summary(parent, sweep, result, storage)
-        except BaseException:
-            if parent is not None:
-                parent.close(failed=True)
-            raise
-        if parent is not None:
-            parent.close()
-        return result
+            return result
     finally:
         if started:
             import ray
