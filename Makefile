@@ -6,9 +6,23 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint format bench clean up down
+.PHONY: install system demo test lint format bench clean up down
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system
+
+# Debian packages the tests drive: Chromium (the run report, checked in a real browser).
+# Installed with apt-get where missing and this user may; otherwise say how.
+SYSTEM_PACKAGES := chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+system:
+	@for pkg in $(SYSTEM_PACKAGES); do \
+	  command -v $$pkg >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    $(APT_INSTALL) $$pkg >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) $$pkg >/dev/null; }; \
+	  else \
+	    echo "$$pkg is not installed (tests that need it are skipped): sudo apt-get install $$pkg"; \
+	  fi; \
+	done
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -70,6 +70,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     assert [line.split("/")[0].strip() for line in lines if "/60  loss" in line] == [
         f"step {n}" for n in range(10, 61, 10)
     ]
+    assert lines[-1].endswith(str(out / "report.html")) and (out / "report.html").exists()
     log = (out / "demo.log").read_text()
     assert "RayTrainWorker" in log and "DeepSpeed" in log and lines[-1] in log
     assert "| mmlu | " in result.stdout and "| mmlu |" in summary["mmlu"]

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from neoray.energy.grid import DEVICE_WATTS, EnergyConfig, projected_kwh
 from neoray.model.flops import PEAK_TFLOPS, plan_training
 from neoray.model.presets import available_presets, load_preset
 
@@ -47,6 +48,13 @@ def show_plan(args: argparse.Namespace) -> None:
     )
     print(f"training time: {plan.hours:,.0f} hours ({plan.hours / 24:,.1f} days)")
     print(f"MFU {plan.mfu:.1%}, HFU {plan.hfu:.1%} (peak {PEAK_TFLOPS[args.device]} TFLOPS)")
+    energy = EnergyConfig(pue=args.pue, grid_g_per_kwh=args.grid_g_per_kwh)
+    watts = args.watts or DEVICE_WATTS[args.device]
+    kwh = projected_kwh(args.devices, watts, plan.hours, args.pue)
+    print(
+        f"energy: {kwh / 1000:,.2f} MWh ({args.devices} x {watts:.0f} W, PUE {args.pue}) -> "
+        f"{kwh * energy.kg_per_kwh / 1000:,.1f} t CO2 at {energy.kg_per_kwh:.3f} kg/kWh"
+    )
 
 
 def submit_job(args: argparse.Namespace) -> int:
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="checkpoint_activations",
         action="store_false",
         help="count no recomputation (default: every layer recomputed, as in the 20B run)",
+    )
+    plan.add_argument("--watts", type=float, help="power per device (default: its board power)")
+    plan.add_argument("--pue", type=float, default=1.0, help="facility energy / device energy")
+    plan.add_argument(
+        "--grid-g-per-kwh", type=float, help="grid CO2 intensity (default: the 20B paper's mix)"
     )
     plan.set_defaults(func=show_plan)
 

@@ -30,6 +30,7 @@ from neoray.data.prepare import prepare_data
 from neoray.model import GPTNeoX
 from neoray.model.generate import SamplingConfig, generate
 from neoray.model.hf import load_hf
+from neoray.report.page import write_report
 from neoray.tokenizer.load import load_tokenizer
 from neoray.tracking import TrackingConfig
 from neoray.train.config import PretrainConfig, pretrain_config
@@ -150,6 +151,9 @@ def _train_and_evaluate(
         f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000"
         "\n  then open http://127.0.0.1:5000 (experiment 'neoray')"
     )
+    tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
+    report = write_report(config.run_name, out, tracking, out / "report.html")
+    say(f"the run report (all of the above on one page, also in MLflow): {report}")
     return summary
 
 

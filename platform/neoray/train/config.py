@@ -16,6 +16,7 @@ from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.data.gpt_dataset import split_documents
 from neoray.data.indexed import IndexedDataset, idx_path
+from neoray.energy.grid import EnergyConfig
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
 from neoray.storage import StorageConfig
@@ -110,6 +111,7 @@ class PretrainConfig:
     run_name: str = "pretrain"  # names the run's checkpoints; rerunning it resumes them
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def __post_init__(self) -> None:
         if not RUN_NAME.match(self.run_name):
@@ -184,6 +186,7 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         run_name=str(values.get("run_name") or "pretrain"),
         checkpoint=dataclass_from_config(CheckpointConfig, values.get("checkpoint"), "checkpoint"),
         storage=dataclass_from_config(StorageConfig, values.get("storage"), "storage"),
+        energy=dataclass_from_config(EnergyConfig, values.get("energy"), "energy"),
     )
     validate_layout(config.model, config.parallel)
     if config.seq_len > config.model.max_seq_len:

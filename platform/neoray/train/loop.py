@@ -29,6 +29,7 @@ from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, manifest_created
 from neoray.config import flatten, redact
 from neoray.data.mixture import BlendedDataset
+from neoray.energy.run import RunEnergy
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
@@ -216,6 +217,10 @@ def pretrain(
         peak=_peak_tflops(cfg, device),
     )
     out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
+    energy = None
+    if cfg.energy.enabled:
+        earlier = [row["energy/kwh"] for row in out.kept if "energy/kwh" in row] if out else []
+        energy = RunEnergy(cfg.energy, device, start_kwh=earlier[-1] if earlier else 0.0)
     schedule = batch_schedule(cfg)
     train_data = dataset(cfg, "train", schedule.train_samples)
     batches = micro_batches(train_data, schedule, placement.dp_rank, start)
@@ -251,6 +256,8 @@ def pretrain(
             row["val/time_s"] = time.perf_counter() - start_time
             if on_validation is not None:
                 on_validation(row)
+        if energy is not None and (done % cfg.energy.interval == 0 or done == cfg.train.steps):
+            row.update(energy.read())
         if out is not None:
             out.write(row)
             if observer is not None:

@@ -68,6 +68,7 @@ class StepMetrics:
         hardware_tflops = self.hardware_flops * tokens_per_s / self.devices / 1e12
         return {
             "step": step,
+            "tokens": (step + 1) * self.tokens_per_step,  # trained on once this step is done
             **values,
             "step_time_s": seconds,
             "tokens_per_s": tokens_per_s,
@@ -92,6 +93,7 @@ class MetricsFile:
         so a crash while resuming loses nothing either."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.kept: list[dict] = []  # the rows of the steps before start_step
         if start_step > 0 and self.path.exists():
             kept, torn = [], 0
             for line in self.path.read_text(errors="replace").splitlines():
@@ -102,6 +104,7 @@ class MetricsFile:
                     continue
                 if row["step"] < start_step:
                     kept.append(line + "\n")
+                    self.kept.append(row)
             if torn:
                 log.warning("%s: dropped %d line(s) cut short by a crash", self.path, torn)
             publish_file(self.path, lambda out: out.write("".join(kept).encode()))
