@@ -10,9 +10,10 @@ export DS_ACCELERATOR ?= cpu
 
 install: $(VENV)/.installed system
 
-# Debian packages the tests drive: Chromium (the run report, checked in a real browser).
-# Installed with apt-get where missing and this user may; otherwise say how.
-SYSTEM_PACKAGES := chromium
+# Debian packages the tests drive: Chromium (the run report, checked in a real browser) and
+# Prometheus (`neoray up --metrics`, the dashboards' queries). Installed with apt-get where
+# missing and this user may; otherwise say how.
+SYSTEM_PACKAGES := chromium prometheus
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 system:
 	@for pkg in $(SYSTEM_PACKAGES); do \
@@ -60,6 +61,7 @@ bench: install
 	$(BIN)/python bench/eval_scaling.py
 	$(BIN)/python bench/eval_watch_latency.py
 	$(BIN)/python bench/sweep_overhead.py
+	$(BIN)/python bench/metrics_overhead.py
 
 up: install
 	$(BIN)/neoray up

@@ -47,7 +47,7 @@ def main() -> None:
             cfg.checkpoint,
             Path(tmp) / "staging",
             manifest_factory(cfg),
-            on_commit=lambda step, uri: None,
+            on_commit=lambda step, uri, size: None,
             on_failure=lambda step, error: print(f"step {step}: {error}"),
         )
 

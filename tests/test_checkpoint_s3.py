@@ -67,7 +67,7 @@ class ServerSwitch:
             exists = {s: self.storage.exists(manifest_key(RUN, s)) for s in sorted(self.failed)}
             self._event(kind="restarted", manifests_of_failed=exists)
 
-    def on_checkpoint(self, step: int, uri: str) -> None:
+    def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
         self._event(kind="committed", step=step, uri=uri)
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:

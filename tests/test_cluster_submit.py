@@ -50,10 +50,11 @@ def stack_s3(cwd: Path, state: dict):
 def stack(tmp_path_factory):
     """`neoray up` in a fresh directory; `neoray down` afterwards (checked to stop it all)."""
     cwd = tmp_path_factory.mktemp("stack")
-    started = neoray(cwd, "up", "--num-cpus", "2")
+    started = neoray(cwd, "up", "--num-cpus", "2", "--metrics")
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         assert "MLflow UI:" in started.stdout and "Ray dashboard:" in started.stdout
+        assert "Prometheus:" in started.stdout
         yield cwd, json.loads((cwd / ".neoray" / "stack.json").read_text())
     finally:
         recorded = json.loads((cwd / ".neoray" / "stack.json").read_text())
@@ -195,3 +196,77 @@ def test_unknown_job_and_missing_cluster_are_explained(tmp_path):
     nowhere = neoray(tmp_path, "status", "raysubmit_x")
     assert nowhere.returncode != 0
     assert "no Ray cluster: start the local one with `neoray up`" in nowhere.stderr
+
+
+DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards" / "grafana"
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Every PromQL expression of every dashboard, by dashboard file."""
+    return {
+        path.name: [t["expr"] for p in json.loads(path.read_text())["panels"] for t in p["targets"]]
+        for path in sorted(DASHBOARDS.glob("*.json"))
+    }
+
+
+def test_every_emitted_metric_is_on_a_dashboard_and_every_query_names_one():
+    from neoray.live_metrics import ALL
+
+    queried = {
+        name
+        for exprs in dashboard_queries().values()
+        for expr in exprs
+        for name in re.findall(r"\bray_(neoray_\w+)", expr)
+    }
+    assert set(ALL) - queried == set(), "emitted but on no dashboard"
+    assert queried - set(ALL) == set(), "queried but emitted by nothing"
+
+
+def query_range(prometheus: str, expr: str, start: float) -> list:
+    from urllib.parse import urlencode
+
+    params = urlencode({"query": expr, "start": start, "end": time.time(), "step": 2})
+    with urllib.request.urlopen(f"{prometheus}/api/v1/query_range?{params}", timeout=10) as r:
+        answer = json.loads(r.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_returns_data_after_a_run_and_its_evaluation(stack, tmp_path):
+    """A training run with checkpoints and its scheduled evaluation on the stack; then every
+    expression of every dashboard (the run selected) has data in the stack's Prometheus."""
+    from neoray.evaluation import testdata
+
+    cwd, state = stack
+    start = time.time() - 5
+    s3 = ["storage=s3", f"storage.bucket={state['bucket']}", "storage.prefix=dash"]
+    trained = neoray(
+        cwd, "submit", "pretrain", *TINY, *s3, "train.steps=40", "train.eval_interval=10",
+        "checkpoint.interval=10", "run_name=dashed", f"run_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    mirror = testdata.write_all(tmp_path / "mirror")
+    testdata.write_tokenizer(tmp_path / "tokenizer.json", mirror, vocab_size=512)
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "arith.yaml").write_text("suite: arith\ntasks: [arithmetic_2da]\n")
+    evaluated = neoray(
+        cwd, "submit", "eval_watch", *s3, "run_name=dashed", "suites=[arith]",
+        f"suite_dir={tmp_path / 'suites'}", f"tokenizer={tmp_path / 'tokenizer.json'}",
+        f"cache_dir={tmp_path / 'exports'}", f"eval.data_dir={mirror}", "eval.limit=4",
+        "tracking=server", "schedule.every=40", "schedule.until_finished=true",
+        "schedule.poll_seconds=1", f"hydra.run.dir={tmp_path / 'hydra'}",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+
+    pending = {
+        (name, expr.replace("$run", "dashed"))
+        for name, exprs in dashboard_queries().items()
+        for expr in exprs
+    }
+    deadline = time.monotonic() + 60  # the last values reach Prometheus within a scrape or two
+    while pending and time.monotonic() < deadline:
+        pending = {(n, e) for n, e in pending if not query_range(state["prometheus_url"], e, start)}
+        if pending:
+            time.sleep(3)
+    assert not pending, f"no data for: {sorted(pending)}"

@@ -94,7 +94,7 @@ def test_one_run_per_training_run_resumed_by_name(mlflow_server):
     with tracker(mlflow_server, "run-a", params) as first:
         for step in range(3):
             first.on_metrics({"step": step, "loss": 7.0 - step, "step_skipped": False, "x": None})
-        first.on_checkpoint(2, "s3://b/run-a/checkpoints/step_00000002")
+        first.on_checkpoint(2, "s3://b/run-a/checkpoints/step_00000002", 1234)
         first.on_checkpoint_failed(3, "upload failed: connection refused")
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(first.run_id)

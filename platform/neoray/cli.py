@@ -113,7 +113,7 @@ def show_evals(args: argparse.Namespace) -> None:
 def stack_up(args: argparse.Namespace) -> None:
     from neoray.cluster import stack
 
-    print(stack.describe(stack.up(args.dir, args.num_cpus)))
+    print(stack.describe(stack.up(args.dir, args.num_cpus, metrics=args.metrics)))
 
 
 def stack_down(args: argparse.Namespace) -> None:
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         if name == "up":
             command.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs")
+            command.add_argument(
+                "--metrics",
+                action="store_true",
+                help="also start Prometheus (Debian's package) scraping Ray: see dashboards/",
+            )
     return parser
 
 

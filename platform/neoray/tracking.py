@@ -190,9 +190,9 @@ class MLflowTracker:
         step = int(row["step"])
         self.log_metrics({key: value for key, value in row.items() if key != "step"}, step)
 
-    def on_checkpoint(self, step: int, uri: str) -> None:
+    def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
         self.set_tags({f"checkpoint.step_{step:08d}": uri})
-        self.log_metrics({"checkpoint_step": step}, step)
+        self.log_metrics({"checkpoint_step": step, "checkpoint_bytes": size_bytes}, step)
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.set_tags({f"checkpoint.failed.step_{step:08d}": error})

@@ -44,7 +44,7 @@ ManifestFactory = Callable[[int, list[FileEntry]], Manifest]
 class Snapshots:
     """The save points of one training process (every rank has one; all calls are collective).
 
-    `on_commit(step, uri)` and `on_failure(step, error)` are called on global rank 0.
+    `on_commit(step, uri, size_bytes)` and `on_failure(step, error)` are called on global rank 0.
     """
 
     def __init__(
@@ -55,7 +55,7 @@ class Snapshots:
         config: CheckpointConfig,
         staging: Path,
         make_manifest: ManifestFactory,
-        on_commit: Callable[[int, str], None],
+        on_commit: Callable[[int, str, int], None],
         on_failure: Callable[[int, str], None],
     ) -> None:
         self.engine, self.storage, self.run_name, self.config = engine, storage, run_name, config
@@ -164,7 +164,7 @@ class Snapshots:
                 continue
             committed.append(step)
             log.info("committed checkpoint %s (%d files)", folder, len(files))
-            _notify(self.on_commit, step, folder)
+            _notify(self.on_commit, step, folder, sum(e.size for e in files))
         if committed:
             try:
                 prune(self.storage, self.run_name, self.config.keep_last, self.config.is_milestone)
@@ -186,11 +186,11 @@ def _yield_cpu_to_training() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
 
 
-def _notify(callback: Callable[[int, str], None], step: int, text: str) -> None:
+def _notify(callback: Callable[..., None], step: int, *details: object) -> None:
     """Tell the observer; its failure (a tracker that is down) must not stop the commit,
     which the other ranks are waiting for."""
     try:
-        callback(step, text)
+        callback(step, *details)
     except Exception as err:
         log.warning("checkpoint step %d: the observer failed: %s", step, err)
 

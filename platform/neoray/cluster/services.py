@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -267,15 +268,39 @@ def mlflow_ready(url: str) -> Callable[[], bool]:
     return http_ok(f"{url}/health")
 
 
+# Prometheus (Debian's package) with the scrape config Ray writes for its nodes.
+
+
+def prometheus_command(config: Path, data_dir: Path, port: int) -> list[str]:
+    """Prometheus on 127.0.0.1 scraping what `config` says (Ray writes one per session:
+    <session>/metrics/prometheus/prometheus.yml, every node's metrics export port)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise ServiceError(
+            "prometheus is not installed: `sudo apt-get install prometheus` (or `make install`)"
+        )
+    return [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+
+
+def prometheus_ready(url: str) -> Callable[[], bool]:
+    return http_ok(f"{url}/-/ready")
+
+
 # Ray: a head node with the dashboard and the Jobs API.
 
 
-RAY_PORTS = ("gcs", "dashboard", "client", "agent")
+RAY_PORTS = ("gcs", "dashboard", "client", "agent", "metrics")
 
 
 def ray_ports() -> dict[str, int]:
     """Free ports for the head's fixed-port servers (GCS, dashboard, Ray Client, dashboard
-    agent): Ray's defaults for the last two are constants that two heads on one machine share."""
+    agent, metrics export): Ray's defaults for the last three are constants that two heads on
+    one machine share."""
     return dict(zip(RAY_PORTS, free_ports(len(RAY_PORTS)), strict=True))
 
 
@@ -297,6 +322,7 @@ def ray_head_command(
         f"--dashboard-port={ports['dashboard']}",
         f"--ray-client-server-port={ports['client']}",
         f"--dashboard-agent-listen-port={ports['agent']}",
+        f"--metrics-export-port={ports['metrics']}",
         "--min-worker-port=0",
         "--max-worker-port=0",
         f"--temp-dir={temp_dir}",

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from neoray.cluster.services import (
     group_alive,
     mlflow_command,
     mlflow_ready,
+    prometheus_command,
+    prometheus_ready,
     ray_dashboard_ready,
     ray_head_command,
     ray_ports,
@@ -57,6 +60,7 @@ class Stack:
     bucket: str
     pids: dict[str, int]  # process group of each service
     weed_ports: dict[str, int]
+    prometheus_url: str | None = None  # with `neoray up --metrics`
 
     def client_env(self) -> dict[str, str]:
         """What a Jobs API client needs: the head's address and its token."""
@@ -125,8 +129,14 @@ def _bucket_ready(endpoint: str, access_key: str, secret_key: str):
     return probe
 
 
-def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float = 180) -> Stack:
-    """Start the stack (or return the one already running from `state_dir`)."""
+def up(
+    state_dir: Path = STATE_DIR,
+    num_cpus: int | None = None,
+    timeout: float = 180,
+    metrics: bool = False,
+) -> Stack:
+    """Start the stack (or return the one already running from `state_dir`); with `metrics`,
+    Prometheus too, scraping the Ray node's metrics (training, checkpoints, evaluation)."""
     if stack := running_stack(state_dir):
         return stack
     state_dir = state_dir.resolve()
@@ -142,7 +152,7 @@ def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float 
     ray_temp.mkdir(exist_ok=True)
 
     s3_ports = weed_ports()
-    (mlflow_port,) = free_ports(1)
+    mlflow_port, prometheus_port = free_ports(2)
     head_ports = ray_ports()
     endpoint = f"http://127.0.0.1:{s3_ports['s3']}"
     stack = Stack(
@@ -156,6 +166,7 @@ def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float 
         bucket=BUCKET,
         pids={},
         weed_ports=s3_ports,
+        prometheus_url=f"http://127.0.0.1:{prometheus_port}" if metrics else None,
     )
     s3_env = _s3_env(endpoint, access_key, secret_key)
     head_env = {
@@ -166,6 +177,8 @@ def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float 
         # A job's `python` is this environment's interpreter.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    if stack.prometheus_url:  # the Ray dashboard's metrics pages query it
+        head_env["RAY_PROMETHEUS_HOST"] = stack.prometheus_url
     logs = state_dir / "logs"
     services = [
         (
@@ -195,10 +208,27 @@ def up(state_dir: Path = STATE_DIR, num_cpus: int | None = None, timeout: float 
         _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
         for name, _, _, ready in services:
             wait_ready(name, processes[name], ready, logs / f"{name}.log", timeout)
+        if stack.prometheus_url:
+            _start_prometheus(stack, processes["ray"], ray_temp, prometheus_port, timeout)
     except (ServiceError, OSError):
         down(state_dir)
         raise
     return stack
+
+
+def _start_prometheus(
+    stack: Stack, ray: subprocess.Popen, ray_temp: Path, port: int, timeout: float
+) -> None:
+    """Prometheus with the scrape config the Ray head wrote for its session."""
+    state_dir = Path(stack.state_dir)
+    config = ray_temp / "session_latest" / "metrics" / "prometheus" / "prometheus.yml"
+    wait_ready("ray's prometheus.yml", ray, config.exists, state_dir / "logs" / "ray.log", timeout)
+    log = state_dir / "logs" / "prometheus.log"
+    command = prometheus_command(config.resolve(), state_dir / "prometheus", port)
+    process = start(command, log, {}, die_with_parent=False)
+    stack.pids["prometheus"] = process.pid
+    _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+    wait_ready("prometheus", process, prometheus_ready(stack.prometheus_url), log, timeout)
 
 
 def down(state_dir: Path = STATE_DIR) -> bool:
@@ -224,6 +254,7 @@ def describe(stack: Stack) -> str:
             f"Ray dashboard:  {stack.ray_dashboard}",
             f"MLflow UI:      {stack.mlflow_url}",
             f"S3 endpoint:    {stack.s3_endpoint} (bucket {stack.bucket})",
+            *([f"Prometheus:     {stack.prometheus_url}"] if stack.prometheus_url else []),
             "submit a job:   neoray submit pretrain train.steps=20",
             f"state:          {stack.state_dir} (stop with `neoray down`)",
         ]

@@ -13,6 +13,7 @@ from neoray.cluster.ray_start import start_or_join
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
+from neoray.live_metrics import EvaluationExporter, ray_connected
 from neoray.tracking import TrackingConfig
 
 SUITE_DIR = Path(__file__).resolve().parents[3] / "conf" / "eval"
@@ -146,7 +147,10 @@ def checkpoint_watcher(
                 tracker.log_mmlu_comparison(run_name, manifest.step, "mmlu_0shot", "mmlu_5shot")
             return run_id
 
-    return Watcher(storage, run_name, suites, schedule, evaluate_checkpoint, log, say)
+    metrics = EvaluationExporter(run_name) if ray_connected() else None
+    return Watcher(
+        storage, run_name, suites, schedule, evaluate_checkpoint, log, say, metrics=metrics
+    )
 
 
 def run_eval_watch(cfg: Any) -> dict:

@@ -32,6 +32,7 @@ from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.ledger import Claim, Entry, Ledger
 from neoray.evaluation.report import flat_metrics, headline, suite_metrics
 from neoray.evaluation.schedule import Policy, ScheduleConfig, created_time
+from neoray.live_metrics import EvaluationExporter
 from neoray.storage import Storage
 
 Pair = tuple[int, str]  # (step, suite)
@@ -71,10 +72,12 @@ class Watcher:
         say: Callable[[str], None] = print,
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
+        metrics: EvaluationExporter | None = None,
     ) -> None:
         self.storage, self.run_name, self.schedule = storage, run_name, schedule
         self.suites = {cfg.suite: cfg for cfg in suites}
         self.evaluate, self.log, self.say, self.clock = evaluate, log, say, clock
+        self.metrics = metrics  # live gauges for Prometheus (queue, latency, failures)
         self.owner = owner or default_owner()
         self.ledger = Ledger(storage, run_name, clock)
         self.policy = Policy(schedule)
@@ -160,6 +163,9 @@ class Watcher:
             if len(self.running) >= self.schedule.max_concurrent:
                 break
             self._try_start(pair, pool)
+        if self.metrics is not None:
+            waiting = [p for p in todo if p not in self.running and p not in self.settled]
+            self.metrics.queue(len(waiting), len(self.running))
 
     def _skip_deleted(self, step: int, suite: str) -> None:
         entry, version, _ = self.ledger.read(step, suite)
@@ -218,6 +224,7 @@ class Watcher:
     def _evaluate(self, claim: Claim, manifest: Manifest) -> None:
         """Evaluate, log to MLflow while the claim is ours, record the outcome."""
         cfg = self.suites[claim.entry.suite]
+        started = time.monotonic()
         try:
             results = self.evaluate(self.storage, manifest, cfg)
             if results.get("failed"):
@@ -241,6 +248,9 @@ class Watcher:
             else:
                 reason = f"{type(err).__name__}: {err}".splitlines()[0]
                 self.ledger.finish(claim, "failed", reason=reason)
+        if self.metrics is not None:
+            failed = claim.entry.state == "failed"
+            self.metrics.evaluated(cfg.suite, time.monotonic() - started, failed)
 
     def reap(self) -> None:
         """Report evaluations that ended; settle what will not run again."""

@@ -8,6 +8,7 @@ global rank 0 logs the run to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -51,20 +52,27 @@ def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
 
 
 def train(job: WorkerJob) -> None:
-    """The per-worker function: one rank of the run; global rank 0 tracks it in MLflow."""
+    """The per-worker function: one rank of the run. Global rank 0 tracks it in MLflow and,
+    on Ray, exports its live metrics to Prometheus."""
+    from neoray.live_metrics import TrainingExporter, ray_connected
     from neoray.train.loop import pretrain
+    from neoray.train.observer import Observers
 
     on_validation = None
     if job.report_validation:
         on_validation = functools.partial(report_to_ray_train, steps=job.config.train.steps)
-    if int(os.environ["RANK"]) != 0 or not job.tracking.enabled:
+    if int(os.environ["RANK"]) != 0:
         pretrain(job.config, on_validation=on_validation)
         return
-    from neoray.tracking import MLflowTracker, ray_job_tags
+    with contextlib.ExitStack() as stack:
+        observers = [TrainingExporter(job.run_name)] if ray_connected() else []
+        if job.tracking.enabled:
+            from neoray.tracking import MLflowTracker, ray_job_tags
 
-    tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
-    with MLflowTracker(job.tracking, job.run_name, job.params, tags) as tracker:
-        pretrain(job.config, tracker, on_validation)
+            tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
+            tracker = MLflowTracker(job.tracking, job.run_name, job.params, tags)
+            observers.append(stack.enter_context(tracker))
+        pretrain(job.config, Observers(*observers) if observers else None, on_validation)
 
 
 def report_to_ray_train(row: dict, steps: int) -> None:

@@ -150,9 +150,9 @@ def manifest_factory(cfg: PretrainConfig):
 def _snapshots(
     cfg: PretrainConfig, engine, storage: Storage, staging: Path, observer: TrainingObserver | None
 ) -> Snapshots:
-    def on_commit(step: int, uri: str) -> None:
+    def on_commit(step: int, uri: str, size_bytes: int) -> None:
         if observer is not None:
-            observer.on_checkpoint(step, uri)
+            observer.on_checkpoint(step, uri, size_bytes)
 
     def on_failure(step: int, error: str) -> None:
         if observer is not None:

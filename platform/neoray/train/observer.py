@@ -11,8 +11,27 @@ class TrainingObserver(Protocol):
     def on_metrics(self, row: dict) -> None:
         """After every step: the row also written to metrics.jsonl."""
 
-    def on_checkpoint(self, step: int, uri: str) -> None:
-        """A checkpoint was committed (its manifest written) at `uri`."""
+    def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
+        """A checkpoint was committed (its manifest written) at `uri`; its files' total size."""
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         """The checkpoint of `step` could not be uploaded; it is retried at the next save."""
+
+
+class Observers:
+    """Several observers as one (an experiment tracker and the live metrics, say)."""
+
+    def __init__(self, *observers: TrainingObserver) -> None:
+        self.observers = observers
+
+    def on_metrics(self, row: dict) -> None:
+        for observer in self.observers:
+            observer.on_metrics(row)
+
+    def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
+        for observer in self.observers:
+            observer.on_checkpoint(step, uri, size_bytes)
+
+    def on_checkpoint_failed(self, step: int, error: str) -> None:
+        for observer in self.observers:
+            observer.on_checkpoint_failed(step, error)
