@@ -8,6 +8,7 @@ and the median over rounds ignores the occasional outlier.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -55,3 +56,13 @@ def compare(
     target = f" (goal >= {goal:.2f}x)" if goal is not None else ""
     print(f"ratio {name_a}/{name_b}: {ratio:.2f}x{target}")
     return ratio
+
+
+def one_process_group(port: int) -> None:
+    """Make this process rank 0 of a gloo process group of one, as DeepSpeed's engine wants."""
+    import deepspeed
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    deepspeed.init_distributed(dist_backend="gloo")

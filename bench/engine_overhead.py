@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 
-import deepspeed
 import torch
-from common import compare
+from common import compare, one_process_group
 
 from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
@@ -50,10 +48,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     args = parser.parse_args()
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    deepspeed.init_distributed(dist_backend="gloo")
+    one_process_group(29533)
     model_config = load_preset(args.preset)
     parallel = ParallelConfig(micro_batch_size=args.batch, grad_accum_steps=args.accum)
     optim = OptimConfig()

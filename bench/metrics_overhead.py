@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import time
 
-import deepspeed
 import ray
 import torch
-from common import compare
+from common import compare, one_process_group
 
 from neoray.energy.grid import EnergyConfig
 from neoray.energy.run import RunEnergy
@@ -45,10 +43,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
     args = parser.parse_args()
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29537")
-    deepspeed.init_distributed(dist_backend="gloo")
+    one_process_group(29537)
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     model = load_preset(args.preset)
     parallel = ParallelConfig(micro_batch_size=args.batch)

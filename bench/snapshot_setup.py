@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import deepspeed
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import one_process_group  # noqa: E402
 from services import S3Server, seaweedfs  # noqa: E402
 
 from neoray.model.gpt_neox import NeoXConfig  # noqa: E402
@@ -79,10 +78,7 @@ def bench_config(run_dir: Path, bucket: str, hidden: int, layers: int) -> Pretra
 
 def one_process_engine(cfg: PretrainConfig):
     """A DeepSpeed engine for `cfg` in this process (a process group of one)."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29541")
-    deepspeed.init_distributed(dist_backend="gloo")
+    one_process_group(29541)
     placement = place_rank(cfg.parallel)
     module = build_pipeline(cfg.model, placement, cfg.train.seed)
     return build_engine(module, cfg.parallel, cfg.optim, cfg.train)
