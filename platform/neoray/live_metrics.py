@@ -44,6 +44,7 @@ EVALUATION = {
     "neoray_eval_completed": "evaluations done, in total",
     "neoray_eval_failures": "evaluation attempts that failed, in total",
 }
+MAX_PENDING_STEPS = 10_000  # step end times kept for the save-to-commit time of checkpoints
 ALL = [*TRAINING, *TRAINING_TOTALS, *CHECKPOINTS, *EVALUATION]  # every metric exported
 
 
@@ -83,6 +84,8 @@ class TrainingExporter:
     def on_metrics(self, row: dict[str, Any]) -> None:
         self.done = row["step"] + 1
         self.finished_at[self.done] = time.monotonic()
+        if len(self.finished_at) > MAX_PENDING_STEPS:  # no checkpoint for that long
+            del self.finished_at[next(iter(self.finished_at))]
         for name, (field, _) in TRAINING.items():
             value = self.done if field == "step" else row.get(field)
             if isinstance(value, int | float):
