@@ -116,4 +116,4 @@ def test_a_run_meters_each_node_once_and_logs_energy_and_co2(tmp_path):
     assert 0 < kwh[0] < kwh[1] < kwh[2]
     for row in metered:
         assert row["energy/co2_kg"] == pytest.approx(row["energy/kwh"] * 1.5 * 0.4, rel=1e-12)
-        assert row["energy/power_w"] > 0
+        assert row["energy/power_w"] > 0 and row["energy/average_power_w"] > 0

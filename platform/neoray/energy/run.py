@@ -28,12 +28,14 @@ class RunEnergy:
         self.meter, self.kind = process_meter(device, local_rank, config.cpu_watts)
         self.kwh = start_kwh
         self._last_joules = 0.0
-        self._last_time = time.monotonic()
+        self._started = self._last_time = time.monotonic()
+        self._joules = 0.0  # all processes, since this attempt started
 
     def read(self) -> dict[str, float]:
         """`energy/kwh` (the run so far), `energy/co2_kg`, `energy/power_w` (all processes,
-        since the last reading), `energy/meters` and `energy/estimated` (1 if any meter
-        estimates). A collective: every rank calls it at the same step."""
+        since the last reading), `energy/average_power_w` (since this attempt started),
+        `energy/meters` and `energy/estimated` (1 if any meter estimates). A collective: every
+        rank calls it at the same step."""
         joules = self.meter.read() if self.meter is not None else 0.0
         local = [
             joules - self._last_joules,
@@ -47,11 +49,13 @@ class RunEnergy:
         now = time.monotonic()
         power = interval / max(now - self._last_time, 1e-9)
         self._last_time = now
+        self._joules += interval
         self.kwh += interval / JOULES_PER_KWH
         return {
             "energy/kwh": self.kwh,
             "energy/co2_kg": co2_kg(self.kwh, self.config),
             "energy/power_w": power,
+            "energy/average_power_w": self._joules / max(now - self._started, 1e-9),
             "energy/meters": meters,
             "energy/estimated": float(estimated > 0),
         }
