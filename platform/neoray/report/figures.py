@@ -98,13 +98,15 @@ def checkpoints(data: RunData):
 
 def evaluations(data: RunData):
     """One panel per kind of suite; zero- and five-shot MMLU share one, to compare them."""
-    if not data.evals:
-        return None
     groups: dict[str, list[str]] = {}
     for key in data.evals:
+        if "stderr" in key:  # the metrics themselves, not their standard errors
+            continue
         suite = key.split("/")[1]
         group = "MMLU" if suite.startswith("mmlu") else suite
         groups.setdefault(group, []).append(key)
+    if not groups:
+        return None
     figure, panels = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (group, keys) in zip(panels[0], groups.items(), strict=True):
         for key in keys:
