@@ -116,6 +116,31 @@ def test_index_is_cached_and_reused(dataset_prefix, tmp_path):
     )
 
 
+def test_rewritten_data_at_the_same_prefix_gets_a_new_index(tmp_path):
+    """Preprocessing run again into the same prefix (other documents, as after retraining the
+    tokenizer): the cached index of the old data must not be used with the new tokens."""
+    prefix, cache = str(tmp_path / "docs"), str(tmp_path / "cache")
+
+    def write(seed: int) -> IndexedDataset:
+        rng = np.random.default_rng(seed)
+        writer = IndexedDatasetWriter(prefix, np.dtype(np.uint16))
+        for _ in range(50):
+            writer.add_document([*rng.integers(2, 5000, rng.integers(1, 90)).tolist(), 0])
+        writer.finish()
+        publish(prefix)
+        return IndexedDataset(prefix)
+
+    old = GPTDataset(write(1), range(0, 50), 16, 100, seed=1, cache_dir=cache)
+    new_data = write(2)
+    new = GPTDataset(new_data, range(0, 50), 16, 100, seed=1, cache_dir=cache)
+    fresh = GPTDataset(new_data, range(0, 50), 16, 100, seed=1, cache_dir=str(tmp_path / "c2"))
+    assert not np.array_equal(np.asarray(new.index.sample_idx), np.asarray(old.index.sample_idx))
+    for name in ("doc_idx", "sample_idx", "shuffle_idx"):
+        assert np.array_equal(np.asarray(getattr(new.index, name)), getattr(fresh.index, name))
+    assert all(np.array_equal(new[i], fresh[i]) for i in range(100))
+    assert len(os.listdir(cache)) == 6  # both indexes, each under its own key
+
+
 ORDER_SCRIPT = """
 import hashlib, sys
 from neoray.data.gpt_dataset import GPTDataset

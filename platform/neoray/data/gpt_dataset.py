@@ -15,6 +15,7 @@ given (data, split, seq_len, num_samples, seed) yields the same samples on every
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -123,11 +124,17 @@ def load_or_build_sample_index(
 ) -> SampleIndex:
     """The sample index, from the cache when present (written atomically when built).
 
-    Concurrent builders (several ranks) write identical files, so the last rename wins safely.
+    The index is built from the documents' sizes alone, so the cache is keyed on them (a
+    digest of the split's sizes) as well as the settings: re-running preprocessing into the
+    same prefix, with another tokenizer say, builds a new index rather than reusing one whose
+    positions no longer fit. Concurrent builders (several ranks) write identical files, so the
+    last rename wins safely.
     """
     base = os.path.basename(data.prefix)
     folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
-    key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s"
+    sizes = np.ascontiguousarray(data.sizes[documents.start : documents.stop])
+    digest = hashlib.sha256(sizes.tobytes()).hexdigest()[:16]
+    key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s_{digest}"
     paths = _cache_paths(os.path.join(folder, f"{base}_{key}"))
     if all(os.path.exists(p) for p in paths.values()):
         return SampleIndex(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
