@@ -29,8 +29,13 @@ def test_a_local_ray_serves_its_dashboard_on_127_0_0_1_only():
         "[web] = [p for p in psutil.Process().children(recursive=True)\n"
         "    if any(a.endswith('dashboard/dashboard.py') for a in p.cmdline())]\n"
         "port = int(next(a for a in web.cmdline() if a.startswith('--port='))[7:])\n"
-        "print(','.join(sorted({c.laddr.ip for c in web.net_connections('inet')\n"
-        "    if c.status == 'LISTEN' and c.laddr.port == port})))\n"
+        "import time\n"  # on a loaded machine the server may not listen yet: wait for it
+        "for _ in range(300):\n"
+        "    ips = {c.laddr.ip for c in web.net_connections('inet')\n"
+        "           if c.status == 'LISTEN' and c.laddr.port == port}\n"
+        "    if ips: break\n"
+        "    time.sleep(0.1)\n"
+        "print(','.join(sorted(ips)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(

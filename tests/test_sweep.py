@@ -111,6 +111,10 @@ def test_asha_sweep_stops_trailing_trials_and_its_best_reproduces(
     completed = [i for i, r in last.items() if r["trained_steps"] == r["train_steps"] == 16]
     assert stopped and completed, last
     assert all(last[i]["val/loss"] > min(last[c]["val/loss"] for c in completed) for i in stopped)
+    # two trials at a time: no moment (1 s slack, Tune's timestamps are whole seconds) has 3
+    spans = [(r["timestamp"] - r["time_total_s"], r["timestamp"]) for r in last.values()]
+    for start, _ in spans:
+        assert sum(s < start + 1 - 1e-9 and start + 1 < e for s, e in spans) <= 2, spans
 
     client, parent, trials = trial_runs(tracking_server, "asha4")
     assert len(trials) == 4

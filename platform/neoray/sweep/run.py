@@ -149,9 +149,13 @@ def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
             metric=sweep.metric,
             mode=sweep.mode,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=sweep.seed),
+            # The generator limits concurrency itself: Tune ignores `max_concurrent_trials`
+            # when it is given a search generator (and trial drivers ask for no CPU, so
+            # nothing else would hold the other trials back).
+            search_alg=BasicVariantGenerator(
+                random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
+            ),
             num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
