@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from neoray.storage import publish_file
 from neoray.sweep.config import SweepConfig
 from neoray.sweep.space import is_log_scale, override
 
@@ -83,10 +84,8 @@ def write_best(
         "base_overrides": list(base_overrides),
         "command": command,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".yaml.partial")
-    partial.write_text(yaml.safe_dump(document, sort_keys=False))
-    partial.replace(path)
+    text = yaml.safe_dump(document, sort_keys=False).encode()
+    publish_file(path, lambda out: out.write(text))
     return command
 
 
