@@ -91,15 +91,35 @@ def test_samples_are_consecutive_slices_of_the_shuffled_document_stream(dataset_
         data, range(10, 110), seq_len=32, num_samples=500, seed=3, cache_dir=str(tmp_path)
     )
     doc_idx = np.asarray(ds.index.doc_idx)
-    assert set(doc_idx.tolist()) == set(range(10, 110)), "only the split's documents"
     assert len(doc_idx) % 100 == 0 and len(doc_idx) > 100, "several whole epochs"
+    for epoch in np.split(doc_idx, len(doc_idx) // 100):
+        assert sorted(epoch.tolist()) == list(range(10, 110)), "each epoch: every document once"
     stream = np.concatenate([data.get(int(d)) for d in doc_idx])
     shuffle = np.asarray(ds.index.shuffle_idx)
-    assert sorted(shuffle.tolist()) == list(range(500))
+    block = ds.tokens_per_epoch // 32
+    assert len(ds) == 500 and len(set(shuffle.tolist())) == 500
+    for b in range(500 // block):  # every whole block serves exactly its own samples
+        served = shuffle[b * block : (b + 1) * block]
+        assert sorted(served.tolist()) == list(range(b * block, (b + 1) * block))
     for i in range(500):
         start = int(shuffle[i]) * 32
         assert ds[i].tolist() == stream[start : start + 33].tolist()
         assert ds[i].dtype == np.int64
+
+
+@pytest.mark.parametrize("seq_len, seed", [(1, 0), (16, 5), (32, 3), (200, 9), (5000, 2)])
+def test_a_longer_order_starts_with_the_shorter_one(dataset_prefix, tmp_path, seq_len, seed):
+    """Extending a run (more samples) keeps every sample already planned, in its place; short
+    documents, samples longer than an epoch and one-token samples included."""
+    data = IndexedDataset(dataset_prefix)
+    tokens = int(data.sizes[0:120].sum())
+    for short in (1, 7, tokens // seq_len, tokens // seq_len + 1, 3 * tokens // seq_len // 2):
+        if short < 1:
+            continue
+        a = GPTDataset(data, range(0, 120), seq_len, short, seed, str(tmp_path / f"a{short}"))
+        b = GPTDataset(data, range(0, 120), seq_len, 2 * short, seed, str(tmp_path / f"b{short}"))
+        assert len(a) == short and len(b) == 2 * short
+        assert all(np.array_equal(a[i], b[i]) for i in range(short)), short
 
 
 def test_index_is_cached_and_reused(dataset_prefix, tmp_path):

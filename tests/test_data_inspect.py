@@ -56,6 +56,22 @@ def test_resumed_loader_and_inspect_batch_agree_with_a_full_run(demo_data):
     assert [s.text for s in other] != [s.text for s in shown]
 
 
+def test_extending_a_run_keeps_the_batches_of_its_planned_steps(demo_data):
+    """Steps 0..N-1 of a run planned for N steps get the batches they would get in a run of
+    2N (or 3N + 1): a resumed run given more steps continues the same order."""
+    short = train_mixture(demo_data, SCHEDULE)
+    for train_steps in (2 * SCHEDULE.train_steps, 3 * SCHEDULE.train_steps + 1):
+        longer = BatchSchedule(
+            micro_batch_size=2, grad_accum_steps=2, data_parallel_size=2, train_steps=train_steps
+        )
+        extended = train_mixture(demo_data, longer)
+        for rank in range(SCHEDULE.data_parallel_size):
+            planned = list(iter_micro_batches(short, SCHEDULE, rank))
+            continued = list(iter_micro_batches(extended, longer, rank))[: len(planned)]
+            for (step, micro, a), (step2, micro2, b) in zip(planned, continued, strict=True):
+                assert (step, micro) == (step2, micro2) and a.equal(b), (train_steps, step)
+
+
 def test_inspect_batch_job_prints_the_batch(demo_data, tmp_path):
     args = [
         "step=17", f"data.root={demo_data.root}", "batch.micro_batch_size=2",

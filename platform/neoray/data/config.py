@@ -56,6 +56,8 @@ class DataConfig:
             raise ConfigError("data.components.*.weight: at least one weight must be positive")
         if self.seq_len < 1:
             raise ConfigError("data.seq_len must be at least 1")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed={self.seed}: give a whole number in [0, 2**32)")
 
 
 def data_config(section: Any, where: str = "data") -> DataConfig:

@@ -5,12 +5,16 @@ epoch, and the stream is cut into samples of `seq_len + 1` tokens: the extra tok
 of the last position, and it is also the first token of the next sample. Three index arrays
 describe this and are cached as `.npy` files next to the data:
 
-- doc_idx: the document order, `num_epochs` copies of the split's documents, shuffled;
+- doc_idx: the document order, epoch after epoch, each epoch its own permutation of the split;
 - sample_idx: where each sample starts, as (position in doc_idx, offset in that document);
-- shuffle_idx: the order in which samples are served, a permutation.
+- shuffle_idx: the order in which samples are served.
 
-They are built from one `np.random.RandomState(seed)` (doc_idx first, then shuffle_idx), so a
-given (data, split, seq_len, num_samples, seed) yields the same samples on every machine.
+Unlike GPT-NeoX, whose shuffles are sized to the whole run, every permutation here covers a
+fixed stretch, as OLMo's per-epoch shuffles do: epoch e's documents are permuted with the seed
+(seed, e), and the samples are served in blocks of one epoch's worth, block b permuted with the
+seed (seed, b). So the first n samples are the same whatever the run's length: a run extended
+past its planned `train.steps` continues the same sequence, and any step's batch is a function
+of the data, `seq_len`, the seed and the step alone.
 """
 
 from __future__ import annotations
@@ -47,10 +51,14 @@ def split_documents(num_documents: int, split: str) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
-    doc_idx = np.tile(documents.astype(np.int32), num_epochs)
-    rng.shuffle(doc_idx)
-    return doc_idx
+def build_doc_idx(documents: np.ndarray, num_epochs: int, seed: int) -> np.ndarray:
+    """The split's documents, `num_epochs` times, each epoch in its own seeded order."""
+    epochs = []
+    for epoch in range(num_epochs):
+        order = documents.astype(np.int32)
+        np.random.RandomState([seed, epoch, 0]).shuffle(order)
+        epochs.append(order)
+    return np.concatenate(epochs)
 
 
 def build_sample_idx(
@@ -70,10 +78,16 @@ def build_sample_idx(
     return np.stack([position, offset], axis=1).astype(np.int32)
 
 
-def build_shuffle_idx(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
-    shuffle_idx = np.arange(num_samples, dtype=np.uint32 if num_samples < 2**32 - 1 else np.int64)
-    rng.shuffle(shuffle_idx)
-    return shuffle_idx
+def build_shuffle_idx(num_samples: int, block: int, seed: int) -> np.ndarray:
+    """The order of the first `num_samples` samples: blocks of `block` samples, each block
+    permuted on its own (seed (seed, b)), so a longer run's order starts with a shorter one's."""
+    dtype = np.uint32 if num_samples + block < 2**32 - 1 else np.int64
+    blocks = []
+    for b in range(-(-num_samples // block)):
+        order = np.arange(b * block, (b + 1) * block, dtype=dtype)
+        np.random.RandomState([seed, b, 1]).shuffle(order)
+        blocks.append(order)
+    return np.concatenate(blocks)[:num_samples]
 
 
 def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -84,6 +98,11 @@ def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
     while (epochs * tokens_per_epoch - 1) // seq_len < num_samples:
         epochs += 1
     return epochs
+
+
+def samples_per_block(tokens_per_epoch: int, seq_len: int) -> int:
+    """The samples of one epoch's tokens (at least one): the stretch each shuffle covers."""
+    return max(1, tokens_per_epoch // seq_len)
 
 
 @dataclass(frozen=True)
@@ -106,11 +125,14 @@ def _save_atomically(path: str, array: np.ndarray) -> None:
 def build_sample_index(
     sizes: np.ndarray, documents: np.ndarray, seq_len: int, num_samples: int, seed: int
 ) -> SampleIndex:
-    rng = np.random.RandomState(seed)
-    num_epochs = epochs_needed(int(np.sum(sizes[documents], dtype=np.int64)), seq_len, num_samples)
-    doc_idx = build_doc_idx(documents, num_epochs, rng)
-    sample_idx = build_sample_idx(sizes, doc_idx, seq_len, num_samples)
-    shuffle_idx = build_shuffle_idx(num_samples, rng)
+    """The index of the first `num_samples` samples; the stream is built to the end of the
+    last shuffle block they reach, since a block's permutation draws from all of it."""
+    tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
+    block = samples_per_block(tokens_per_epoch, seq_len)
+    streamed = -(-num_samples // block) * block
+    doc_idx = build_doc_idx(documents, epochs_needed(tokens_per_epoch, seq_len, streamed), seed)
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_len, streamed)
+    shuffle_idx = build_shuffle_idx(num_samples, block, seed)
     return SampleIndex(doc_idx, sample_idx, shuffle_idx)
 
 
@@ -134,7 +156,8 @@ def load_or_build_sample_index(
     folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
     sizes = np.ascontiguousarray(data.sizes[documents.start : documents.stop])
     digest = hashlib.sha256(sizes.tobytes()).hexdigest()[:16]
-    key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s_{digest}"
+    # "ep": the per-epoch order of this module (an index of another scheme is never reused)
+    key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s_ep_{digest}"
     paths = _cache_paths(os.path.join(folder, f"{base}_{key}"))
     if all(os.path.exists(p) for p in paths.values()):
         return SampleIndex(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
