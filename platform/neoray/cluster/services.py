@@ -209,6 +209,10 @@ def weed_command(
     identities.write_text(json.dumps({"identities": [identity]}))
     identities.chmod(0o600)
     return [
+        # The S3 server takes an admin identity from AWS_* variables besides its own: it must
+        # answer only to the identity above, whatever the starting shell holds.
+        *("env", "-u", "AWS_ACCESS_KEY_ID", "-u", "AWS_SECRET_ACCESS_KEY"),
+        *("-u", "AWS_SESSION_TOKEN"),
         str(WEED),
         "-logtostderr",
         "server",
