@@ -41,11 +41,11 @@ def main() -> None:
         engine = one_process_engine(cfg)
         batches = training_batches(cfg, 0)
         snapshots = Snapshots(
-            engine,
             open_storage(cfg.storage),
             cfg.run_name,
             cfg.checkpoint,
             Path(tmp) / "staging",
+            {"tp": 1, "pp": 1, "dp": 1},
             manifest_factory(cfg),
             on_commit=lambda step, uri, size: None,
             on_failure=lambda step, error: print(f"step {step}: {error}"),
@@ -70,7 +70,7 @@ def main() -> None:
                     idle += steps()
                     continue
                 step += 1
-                snapshots.save(step)
+                snapshots.save(engine, step)
                 uploading += steps()
                 covered += snapshots.thread is not None and snapshots.thread.is_alive()
                 snapshots.settle()

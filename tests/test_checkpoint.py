@@ -24,6 +24,7 @@ from neoray.checkpoint import (
     read_manifest,
 )
 from neoray.checkpoint.manifest import checkpoint_key, manifest_key, prune, sha256_file
+from neoray.config import ConfigError
 from neoray.storage import LocalStorage, join_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,15 @@ def test_save_policy_interval_milestones_and_final():
     plain = CheckpointConfig(interval=3)
     assert [s for s in range(0, 8) if plain.should_save(s, final_step=7)] == [3, 6, 7]
     assert not CheckpointConfig(enabled=False).should_save(7, final_step=7)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("interval", 0), ("keep_last", 0), ("max_staging_gb", 0), ("max_staging_gb", -1)],
+)
+def test_bad_checkpoint_settings_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"checkpoint.{field}={value}"):
+        CheckpointConfig(**{field: value})
 
 
 def fake_checkpoint(storage, run_name: str, step: int, commit: bool = True) -> Manifest:

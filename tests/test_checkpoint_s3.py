@@ -1,5 +1,5 @@
 """Checkpoints in S3 (a real SeaweedFS) while it fails: the server stops mid-run and comes back,
-and a shard is truncated in the bucket.
+stays down at the end of a run or while it resumes, and a shard is truncated in the bucket.
 
 Training runs in a child process (this file run as a script) whose observer, at chosen steps,
 asks the test to stop or start the server and waits until that is done, so the outage falls on
@@ -26,7 +26,6 @@ OVERRIDES = [
     "data.seq_len=32",
     "parallel.micro_batch_size=2",
     "train.peak_tflops=1.0",
-    f"run_name={RUN}",
     "storage=s3",
     "storage.max_attempts=2",
     "storage.connect_timeout=1",
@@ -40,10 +39,13 @@ class ServerSwitch:
     """The child's observer: records what it is told, and at `stop_after` / `start_after`
     (metrics rows of those steps) has the test stop / start the S3 server."""
 
-    def __init__(self, control: Path, storage, stop_after: int, start_after: int) -> None:
-        self.control, self.storage = control, storage
+    def __init__(
+        self, control: Path, storage, run: str, staging: Path, stop_after: int, start_after: int
+    ) -> None:
+        self.control, self.storage, self.run, self.staging = control, storage, run, staging
         self.stop_after, self.start_after = stop_after, start_after
         self.failed: set[int] = set()
+        self.first_row = True
 
     def _event(self, **event) -> None:
         with open(self.control / "events.jsonl", "a") as f:
@@ -58,14 +60,20 @@ class ServerSwitch:
             time.sleep(0.05)
 
     def on_metrics(self, row: dict) -> None:
+        from neoray.checkpoint.manifest import committed_steps, manifest_key
+
+        if self.first_row:
+            self.first_row = False
+            self._event(kind="first_row", committed=committed_steps(self.storage, self.run))
         if row["step"] == self.stop_after:
             self._ask("stop")
         if row["step"] == self.start_after:
+            staged = sorted(p.name for p in self.staging.glob("step_*"))
             self._ask("start")
-            from neoray.checkpoint.manifest import manifest_key
-
-            exists = {s: self.storage.exists(manifest_key(RUN, s)) for s in sorted(self.failed)}
-            self._event(kind="restarted", manifests_of_failed=exists)
+            exists = {
+                s: self.storage.exists(manifest_key(self.run, s)) for s in sorted(self.failed)
+            }
+            self._event(kind="restarted", manifests_of_failed=exists, staged=staged)
 
     def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
         self._event(kind="committed", step=step, uri=uri)
@@ -76,9 +84,11 @@ class ServerSwitch:
 
 
 def child(control: Path, stop_after: int, start_after: int, overrides: list[str]) -> None:
-    """One training process (no launcher) with a `ServerSwitch` observer."""
+    """One training process (no launcher) with a `ServerSwitch` observer; `stop_after` -2:
+    the server is stopped when resume starts reading the checkpoint's files."""
     from hydra import compose, initialize_config_dir
 
+    import neoray.checkpoint.resume
     from neoray.storage import open_storage
     from neoray.train.config import pretrain_config
     from neoray.train.loop import pretrain
@@ -92,17 +102,42 @@ def child(control: Path, stop_after: int, start_after: int, overrides: list[str]
     )
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = pretrain_config(compose(config_name="pretrain", overrides=overrides))
-    pretrain(cfg, ServerSwitch(control, open_storage(cfg.storage), stop_after, start_after))
+    staging = Path(cfg.run_dir) / "staging" / cfg.run_name / "rank_00000"
+    switch = ServerSwitch(
+        control, open_storage(cfg.storage), cfg.run_name, staging, stop_after, start_after
+    )
+    if stop_after == -2:
+        download = neoray.checkpoint.resume.download
+
+        def download_after_an_outage(*args, **kwargs):
+            switch._ask("stop")
+            return download(*args, **kwargs)
+
+        neoray.checkpoint.resume.download = download_after_an_outage
+    pretrain(cfg, switch)
 
 
-def train(service, tmp_path: Path, name: str, steps: int, stop_after=-1, start_after=-1) -> str:
-    """Run the child; meanwhile serve its stop/start requests. Returns its output."""
+def train(
+    service,
+    tmp_path: Path,
+    name: str,
+    steps: int,
+    stop_after=-1,
+    start_after=-1,
+    run: str = RUN,
+    overrides: tuple[str, ...] = (),
+    fails: bool = False,
+) -> str:
+    """Run the child; meanwhile serve its stop/start requests. Returns its output; it must
+    have succeeded, or failed when `fails`."""
     control = tmp_path / name
     control.mkdir()
     overrides = [
         *OVERRIDES,
+        *overrides,
+        f"run_name={run}",
         f"train.steps={steps}",
-        f"run_dir={tmp_path / 'run'}",
+        f"run_dir={tmp_path / run}",
         f"storage.bucket={service.bucket}",
         f"storage.endpoint_url={service.server.endpoint_url}",
     ]
@@ -141,7 +176,7 @@ def train(service, tmp_path: Path, name: str, steps: int, stop_after=-1, start_a
                 process.kill()
             time.sleep(0.05)
     output = log.read_text()
-    assert process.returncode == 0, output[-5000:]
+    assert (process.returncode != 0) == fails, output[-5000:]
     return output
 
 
@@ -150,8 +185,8 @@ def events(tmp_path: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def losses(tmp_path: Path) -> dict[int, float]:
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+def losses(tmp_path: Path, run: str = RUN) -> dict[int, float]:
+    rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
     return {row["step"]: row["loss"] for row in map(json.loads, rows)}
 
 
@@ -173,12 +208,12 @@ def outage(s3, tmp_path_factory):
     return tmp_path, output
 
 
-def committed_steps(s3) -> list[int]:
+def committed_steps(s3, run: str = RUN) -> list[int]:
     """Steps with a manifest in the bucket, listed by a plain boto3 client."""
     pages = s3.server.client().get_paginator("list_objects_v2")
     keys = [
         obj["Key"]
-        for page in pages.paginate(Bucket=s3.bucket, Prefix=f"{RUN}/checkpoints/")
+        for page in pages.paginate(Bucket=s3.bucket, Prefix=f"{run}/checkpoints/")
         for obj in page.get("Contents", [])
     ]
     return sorted(
@@ -193,9 +228,12 @@ def test_training_goes_on_while_storage_is_down(s3, outage, monkeypatch):
     failed = [e for e in log if e["kind"] == "failed"]
     assert {2, 3} <= {e["step"] for e in failed}  # saved while the server was down
     assert all(f"s3://{s3.bucket}/{RUN}/checkpoints/step_0000000" in e["error"] for e in failed)
-    assert "not committed (uploaded again at the next save)" in output
+    assert "not committed (tried again at the next save)" in output
     restarted = next(e for e in log if e["kind"] == "restarted")
     assert restarted["manifests_of_failed"] and not any(restarted["manifests_of_failed"].values())
+    # the staging folder kept only the newest uncommitted checkpoint: 3 superseded 2
+    assert "checkpoint step 2 was never committed and is superseded by step 3" in output
+    assert restarted["staged"] == ["step_00000003", "step_00000003.staged.json"]
     committed = [e["step"] for e in log if e["kind"] == "committed"]
     assert committed[-1] == 8 and max(committed[:-1]) == 7  # later checkpoints commit again
     assert committed_steps(s3) == [7, 8]  # retention: the last two
@@ -222,10 +260,106 @@ def test_resume_rejects_a_truncated_shard_and_uses_the_previous_checkpoint(s3, o
     assert f"{shard}: {len(data) // 2} bytes, the manifest says {len(data)}" in output
     assert "rejecting checkpoint step 8" in output
     assert f"resumed run '{RUN}' at step 7" in output
+    # step 8's old manifest is gone before step 8 is saved again
+    first_row = next(e for e in events(tmp_path, "truncated") if e["kind"] == "first_row")
+    assert first_row["committed"] == [7]
     after = losses(tmp_path)
     assert sorted(after) == list(range(10))
     assert after[7] == before[7]  # step 7 trained again from step 7's checkpoint, identically
     assert committed_steps(s3) == [9, 10]
+
+
+def staged_files(tmp_path: Path, run: str) -> dict[str, str]:
+    """sha256 of every staged file of a run's rank 0, by path under its staging folder."""
+    from neoray.checkpoint.manifest import sha256_file
+
+    folder = tmp_path / run / "staging" / run / "rank_00000"
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0].startswith("step_")
+    }
+
+
+def bucket(s3, monkeypatch):
+    """The test bucket as the project's storage, with the server's credentials."""
+    from neoray.storage import S3Storage, StorageConfig
+
+    for name, value in s3.server.env().items():
+        monkeypatch.setenv(name, value)
+    return S3Storage(
+        StorageConfig(kind="s3", bucket=s3.bucket, endpoint_url=s3.server.endpoint_url)
+    )
+
+
+def test_an_uncommitted_final_checkpoint_fails_the_run_and_is_committed_at_its_restart(
+    s3, tmp_path, monkeypatch
+):
+    """Storage goes down before the last save and stays down: the job ends non-zero, keeping
+    the checkpoint; started again with storage back, it commits exactly those files."""
+    run = "unfinished"
+    output = train(s3, tmp_path, "down", steps=4, stop_after=3, run=run, fails=True)
+    assert "UncommittedCheckpointError: checkpoints of steps [4]" in output
+    assert "run the same job again once storage works" in output
+    staged = staged_files(tmp_path, run)
+    assert {name.split("/")[0] for name in staged} == {
+        "step_00000004", "step_00000004.staged.json"
+    }  # fmt: skip
+    s3.start()
+    assert committed_steps(s3, run) == [1, 2]
+
+    output = train(s3, tmp_path, "back", steps=4, run=run)
+    assert "staged checkpoints of steps [4] were never committed; uploading them" in output
+    assert f"resumed run '{run}' at step 4" in output
+    assert committed_steps(s3, run) == [2, 4]
+    from neoray.checkpoint.manifest import read_manifest
+
+    manifest = read_manifest(bucket(s3, monkeypatch), run, 4)
+    assert {f"step_00000004/{e.path}": e.sha256 for e in manifest.files} == {
+        name: digest for name, digest in staged.items() if not name.endswith(".json")
+    }
+    assert not staged_files(tmp_path, run)  # nothing left behind
+
+
+def test_staging_past_its_limit_stops_the_run_keeping_milestones(s3, tmp_path, monkeypatch):
+    """Storage down from step 2's save with milestones on: failed milestones are kept (not
+    superseded) until they exceed checkpoint.max_staging_gb; the next start commits them all
+    and trains on from the newest, with the losses of an uninterrupted run."""
+    run = "milestones"
+    settings = ("checkpoint.milestones=true", "checkpoint.interval=100", "checkpoint.keep_last=5")
+    reference = train(s3, tmp_path, "reference", steps=6, run="reference", overrides=settings)
+    assert "committed checkpoint" in reference
+    from neoray.checkpoint.manifest import read_manifest
+
+    size = sum(e.size for e in read_manifest(bucket(s3, monkeypatch), "reference", 4).files)
+    limit = f"checkpoint.max_staging_gb={2.5 * size / 1e9}"
+    output = train(
+        s3, tmp_path, "full", 6, stop_after=1, run=run, overrides=(*settings, limit), fails=True
+    )
+    assert "over checkpoint.max_staging_gb" in output and "steps [1, 2, 4]" in output
+    assert [n for n in sorted(staged_files(tmp_path, run)) if n.endswith(".json")] == [
+        "step_00000001.staged.json", "step_00000002.staged.json", "step_00000004.staged.json"
+    ]  # fmt: skip
+    s3.start()
+    output = train(s3, tmp_path, "resumed", 6, run=run, overrides=(*settings, limit))
+    assert "staged checkpoints of steps [1, 2, 4] were never committed" in output
+    assert f"resumed run '{run}' at step 4" in output
+    assert committed_steps(s3, run) == [0, 1, 2, 4, 6]
+    assert losses(tmp_path, run) == losses(tmp_path, "reference")
+
+
+def test_storage_down_while_resuming_stops_without_falling_back(s3, outage):
+    """Transient storage errors while reading the latest checkpoint are not corruption: the
+    run stops, touching no checkpoint, and resumes from that same one once storage is back."""
+    tmp_path, _ = outage
+    before = committed_steps(s3)
+    output = train(s3, tmp_path, "unreachable", steps=12, stop_after=-2, fails=True)
+    assert "not falling back to an older checkpoint" in output
+    assert "rejecting checkpoint" not in output
+    s3.start()
+    assert committed_steps(s3) == before
+    output = train(s3, tmp_path, "reachable", steps=12)
+    assert f"resumed run '{RUN}' at step {before[-1]}" in output
 
 
 if __name__ == "__main__":

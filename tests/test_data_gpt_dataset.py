@@ -57,6 +57,15 @@ def test_splits_follow_gpt_neox(split, size):
     assert [(r.start, r.stop) for r in ranges] == list(itertools.pairwise(bounds))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_the_shuffles_range_is_refused(seed):
+    from neoray.config import ConfigError
+    from neoray.data.config import ComponentConfig, DataConfig
+
+    with pytest.raises(ConfigError, match=f"data.seed={seed}"):
+        DataConfig(components={"a": ComponentConfig(prefix="a")}, tokenizer="t", seed=seed)
+
+
 def test_bad_split_is_refused():
     with pytest.raises(ValueError, match="995,4,1"):
         split_documents(10, "train")

@@ -16,9 +16,10 @@ class CheckpointConfig:
     interval: int = 1000  # save every this many optimizer steps (and always the final step)
     milestones: bool = False  # also save (and keep forever) steps 0, 1, 2, 4, ..., 512
     keep_last: int = 2  # committed checkpoints kept besides milestones; older ones are deleted
-    staging_dir: str | None = (
-        None  # where ranks write shards before upload; None: <run_dir>/staging
-    )
+    # where ranks write shards before upload (in <staging_dir>/<run_name>/); None: <run_dir>/staging
+    staging_dir: str | None = None
+    # stop when one rank's uncommitted checkpoints (storage failing) take more; None: no limit
+    max_staging_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -26,6 +27,11 @@ class CheckpointConfig:
         if self.keep_last < 1:
             raise ConfigError(
                 f"checkpoint.keep_last={self.keep_last} must be at least 1 (resume needs one)"
+            )
+        if self.max_staging_gb is not None and self.max_staging_gb <= 0:
+            raise ConfigError(
+                f"checkpoint.max_staging_gb={self.max_staging_gb} must be positive (or null: "
+                "no limit)"
             )
 
     def is_milestone(self, step: int) -> bool:

@@ -4,7 +4,10 @@ Each rank downloads only what its engine loads: its model-parallel rank's model 
 ZeRO optimizer partition, and the layer files of its pipeline stage (for every tensor rank:
 DeepSpeed's layer loader counts them to choose its own). Every file is checked against the
 manifest's size and sha256. If any rank finds a file missing or corrupt, all ranks reject that
-checkpoint together and try the one before.
+checkpoint together and try the one before; the rejected checkpoints' manifests are deleted,
+so that when training saves those steps again no reader takes the old manifest for the new
+files. Storage that fails (after the storage's own retries: timeouts, 5xx, refused
+connections) is not corruption: resume stops with an error rather than fall back.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from neoray.checkpoint.manifest import (
     checkpoint_key,
     committed_checkpoints,
     download,
+    manifest_key,
     step_tag,
 )
 from neoray.config import ConfigError
@@ -29,6 +33,7 @@ from neoray.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 AXES = ("tp", "pp", "dp")
+INTACT, CORRUPT, UNREACHABLE = 0, 1, 2  # a rank's finding; the ranks act on the worst
 
 
 def files_of_rank(engine, manifest: Manifest) -> list[str]:
@@ -82,34 +87,44 @@ def resume(
     (collective). A different topology is refused (ConfigError); when no checkpoint is intact,
     CorruptCheckpointError."""
     local = staging / f"rank_{dist.get_rank():05d}" / "resume"
+    rejected: list[Manifest] = []
     for manifest in reversed(manifests):
         check_topology(manifest, topology)
         tag = step_tag(manifest.step)
         shutil.rmtree(local, ignore_errors=True)
-        problem = ""
+        problem, state = "", INTACT
         try:
             download(storage, manifest, local / tag, files_of_rank(engine, manifest))
-        except (CorruptCheckpointError, StorageError, OSError) as err:
-            problem = str(err)
-            log.error(
-                "rank %d: checkpoint step %d is unusable: %s",
-                dist.get_rank(),
-                manifest.step,
-                problem,
+        except CorruptCheckpointError as err:
+            problem, state = str(err), CORRUPT
+        except (StorageError, OSError) as err:
+            problem, state = f"{type(err).__name__}: {err}", UNREACHABLE
+        if problem:
+            log.error("rank %d: checkpoint step %d: %s", dist.get_rank(), manifest.step, problem)
+        worst = torch.tensor([state], dtype=torch.int32)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if worst.item() == UNREACHABLE:
+            shutil.rmtree(local, ignore_errors=True)
+            raise StorageError(
+                f"resuming run {manifest.run_name!r}: reading checkpoint step {manifest.step} "
+                f"from {storage.uri(checkpoint_key(manifest.run_name, manifest.step))} failed "
+                "on a rank (see the messages above) after the storage's retries; not falling "
+                "back to an older checkpoint. Start the job again once storage is reachable"
             )
-        intact = torch.tensor([0 if problem else 1], dtype=torch.int32)
-        dist.all_reduce(intact, op=dist.ReduceOp.MIN)
-        if intact.item():
+        if worst.item() == INTACT:
             engine.load_checkpoint(str(local), tag=tag)
             shutil.rmtree(local, ignore_errors=True)
             if dist.get_rank() == 0:
+                _forget(storage, rejected)
                 log.info(
                     "resumed run %r at step %d from %s",
                     manifest.run_name,
                     manifest.step,
                     storage.uri(checkpoint_key(manifest.run_name, manifest.step)),
                 )
+            dist.barrier()  # the rejected manifests are gone before any step is saved again
             return manifest
+        rejected.append(manifest)
         if dist.get_rank() == 0:
             log.error(
                 "rejecting checkpoint step %d of run %r (a file is missing or corrupt, see the "
@@ -123,3 +138,16 @@ def resume(
         "could be read intact (see the messages above); starting over would overwrite them: "
         "use another run_name, or delete the run's checkpoints to start it afresh"
     )
+
+
+def _forget(storage: Storage, rejected: list[Manifest]) -> None:
+    """Delete the manifests of checkpoints rejected as corrupt (their files are overwritten
+    when training saves those steps again)."""
+    for manifest in rejected:
+        key = manifest_key(manifest.run_name, manifest.step)
+        try:
+            storage.delete(key)
+        except Exception as err:  # the next resume rejects it again; saving it replaces it
+            log.warning("could not delete %s: %s", storage.uri(key), err)
+            continue
+        log.warning("deleted %s: its checkpoint is corrupt", storage.uri(key))

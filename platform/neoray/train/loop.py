@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
 from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
-from neoray.checkpoint.snapshot import Snapshots, manifest_created
+from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.config import flatten, redact
 from neoray.data.mixture import BlendedDataset
 from neoray.energy.run import RunEnergy
@@ -34,7 +34,7 @@ from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
-from neoray.storage import Storage, open_storage
+from neoray.storage import Storage, open_storage, publish_file
 from neoray.train.config import PretrainConfig
 from neoray.train.data import batch_schedule, dataset, micro_batches
 from neoray.train.engine import build_engine
@@ -148,7 +148,7 @@ def manifest_factory(cfg: PretrainConfig):
 
 
 def _snapshots(
-    cfg: PretrainConfig, engine, storage: Storage, staging: Path, observer: TrainingObserver | None
+    cfg: PretrainConfig, storage: Storage, staging: Path, observer: TrainingObserver | None
 ) -> Snapshots:
     def on_commit(step: int, uri: str, size_bytes: int) -> None:
         if observer is not None:
@@ -159,11 +159,11 @@ def _snapshots(
             observer.on_checkpoint_failed(step, error)
 
     return Snapshots(
-        engine,
         storage,
         cfg.run_name,
         cfg.checkpoint,
         staging,
+        _topology(cfg),
         manifest_factory(cfg),
         on_commit,
         on_failure,
@@ -186,8 +186,11 @@ def pretrain(
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
-    staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging")
+    staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
     manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
+    snapshots = _snapshots(cfg, storage, staging, observer) if storage else None
+    if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
+        manifests = committed_on_rank0(storage, cfg.run_name)  # with what was just committed
     if manifests:
         check_topology(manifests[-1], _topology(cfg))  # before any weights are allocated
     _pin_decay_horizon(cfg, manifests)
@@ -225,9 +228,8 @@ def pretrain(
     train_data = dataset(cfg, "train", schedule.train_samples)
     batches = micro_batches(train_data, schedule, placement.dp_rank, start)
     validation = Validation(cfg, engine, placement) if cfg.train.eval_interval else None
-    snapshots = _snapshots(cfg, engine, storage, staging, observer) if storage else None
     if snapshots is not None and resumed is None and cfg.checkpoint.should_save(0, cfg.train.steps):
-        snapshots.save(0)
+        snapshots.save(engine, 0)
     fp16 = cfg.train.precision == "fp16"
     nonfinite = 0
     for step in range(start, cfg.train.steps):
@@ -267,7 +269,10 @@ def pretrain(
         nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
         if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
             if snapshots is not None:
-                snapshots.finish()  # commit the good checkpoints already uploading
+                try:
+                    snapshots.finish()  # commit the good checkpoints already uploading
+                except UncommittedCheckpointError as err:  # kept; the loss is the news
+                    log.error("%s", err)
             raise NonFiniteLossError(
                 f"the loss was not finite for {nonfinite} consecutive steps (last: step {step}); "
                 "stopping without saving the diverged weights. Lower optim.lr, raise "
@@ -275,18 +280,17 @@ def pretrain(
             )
         if snapshots is not None and cfg.checkpoint.should_save(done, cfg.train.steps):
             if math.isfinite(loss):
-                snapshots.save(done)
+                snapshots.save(engine, done)
             elif dist.get_rank() == 0:
                 log.warning(
                     "not saving step %d: its loss is not finite (the last good checkpoint stays)",
                     done,
                 )
-    if snapshots is not None:
-        snapshots.finish()
     if out is not None:
         out.close()
     if cfg.train.save_final and placement.dp_rank == 0:
         path = shard_path(Path(cfg.run_dir) / "final", placement.tp_rank, placement.pp_rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(engine.module.state_dict(), path)
+        publish_file(path, lambda f: torch.save(engine.module.state_dict(), f))
+    if snapshots is not None:
+        snapshots.finish()  # raises, on every rank, when a checkpoint stays uncommitted
     dist.barrier()
