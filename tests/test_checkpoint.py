@@ -118,6 +118,26 @@ def test_retention_keeps_last_and_milestones_deleting_manifest_first(tmp_path, m
     assert storage.list(checkpoint_key("run", deleted[0])) == []
 
 
+def test_retention_deletes_orphans_older_than_the_newest_commit(tmp_path):
+    """Files of a step without a manifest (a failed upload, a deletion cut short) go once a
+    newer checkpoint is committed; an uncommitted step newer than it may be uploading, and
+    stays, as do other runs' files."""
+    storage = LocalStorage(tmp_path)
+    fake_checkpoint(storage, "run", 1, commit=False)  # never committed
+    fake_checkpoint(storage, "run", 2)
+    half_pruned = fake_checkpoint(storage, "run", 3)
+    storage.delete(manifest_key("run", 3))
+    storage.delete(join_key(checkpoint_key("run", 3), half_pruned.files[0].path))
+    fake_checkpoint(storage, "run", 4)
+    fake_checkpoint(storage, "run", 5, commit=False)  # in flight
+    fake_checkpoint(storage, "run-2", 1, commit=False)  # another run's
+    assert prune(storage, "run", keep_last=5, is_milestone=lambda step: False) == []
+    remaining = {key.split("/")[2] for key in storage.list("run/")}
+    assert remaining == {"step_00000002", "step_00000004", "step_00000005"}
+    assert len(storage.list("run-2/")) == 2
+    assert [m.step for m in committed_checkpoints(storage, "run")] == [2, 4]
+
+
 def test_download_verifies_size_and_sha256(tmp_path):
     storage = LocalStorage(tmp_path / "store")
     manifest = fake_checkpoint(storage, "run", 3)

@@ -195,13 +195,33 @@ def code_version() -> str:
 def prune(storage: Storage, run_name: str, keep_last: int, is_milestone: Any) -> list[int]:
     """Delete committed checkpoints older than the last `keep_last`, except milestones; each
     one's manifest first, then its files, so no reader sees a manifest whose files are gone.
-    Returns the deleted steps."""
-    steps = committed_steps(storage, run_name)
-    doomed = [step for step in steps[:-keep_last] if not is_milestone(step)]
+    Also delete orphans older than the newest committed checkpoint: files of a step with no
+    manifest (an upload that never committed, or a deletion cut short), which no reader uses
+    and nothing uploads again. Newer ones may be an upload in flight, and stay. Returns the
+    deleted committed steps."""
+    files: dict[int, list[str]] = {}
+    for key in storage.list(checkpoints_key(run_name) + "/"):
+        *_, folder, _ = key.split("/")
+        if match := STEP_DIR.match(folder):
+            files.setdefault(int(match.group(1)), []).append(key)
+    committed = sorted(s for s, keys in files.items() if manifest_key(run_name, s) in keys)
+    doomed = [step for step in committed[:-keep_last] if not is_milestone(step)]
     for step in doomed:
-        folder = checkpoint_key(run_name, step)
         storage.delete(manifest_key(run_name, step))
-        for key in storage.list(folder + "/"):
-            storage.delete(key)
-        log.info("deleted checkpoint %s (retention: last %d plus milestones)", folder, keep_last)
+        for key in files[step]:
+            if key != manifest_key(run_name, step):
+                storage.delete(key)
+        log.info(
+            "deleted checkpoint %s (retention: last %d plus milestones)",
+            checkpoint_key(run_name, step),
+            keep_last,
+        )
+    newest = committed[-1] if committed else -1
+    for step in sorted(set(files) - set(committed)):
+        if step < newest:
+            for key in files[step]:
+                storage.delete(key)
+            log.info(
+                "deleted %s: files of a checkpoint never committed", checkpoint_key(run_name, step)
+            )
     return doomed
