@@ -41,6 +41,10 @@ from neoray.train.job import cluster_config
 # What a trial's driver process takes (Python, Ray Train's controller); reserving it also makes
 # the trial's resource request non-empty when it asks for no CPU, which Ray requires.
 TRIAL_DRIVER_MEMORY = 512 * 2**20
+# Seconds a trial that the scheduler stopped gets to end by itself before Tune kills its driver
+# (and with it the trial's Ray Train run). Tune's default, 600 s, lets a stopped trial whose
+# driver is still waiting on its run hold the run's workers, and the sweep, for ten minutes.
+STOPPED_TRIAL_GRACE_S = 20
 
 
 @dataclass
@@ -215,6 +219,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
                 cwd=os.getcwd(),
                 parent_run_id=parent.run_id if parent else None,
             )
+            os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
             results = _tuner(sweep, context, storage).fit()
             outcomes = [trial_outcome(result, sweep.metric) for result in results]
             result = _summarize(sweep, outcomes, base_overrides, storage)
