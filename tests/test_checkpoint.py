@@ -88,6 +88,22 @@ def test_a_checkpoint_without_manifest_does_not_exist(tmp_path):
         checkpoint_from_uri(str(tmp_path / "run" / "checkpoints"))
 
 
+@pytest.mark.parametrize("name", ["../evil.pt", "/tmp/evil.pt", "sub/../../evil.pt", ".hidden", ""])
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_rejected(tmp_path, name):
+    """Names in a manifest come from the bucket: anything but a plain file name is refused
+    before a byte is written, as a corrupt checkpoint (resume then falls back)."""
+    storage = LocalStorage(tmp_path / "store")
+    manifest = fake_checkpoint(storage, "run", 1)
+    manifest.files.append(FileEntry(name, 2, "0" * 64))
+    storage.put_bytes(join_key(checkpoint_key("run", 1), "x"), b"xx")  # something to fetch
+    with pytest.raises(CorruptCheckpointError, match="not a plain file name"):
+        download(storage, manifest, tmp_path / "dest" / "step", [name])
+    assert not (tmp_path / "evil.pt").exists() and not (tmp_path / "dest").exists()
+    bad_run = json.loads(manifest.to_json()) | {"run_name": "../other"}
+    with pytest.raises(ValueError, match="not a plain name"):
+        Manifest.from_json(json.dumps(bad_run))
+
+
 class RecordingStorage(LocalStorage):
     def __init__(self, root):
         super().__init__(root)

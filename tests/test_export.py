@@ -176,6 +176,24 @@ def test_export_of_a_2x2x2_checkpoint_gives_the_engine_loss_and_is_published(tmp
     published = f"{checkpoint_key('run-a', STEPS)}/hf_fp32"
     assert storage.exists(f"{published}/export.json")
 
+    # A published export whose weights were changed, or whose export.json names a path out of
+    # the destination, is not used: the export is built again from the verified shards.
+    storage.put_bytes(f"{published}/model.safetensors", weights[: len(weights) // 2])
+    redone = resolve_export(
+        ExportConfig(checkpoint=uri, dtype="fp32", cache_dir=str(tmp_path / "c3"))
+    )
+    assert (redone.hf_dir / "model.safetensors").read_bytes() == weights
+    assert storage.get_bytes(f"{published}/model.safetensors") == weights  # published again
+    listing = json.loads(storage.get_bytes(f"{published}/export.json"))
+    listing["files"]["../../escaped"] = listing["files"]["config.json"]
+    storage.put_bytes(f"{published}/export.json", json.dumps(listing).encode())
+    storage.put_bytes(f"{checkpoint_key('run-a', STEPS)}/escaped", b"{}")
+    redone = resolve_export(
+        ExportConfig(checkpoint=uri, dtype="fp32", cache_dir=str(tmp_path / "c4" / "cache"))
+    )
+    assert (redone.hf_dir / "model.safetensors").read_bytes() == weights
+    assert not list(tmp_path.rglob("escaped"))
+
     # Another machine takes the published export; the shards are not needed any more.
     for entry in manifest.files:
         storage.delete(f"{checkpoint_key('run-a', STEPS)}/{entry.path}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from neoray.model.gpt_neox import GPTNeoX, NeoXConfig
 from neoray.model.hf import save_hf
 from neoray.parallel.convert import consolidate
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,8 +155,12 @@ def cache_path(cache_dir: str | Path, manifest, dtype: str) -> Path:
     return Path(cache_dir) / manifest.run_name / step / f"hf_{dtype}-{checkpoint_id(manifest)[:16]}"
 
 
-def marker(files: list[str], manifest) -> bytes:
-    """The export.json of an export of `manifest`: its files and the checkpoint it is of."""
+def marker(folder: Path, manifest) -> bytes:
+    """The export.json of the export in `folder` of `manifest`: its files with their sha256,
+    and the checkpoint it is of."""
+    from neoray.checkpoint.manifest import sha256_file
+
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     of = {"run_name": manifest.run_name, "step": manifest.step, "id": checkpoint_id(manifest)}
     return json.dumps({"files": files, "checkpoint": of}, indent=2).encode()
 
@@ -164,9 +170,32 @@ def is_export_of(marker_bytes: bytes | None, manifest) -> bool:
     if marker_bytes is None:
         return False
     try:
-        return json.loads(marker_bytes)["checkpoint"]["id"] == checkpoint_id(manifest)
+        values = json.loads(marker_bytes)
+        return values["checkpoint"]["id"] == checkpoint_id(manifest) and isinstance(
+            values["files"], dict
+        )
     except (ValueError, KeyError, TypeError):
         return False  # an export of older code, or a damaged marker: build it again
+
+
+def _download_published(storage, folder: str, published: bytes, staging: Path) -> bool:
+    """Fetch an export published in the object store into `staging`, each file checked
+    against the sha256 its export.json lists; False (logged) when one differs or a listed
+    name is not a plain file name (nothing is written outside `staging`)."""
+    from neoray.checkpoint.manifest import CorruptCheckpointError, safe_name, sha256_file
+    from neoray.storage import join_key
+
+    where = storage.uri(join_key(folder, EXPORT_MARKER))
+    try:
+        for name, digest in json.loads(published)["files"].items():
+            target = staging / safe_name(name, where)
+            storage.download_file(join_key(folder, name), target)
+            if sha256_file(target) != digest:
+                raise CorruptCheckpointError(f"{where}: the sha256 of {name} differs")
+    except (CorruptCheckpointError, FileNotFoundError) as err:
+        log.warning("not using the published export: %s; exporting again", err)
+        return False
+    return True
 
 
 def _read(path: Path) -> bytes | None:
@@ -202,8 +231,7 @@ def export_cached(
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
             staging = export_directory(step_dir, Path(tmp) / "hf", dtype, tokenizer)
-            files = sorted(p.name for p in staging.iterdir())
-            (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
+            (staging / EXPORT_MARKER).write_bytes(marker(staging, manifest))
             _publish_locally(staging, out, manifest)
     return Export(out, manifest.run_name, manifest.step)
 
@@ -214,9 +242,10 @@ def export_committed(
     """The export of a committed checkpoint in `storage`, cached locally.
 
     Taken from the object store when an export of this very checkpoint was published there;
-    otherwise only the layer files are downloaded (sha256-verified), consolidated and exported,
-    and the result is published to `<checkpoint>/hf_<dtype>/`: an outdated `export.json`
-    deleted first, the files uploaded, the new `export.json` written last.
+    otherwise (or when a published file's sha256 differs from its export.json) only the layer
+    files are downloaded (sha256-verified), consolidated and exported, and the result is
+    published to `<checkpoint>/hf_<dtype>/`: an outdated `export.json` deleted first, the files
+    uploaded, the new `export.json` written last.
     """
     from neoray.checkpoint import download
     from neoray.storage import join_key
@@ -231,23 +260,22 @@ def export_committed(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
         staging = Path(tmp) / "hf"
-        if is_export_of(published, manifest):
-            files = json.loads(published)["files"]
-            for name in files:
-                storage.download_file(join_key(folder, name), staging / name)
-        else:
+        fetched = is_export_of(published, manifest) and _download_published(
+            storage, folder, published, staging
+        )
+        if not fetched:
+            shutil.rmtree(staging, ignore_errors=True)
             shards = Path(tmp) / "checkpoint"
             names = [e.path for e in manifest.files if LAYER_FILE.fullmatch(e.path)]
             download(storage, manifest, shards, names)
             (shards / MANIFEST).write_text(manifest.to_json())
             export_directory(shards, staging, dtype, tokenizer)
-            files = sorted(p.name for p in staging.iterdir())
-            if published is not None:  # an export of other weights: no longer complete
+            if published is not None:  # of other weights, or damaged: no longer complete
                 storage.delete(marker_key)
-            for name in files:
-                storage.upload_file(staging / name, join_key(folder, name))
-            storage.put_bytes(marker_key, marker(files, manifest))
-        (staging / EXPORT_MARKER).write_bytes(marker(files, manifest))
+            for path in sorted(staging.iterdir()):
+                storage.upload_file(path, join_key(folder, path.name))
+            storage.put_bytes(marker_key, marker(staging, manifest))
+        (staging / EXPORT_MARKER).write_bytes(marker(staging, manifest))
         _publish_locally(staging, out, manifest)
     return result
 

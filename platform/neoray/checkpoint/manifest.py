@@ -25,12 +25,26 @@ from neoray.storage import LocalStorage, S3Storage, Storage, StorageConfig, join
 FORMAT = 1
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# A run name, or a file of a checkpoint or export: one path component of safe characters (no
+# "/", no "..", nothing hidden), since names read from the bucket become local paths.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A checkpoint file is missing, or its size or sha256 differs from the manifest."""
+    """A checkpoint file is missing, or its size or sha256 differs from the manifest, or the
+    manifest names a file that could not be one."""
+
+
+def safe_name(name: str, where: str) -> str:
+    """`name` if it is a plain file name (see SAFE_NAME); else CorruptCheckpointError naming
+    `where` it was read."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise CorruptCheckpointError(
+            f"{where}: {name!r} is not a plain file name; refusing to write it anywhere"
+        )
+    return name
 
 
 @dataclass
@@ -62,7 +76,10 @@ class Manifest:
         if values.get("format") != FORMAT:
             raise ValueError(f"manifest format {values.get('format')!r}; this code reads {FORMAT}")
         values["files"] = [FileEntry(**entry) for entry in values["files"]]
-        return cls(**values)
+        manifest = cls(**values)
+        if not SAFE_NAME.fullmatch(manifest.run_name):
+            raise ValueError(f"manifest run_name {manifest.run_name!r} is not a plain name")
+        return manifest
 
 
 def step_tag(step: int) -> str:
@@ -150,7 +167,7 @@ def download(
         entry = listed.get(name)
         if entry is None:
             raise CorruptCheckpointError(f"{storage.uri(key)}: not listed in the manifest")
-        target = dest / name
+        target = dest / safe_name(name, storage.uri(join_key(folder, MANIFEST)))
         try:
             storage.download_file(key, target)
         except FileNotFoundError as err:

@@ -49,7 +49,7 @@ class SweepConfig:
     max_trial_failures: int = 1  # a trial whose driver failed is started again this often
 
     def __post_init__(self) -> None:
-        if not RUN_NAME.match(self.name):
+        if not RUN_NAME.fullmatch(self.name):
             raise ConfigError(
                 f"sweep.name={self.name!r}: use letters, digits, '.', '_' and '-' "
                 "(trials are named <sweep.name>-<trial id>)"

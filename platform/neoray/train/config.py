@@ -7,11 +7,11 @@ can be checked without processes or devices, so mistakes surface before a cluste
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from neoray.checkpoint.config import CheckpointConfig
+from neoray.checkpoint.manifest import SAFE_NAME
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.data.gpt_dataset import split_documents
@@ -23,7 +23,7 @@ from neoray.storage import StorageConfig
 from neoray.tokenizer.load import load_tokenizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one folder name in any store
+RUN_NAME = SAFE_NAME  # one folder name in any store
 
 
 @dataclass
@@ -114,7 +114,7 @@ class PretrainConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def __post_init__(self) -> None:
-        if not RUN_NAME.match(self.run_name):
+        if not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(
                 f"run_name={self.run_name!r}: use letters, digits, '.', '_' and '-' "
                 "(it becomes a folder name in the checkpoint storage)"
