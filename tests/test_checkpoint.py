@@ -141,6 +141,7 @@ def test_retention_deletes_orphans_older_than_the_newest_commit(tmp_path):
     storage = LocalStorage(tmp_path)
     fake_checkpoint(storage, "run", 1, commit=False)  # never committed
     fake_checkpoint(storage, "run", 2)
+    storage.put_bytes(join_key(checkpoint_key("run", 1), "hf_fp16", "export.json"), b"{}")
     half_pruned = fake_checkpoint(storage, "run", 3)
     storage.delete(manifest_key("run", 3))
     storage.delete(join_key(checkpoint_key("run", 3), half_pruned.files[0].path))

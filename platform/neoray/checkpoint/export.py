@@ -274,8 +274,9 @@ def export_committed(
                 storage.delete(marker_key)
             for path in sorted(staging.iterdir()):
                 storage.upload_file(path, join_key(folder, path.name))
-            storage.put_bytes(marker_key, marker(staging, manifest))
-        (staging / EXPORT_MARKER).write_bytes(marker(staging, manifest))
+            published = marker(staging, manifest)  # hashes the weights once, for both copies
+            storage.put_bytes(marker_key, published)
+        (staging / EXPORT_MARKER).write_bytes(published)
         _publish_locally(staging, out, manifest)
     return result
 

@@ -104,15 +104,24 @@ def read_manifest(storage: Storage, run_name: str, step: int) -> Manifest:
     return Manifest.from_json(storage.get_bytes(manifest_key(run_name, step)).decode())
 
 
+def files_by_step(storage: Storage, run_name: str) -> dict[int, list[str]]:
+    """Every key under each step folder of `run_name`'s checkpoints, its published exports
+    (`hf_<dtype>/`) included (one listing)."""
+    prefix = checkpoints_key(run_name) + "/"
+    files: dict[int, list[str]] = {}
+    for key in storage.list(prefix):
+        if match := STEP_DIR.match(key[len(prefix) :].split("/", 1)[0]):
+            files.setdefault(int(match.group(1)), []).append(key)
+    return files
+
+
+def _committed(run_name: str, files: dict[int, list[str]]) -> list[int]:
+    return sorted(step for step, keys in files.items() if manifest_key(run_name, step) in keys)
+
+
 def committed_steps(storage: Storage, run_name: str) -> list[int]:
     """Steps of `run_name` whose manifest exists, ascending."""
-    steps = []
-    for key in storage.list(checkpoints_key(run_name) + "/"):
-        *_, folder, name = key.split("/")
-        match = STEP_DIR.match(folder)
-        if name == MANIFEST and match:
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    return _committed(run_name, files_by_step(storage, run_name))
 
 
 def committed_checkpoints(storage: Storage, run_name: str) -> list[Manifest]:
@@ -216,12 +225,8 @@ def prune(storage: Storage, run_name: str, keep_last: int, is_milestone: Any) ->
     manifest (an upload that never committed, or a deletion cut short), which no reader uses
     and nothing uploads again. Newer ones may be an upload in flight, and stay. Returns the
     deleted committed steps."""
-    files: dict[int, list[str]] = {}
-    for key in storage.list(checkpoints_key(run_name) + "/"):
-        *_, folder, _ = key.split("/")
-        if match := STEP_DIR.match(folder):
-            files.setdefault(int(match.group(1)), []).append(key)
-    committed = sorted(s for s, keys in files.items() if manifest_key(run_name, s) in keys)
+    files = files_by_step(storage, run_name)
+    committed = _committed(run_name, files)
     doomed = [step for step in committed[:-keep_last] if not is_milestone(step)]
     for step in doomed:
         storage.delete(manifest_key(run_name, step))

@@ -126,7 +126,7 @@ class Snapshots:
         dist.all_gather_object(everywhere, found)
         usable = sorted(set.intersection(*(set(steps) for steps in everywhere)))
         if self.staging.exists():
-            keep = {step_tag(s) for s in usable} | {f"{step_tag(s)}.staged.json" for s in usable}
+            keep = {step_tag(s) for s in usable} | {self._marker(s).name for s in usable}
             for path in self.staging.iterdir():
                 if path.name not in keep:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()

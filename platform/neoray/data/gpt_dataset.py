@@ -51,14 +51,18 @@ def split_documents(num_documents: int, split: str) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
+def _permuted(values: np.ndarray, seed: list[int]) -> np.ndarray:
+    """A copy of `values` in the order of a legacy RandomState seeded with `seed` (stable
+    across numpy versions and machines)."""
+    order = values.copy()
+    np.random.RandomState(seed).shuffle(order)
+    return order
+
+
 def build_doc_idx(documents: np.ndarray, num_epochs: int, seed: int) -> np.ndarray:
     """The split's documents, `num_epochs` times, each epoch in its own seeded order."""
-    epochs = []
-    for epoch in range(num_epochs):
-        order = documents.astype(np.int32)
-        np.random.RandomState([seed, epoch, 0]).shuffle(order)
-        epochs.append(order)
-    return np.concatenate(epochs)
+    documents = documents.astype(np.int32)
+    return np.concatenate([_permuted(documents, [seed, e, 0]) for e in range(num_epochs)])
 
 
 def build_sample_idx(
@@ -82,11 +86,10 @@ def build_shuffle_idx(num_samples: int, block: int, seed: int) -> np.ndarray:
     """The order of the first `num_samples` samples: blocks of `block` samples, each block
     permuted on its own (seed (seed, b)), so a longer run's order starts with a shorter one's."""
     dtype = np.uint32 if num_samples + block < 2**32 - 1 else np.int64
-    blocks = []
-    for b in range(-(-num_samples // block)):
-        order = np.arange(b * block, (b + 1) * block, dtype=dtype)
-        np.random.RandomState([seed, b, 1]).shuffle(order)
-        blocks.append(order)
+    blocks = [
+        _permuted(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
+        for b in range(-(-num_samples // block))
+    ]
     return np.concatenate(blocks)[:num_samples]
 
 
