@@ -47,7 +47,9 @@ __all__ = [
     "MLflowServer",
     "S3Server",
     "ServiceError",
+    "StoppableMLflow",
     "StoppableSeaweedFS",
+    "StoppableService",
     "free_ports",
     "log_tail",
     "mlflow_server",
@@ -153,25 +155,18 @@ def mlflow_server(directory: Path) -> Iterator[MLflowServer]:
         yield server
 
 
-class StoppableSeaweedFS:
-    """A SeaweedFS S3 endpoint that a test stops and starts again, on the same ports and data,
-    to see what clients do while storage is down. Use through `stoppable_seaweedfs`."""
+class StoppableService:
+    """A service that a test stops and starts again, on the same ports and data, to see what
+    clients do while it is down."""
 
-    def __init__(self, directory: Path) -> None:
-        self.ports = weed_ports()
-        self.server = S3Server(
-            f"http://127.0.0.1:{self.ports['s3']}", "neoray-test", uuid.uuid4().hex
-        )
-        self.command = weed_command(
-            directory, self.ports, self.server.access_key, self.server.secret_key
-        )
-        self.log = directory / "weed.log"
+    def __init__(self, name: str, command: list[str], log: Path, ready: Callable[[], bool]):
+        self.name, self.command, self.log, self.ready = name, command, log, ready
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         self.proc = start_service(self.command, self.log, append=True)
         try:
-            wait_ready("SeaweedFS", self.proc, _s3_stores(self.server), self.log, timeout)
+            wait_ready(self.name, self.proc, self.ready, self.log, timeout)
         except ServiceError:
             self.stop()
             raise
@@ -180,6 +175,24 @@ class StoppableSeaweedFS:
         if self.proc is not None:
             stop_service(self.proc, 2.0)
             self.proc = None
+
+
+class StoppableSeaweedFS(StoppableService):
+    """A SeaweedFS S3 endpoint that a test stops and starts again. Use through
+    `stoppable_seaweedfs`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ports = weed_ports()
+        self.server = S3Server(
+            f"http://127.0.0.1:{self.ports['s3']}", "neoray-test", uuid.uuid4().hex
+        )
+        command = weed_command(
+            directory, self.ports, self.server.access_key, self.server.secret_key
+        )
+        super().__init__("SeaweedFS", command, directory / "weed.log", _s3_stores(self.server))
+
+    def stop(self) -> None:
+        super().stop()
         remove_weed_sockets(self.ports)
 
 
@@ -187,8 +200,19 @@ class StoppableSeaweedFS:
 def stoppable_seaweedfs(directory: Path) -> Iterator[StoppableSeaweedFS]:
     """A started `StoppableSeaweedFS` with data under `directory`, stopped at the end."""
     service = StoppableSeaweedFS(directory)
-    service.start()
+    service.start(timeout=60.0)
     try:
         yield service
     finally:
         service.stop()
+
+
+class StoppableMLflow(StoppableService):
+    """An MLflow tracking server (SQLite and artifacts under `directory`) that a test stops and
+    starts again at the same URL with the same data; not started yet."""
+
+    def __init__(self, directory: Path) -> None:
+        (port,) = free_ports(1)
+        self.server = MLflowServer(f"http://127.0.0.1:{port}")
+        command = mlflow_command(directory, port)
+        super().__init__("MLflow", command, directory / "mlflow.log", mlflow_ready(self.server.url))

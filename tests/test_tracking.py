@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import services
@@ -12,10 +17,15 @@ from neoray.tracking import (
     RUN_NAME_TAG,
     MLflowTracker,
     TrackingConfig,
+    experiment_id,
+    find_run,
     flatten,
     metric_key,
     redact,
 )
+from neoray.tracking_queue import QueuedTracker
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +160,138 @@ def test_system_metrics_are_sampled(mlflow_server):
     metrics = MlflowClient(mlflow_server.url).get_run(sampled.run_id).data.metrics
     assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+# MLflow outages: training's logging (QueuedTracker) waits for the server instead of failing.
+# MLflow's client is told to fail fast, so the tests see the outage at once.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@pytest.fixture
+def stoppable_mlflow(tmp_path, monkeypatch):
+    for name, value in FAIL_FAST.items():
+        monkeypatch.setenv(name, value)
+    service = services.StoppableMLflow(tmp_path)
+    yield service
+    service.stop()
+
+
+def queued(url: str, run_name: str, buffer_rows: int) -> QueuedTracker:
+    config = TrackingConfig(uri=url, experiment="tests", system_metrics=False)
+    return QueuedTracker(
+        functools.partial(MLflowTracker, config, run_name, {"train": {"steps": 30}}),
+        uri=url,
+        buffer_rows=buffer_rows,
+        flush_timeout_s=120,
+        pause_s=0.2,
+    )
+
+
+def test_rows_wait_for_mlflow_and_the_oldest_are_dropped_past_the_bound(stoppable_mlflow, capfd):
+    url = stoppable_mlflow.server.url
+    with queued(url, "run-down", buffer_rows=10) as tracker:  # MLflow is not started yet
+        for step in range(30):
+            tracker.on_metrics({"step": step, "loss": float(step)})
+        tracker.on_checkpoint(29, "s3://b/run-down/checkpoints/step_00000029", 1)
+        stoppable_mlflow.start()
+    assert tracker.dropped_rows == 20
+    out = capfd.readouterr().out
+    assert f"MLflow at {url} does not answer" in out and "answers again" in out
+    assert "20 metric rows were dropped" in out
+
+    client = MlflowClient(url)
+    run = find_run(client, client.get_experiment_by_name("tests").experiment_id, "run-down")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "30"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(20, 30)]
+    assert run.data.tags["neoray.tracking.dropped_rows"] == "20"
+    assert "checkpoint.step_00000029" in run.data.tags
+
+
+def test_a_record_mlflow_refuses_is_reported_not_retried(stoppable_mlflow, capfd):
+    stoppable_mlflow.start()
+    url = stoppable_mlflow.server.url
+    tracker = queued(url, "run-deleted", buffer_rows=10)
+    tracker.on_metrics({"step": 0, "loss": 1.0})
+    client = MlflowClient(url)
+    deadline = time.monotonic() + 60
+    while not (run := find_run(client, experiment_id(client, "tests"), "run-deleted")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.delete_run(run.info.run_id)  # every later write to it is refused
+    tracker.on_metrics({"step": 1, "loss": 0.5})
+    started = time.monotonic()
+    tracker.close()
+    assert time.monotonic() - started < 30
+    assert tracker.refused and "MLflow refused a record" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_mlflow_is_down_and_logs_every_step(stoppable_mlflow, tmp_path):
+    """The server is down when the job starts, comes up, goes down mid-run and comes back: the
+    job finishes and MLflow has every step once."""
+    steps = 400
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MLFLOW_TRACKING_URI": stoppable_mlflow.server.url,
+    }
+    command = [
+        sys.executable,
+        "jobs/pretrain.py",
+        "launcher=torchrun",
+        "model=tiny",
+        f"train.steps={steps}",
+        "data.seq_len=64",
+        "checkpoint.enabled=false",
+        "tracking=server",
+        "tracking.system_metrics=false",
+        "run_name=outages",
+        f"run_dir={run_dir}",
+    ]
+    log = tmp_path / "job.log"
+    with open(log, "wb") as out:
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(rows(run_dir)) >= 20, job, log)  # trains with MLflow down
+        stoppable_mlflow.start()
+        client = MlflowClient(stoppable_mlflow.server.url)
+        wait_for(lambda: logged_steps(client, "outages"), job, log)
+        assert job.poll() is None, "the run ended before MLflow could be stopped mid-run"
+        stoppable_mlflow.stop()
+        down_at = len(rows(run_dir))
+        wait_for(lambda: len(rows(run_dir)) >= down_at + 20 or job.poll() is not None, job, log)
+        trained_while_down = len(rows(run_dir)) - down_at
+        stoppable_mlflow.start()
+        assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    text = log.read_text()
+    assert text.count("does not answer") == 2 and text.count("answers again") == 2
+    assert trained_while_down > 0
+    run = find_run(client, experiment_id(client, "neoray"), "outages")
+    assert run.info.status == "FINISHED"
+    assert sorted(logged_steps(client, "outages")) == list(range(steps))
+
+
+def rows(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def logged_steps(client: MlflowClient, run_name: str) -> list[int]:
+    experiment = client.get_experiment_by_name("neoray")
+    run = experiment and find_run(client, experiment.experiment_id, run_name)
+    return [m.step for m in client.get_metric_history(run.info.run_id, "loss")] if run else []
+
+
+def wait_for(condition, job: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None or condition(), log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)

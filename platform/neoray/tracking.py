@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neoray.checkpoint.manifest import code_version
-from neoray.config import flatten, redact
+from neoray.config import ConfigError, flatten, redact
 
 __all__ = [
     "RUN_NAME_TAG",
@@ -52,6 +52,22 @@ class TrackingConfig:
     experiment: str = "neoray"
     system_metrics: bool = True  # CPU, memory, disk, network (and GPU) of rank 0's node
     system_metrics_interval_s: float = 10.0
+    # While MLflow is down, training goes on: rows wait in memory (the oldest dropped past this
+    # many) and the end of the run waits this long for them to be logged.
+    buffer_rows: int = 20_000
+    flush_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 1:
+            raise ConfigError(
+                f"tracking.buffer_rows={self.buffer_rows} must be at least 1 (metric rows kept "
+                "while MLflow is down)"
+            )
+        if self.flush_timeout_s < 0:
+            raise ConfigError(
+                f"tracking.flush_timeout_s={self.flush_timeout_s} must be >= 0 (seconds the end "
+                "of a run waits for MLflow)"
+            )
 
 
 def metric_key(name: str) -> str:

@@ -52,8 +52,9 @@ def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
 
 
 def train(job: WorkerJob) -> None:
-    """The per-worker function: one rank of the run. Global rank 0 tracks it in MLflow and,
-    on Ray, exports its live metrics to Prometheus."""
+    """The per-worker function: one rank of the run. Global rank 0 tracks it in MLflow (from a
+    thread, so an MLflow outage costs no steps) and, on Ray, exports its live metrics to
+    Prometheus."""
     from neoray.live_metrics import TrainingExporter, ray_connected
     from neoray.train.loop import pretrain
     from neoray.train.observer import Observers
@@ -68,9 +69,15 @@ def train(job: WorkerJob) -> None:
         observers = [TrainingExporter(job.run_name)] if ray_connected() else []
         if job.tracking.enabled:
             from neoray.tracking import MLflowTracker, ray_job_tags
+            from neoray.tracking_queue import QueuedTracker
 
             tags = {**job.tags, **ray_job_tags()}  # a Ray worker knows its job's id
-            tracker = MLflowTracker(job.tracking, job.run_name, job.params, tags)
+            tracker = QueuedTracker(
+                functools.partial(MLflowTracker, job.tracking, job.run_name, job.params, tags),
+                uri=job.tracking.uri,
+                buffer_rows=job.tracking.buffer_rows,
+                flush_timeout_s=job.tracking.flush_timeout_s,
+            )
             observers.append(stack.enter_context(tracker))
         pretrain(job.config, Observers(*observers) if observers else None, on_validation)
 
