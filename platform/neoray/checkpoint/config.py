@@ -20,6 +20,9 @@ class CheckpointConfig:
     staging_dir: str | None = None
     # stop when one rank's uncommitted checkpoints (storage failing) take more; None: no limit
     max_staging_gb: float | None = None
+    # one live job per run: a job's lease (<run_name>/lease.json) is taken over by another once
+    # its heartbeat (every lease_timeout_s / 4) is this old
+    lease_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -27,6 +30,11 @@ class CheckpointConfig:
         if self.keep_last < 1:
             raise ConfigError(
                 f"checkpoint.keep_last={self.keep_last} must be at least 1 (resume needs one)"
+            )
+        if self.lease_timeout_s <= 0:
+            raise ConfigError(
+                f"checkpoint.lease_timeout_s={self.lease_timeout_s} must be positive (seconds "
+                "without a heartbeat after which another job may take the run over)"
             )
         if self.max_staging_gb is not None and self.max_staging_gb <= 0:
             raise ConfigError(

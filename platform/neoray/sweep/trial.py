@@ -76,4 +76,6 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if context.parent_run_id:
         tags[PARENT_TAG] = context.parent_run_id
     job = worker_job(cfg, pretrain_config(cfg), "ray", tags, report_validation=True)
-    run_on_ray(job, cluster_config(cfg), callbacks=(TuneReportCallback(),))
+    # The trial owns its run across its restarts (a failed trial retried, a sweep continued).
+    owner = f"tune trial {context.sweep}/{trial_id}"
+    run_on_ray(job, cluster_config(cfg), callbacks=(TuneReportCallback(),), owner=owner)

@@ -126,18 +126,40 @@ def cluster_config(cfg: Any) -> ClusterConfig:
     return dataclass_from_config(ClusterConfig, cfg.get("cluster"), "cluster")
 
 
-def run_on_ray(job: WorkerJob, cluster: ClusterConfig, callbacks: tuple = ()) -> None:
-    """Run `job` on one Ray Train worker per rank; `callbacks` are Ray Train's."""
+def run_on_ray(
+    job: WorkerJob, cluster: ClusterConfig, callbacks: tuple = (), owner: str | None = None
+) -> None:
+    """Run `job` on one Ray Train worker per rank, holding the run's lease as `owner` (see
+    `run_lease`); `callbacks` are Ray Train's."""
     from neoray.cluster.train import run_workers
 
-    run_workers(
-        train,
-        job,
-        num_workers=job.config.parallel.world_size,
-        cluster=cluster,
-        name=job.run_name,
-        default_storage=str(Path(job.config.run_dir) / "ray"),
-        callbacks=callbacks,
+    with run_lease(job.config, owner):
+        run_workers(
+            train,
+            job,
+            num_workers=job.config.parallel.world_size,
+            cluster=cluster,
+            name=job.run_name,
+            default_storage=str(Path(job.config.run_dir) / "ray"),
+            callbacks=callbacks,
+        )
+
+
+def run_lease(
+    config: PretrainConfig, owner: str | None = None
+) -> contextlib.AbstractContextManager:
+    """The run's lease in its checkpoint storage, held by the process that owns the run (the
+    Ray driver, or rank 0 under torchrun) so that no second job trains the same run_name;
+    `owner` names the job across its restarts (default: its Ray job, else this process).
+    Nothing to hold without checkpoints, and on the other ranks."""
+    if not config.checkpoint.enabled or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from neoray.checkpoint.lease import RunLease, default_owner
+    from neoray.storage import open_storage
+
+    storage = open_storage(config.storage)
+    return RunLease(
+        storage, config.run_name, owner or default_owner(), config.checkpoint.lease_timeout_s
     )
 
 
@@ -159,4 +181,5 @@ def run_pretrain(cfg: Any) -> None:
         run_on_ray(job, cluster)
     else:
         _single_process_environment()
-        train(job)
+        with run_lease(config):
+            train(job)
