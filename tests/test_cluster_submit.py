@@ -270,3 +270,51 @@ def test_every_dashboard_query_returns_data_after_a_run_and_its_evaluation(stack
         if pending:
             time.sleep(3)
     assert not pending, f"no data for: {sorted(pending)}"
+
+
+SUBMITTED = '{"metadata": {"job_submission_id": "raysubmit_abc", "neoray.job": "pretrain"}}'
+
+
+def test_submitted_jobs_refuse_locations_inside_rays_job_folder(monkeypatch):
+    from neoray.cluster.submit import check_durable_locations
+    from neoray.config import ConfigError
+    from neoray.storage import StorageConfig
+    from neoray.tracking import TrackingConfig
+
+    relative_storage, relative_tracking = StorageConfig(root="runs"), TrackingConfig()
+    check_durable_locations(relative_storage, relative_tracking)  # not a submitted job: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", SUBMITTED)
+    with pytest.raises(ConfigError, match=r"storage.root='runs' is relative.*storage=s3"):
+        check_durable_locations(relative_storage)
+    for uri in ("sqlite:///mlruns.db", "mlruns", "file://mlruns"):
+        with pytest.raises(
+            ConfigError, match=r"tracking.uri=.* is a relative path.*tracking=server"
+        ):
+            check_durable_locations(tracking=TrackingConfig(uri=uri))
+    check_durable_locations(
+        StorageConfig(kind="s3", bucket="b"), TrackingConfig(uri="http://127.0.0.1:5000")
+    )
+    check_durable_locations(
+        StorageConfig(root="/shared/runs"), TrackingConfig(uri="sqlite:////shared/mlruns.db")
+    )
+    check_durable_locations(tracking=TrackingConfig(enabled=False))
+
+
+def test_evaluate_logs_where_the_cluster_says(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="evaluate", overrides=["checkpoint=x"])
+    assert cfg.tracking.uri == "http://127.0.0.1:5999"
+
+
+@pytest.mark.slow
+def test_a_submitted_job_with_local_storage_is_refused_before_it_trains(stack, tmp_path):
+    cwd, _ = stack
+    result = neoray(cwd, "submit", "pretrain", *TINY, "train.steps=2", "run_name=local")
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout
+    assert "storage.root='runs' is relative" in result.stdout + result.stderr
+    assert "RayTrainWorker" not in result.stdout

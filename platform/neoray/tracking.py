@@ -11,7 +11,6 @@ creates a tracker.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -78,12 +77,12 @@ def metric_key(name: str) -> str:
 def ray_job_tags() -> dict[str, str]:
     """The Ray job this process belongs to: its submission id (set for a job submitted through
     the Jobs API) and Ray's job id (from RAY_JOB_ID or a connected Ray)."""
+    from neoray.cluster.submit import submitted_job_id
+
     tags = {}
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job_config:
-        submission = json.loads(job_config).get("metadata", {}).get("job_submission_id")
-        if submission:
-            tags["ray.submission_id"] = submission
+    submission = submitted_job_id()
+    if submission:
+        tags["ray.submission_id"] = submission
     job_id = os.environ.get("RAY_JOB_ID")
     if not job_id:
         try:

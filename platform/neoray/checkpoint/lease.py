@@ -60,11 +60,11 @@ def lease_key(run_name: str) -> str:
 def default_owner() -> str:
     """The Ray job this process belongs to when it was submitted (a job's driver keeps its
     submission id across retries), else this process."""
-    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if config:
-        submission = json.loads(config).get("metadata", {}).get("job_submission_id")
-        if submission:
-            return f"ray job {submission}"
+    from neoray.cluster.submit import submitted_job_id
+
+    submission = submitted_job_id()
+    if submission:
+        return f"ray job {submission}"
     return f"process {socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 

@@ -10,6 +10,7 @@ any cluster whose nodes have the dependencies installed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import time
@@ -45,6 +46,47 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 class SubmitError(RuntimeError):
     """A job cannot be submitted as asked; the message says what to do."""
+
+
+def submitted_job_id() -> str | None:
+    """The submission id when this process runs in (or under) a job submitted through the Ray
+    Jobs API, else None."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not config:
+        return None
+    return json.loads(config).get("metadata", {}).get("job_submission_id")
+
+
+def check_durable_locations(storage: Any = None, tracking: Any = None) -> None:
+    """Refuse, inside a submitted job, a local storage root or an MLflow store given as a
+    relative path: the job's working directory is Ray's temporary copy of the project, deleted
+    by `neoray down`, and each new upload of the code is a new folder, so checkpoints and runs
+    kept there are lost and a resubmitted run starts over. Outside a submitted job: nothing."""
+    from neoray.config import ConfigError
+
+    if submitted_job_id() is None:
+        return
+    where = "in a submitted Ray job the working directory is Ray's temporary copy of the project"
+    if storage is not None and storage.kind == "local" and not Path(storage.root).is_absolute():
+        raise ConfigError(
+            f"storage.root={storage.root!r} is relative: {where}, so checkpoints there are lost. "
+            "Use storage=s3 storage.bucket=<bucket> (the `neoray up` stack's bucket) or an "
+            "absolute storage.root on a disk every node shares"
+        )
+    if tracking is not None and tracking.enabled and _relative_store(tracking.uri):
+        raise ConfigError(
+            f"tracking.uri={tracking.uri!r} is a relative path: {where}, so runs logged there are "
+            "lost. Use tracking=server (MLFLOW_TRACKING_URI of the cluster, e.g. the `neoray up` "
+            "stack's MLflow) or an absolute path"
+        )
+
+
+def _relative_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a file store or SQLite file given by a relative path."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return not uri[len(scheme) :].startswith("/")
+    return "://" not in uri and not Path(uri).is_absolute()
 
 
 def cluster_address(address: str | None) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from neoray.cluster.ray_start import start_or_join
+from neoray.cluster.submit import check_durable_locations
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
@@ -72,6 +73,7 @@ def run_evaluate(cfg: Any) -> dict[str, Any]:
     eval_cfg = dataclass_from_config(EvalConfig, cfg.eval, "eval")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
     storage = dataclass_from_config(StorageConfig, cfg.storage, "storage")
+    check_durable_locations(tracking=tracking)
     values = to_dict(cfg)
     source = resolve_source(
         values["checkpoint"],
@@ -172,7 +174,9 @@ def run_eval_watch(cfg: Any) -> dict:
     ]
     schedule = dataclass_from_config(ScheduleConfig, cfg.schedule, "schedule")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
-    storage = open_storage(dataclass_from_config(StorageConfig, cfg.storage, "storage"))
+    storage_config = dataclass_from_config(StorageConfig, cfg.storage, "storage")
+    check_durable_locations(storage_config, tracking)
+    storage = open_storage(storage_config)
     run_name = str(values["run_name"])
     try:
         storage.folders(checkpoints_key(run_name))

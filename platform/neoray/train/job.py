@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neoray.cluster.submit import check_durable_locations
 from neoray.cluster.train import ClusterConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.tracking import TrackingConfig
@@ -177,6 +178,7 @@ def run_pretrain(cfg: Any) -> None:
     if cfg.launcher == "torchrun" or not (cluster.address or os.environ.get("RAY_ADDRESS")):
         check_precision(config.train.precision)  # the ranks run on this machine's devices
     job = worker_job(cfg, config, cfg.launcher)
+    check_durable_locations(config.storage if config.checkpoint.enabled else None, job.tracking)
     if cfg.launcher == "ray":
         run_on_ray(job, cluster)
     else:
