@@ -60,6 +60,7 @@ class QueuedTracker:
         self._first_pause_s = pause_s
         self._queue: collections.deque[tuple[str, tuple]] = collections.deque()
         self._rows = 0  # metric rows in the queue
+        self._sending: str | None = None  # the kind of record the thread is logging
         self._dropped_recorded = 0
         self._gave_up = False  # MLflow refused to open the run: nothing more is queued
         self._done = threading.Event()
@@ -92,10 +93,11 @@ class QueuedTracker:
         self._put("close", (failed,))
         if not self._done.wait(self.flush_timeout_s):
             with self._changed:
-                left, rows = len(self._queue) + 1, self._rows  # + the one being sent
+                rows = self._rows + (self._sending == "metrics")
+                others = len(self._queue) + (self._sending is not None) - rows
             print(
                 f"MLflow at {self.uri} did not answer within tracking.flush_timeout_s="
-                f"{self.flush_timeout_s:g}: {rows} metric rows and {left - rows} other records "
+                f"{self.flush_timeout_s:g}: {rows} metric rows and {others} other records "
                 "were not logged (the rows are in metrics.jsonl)",
                 flush=True,
             )
@@ -147,7 +149,10 @@ class QueuedTracker:
                 kind, args = self._queue.popleft()
                 if kind == "metrics":
                     self._rows -= 1
+                self._sending = kind
             self._retry(functools.partial(self._send, tracker, kind, args))
+            with self._changed:
+                self._sending = None
             if kind == "close":
                 self._done.set()
                 return
