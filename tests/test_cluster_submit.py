@@ -95,9 +95,9 @@ def test_submitted_pretrain_job_succeeds_and_is_tracked(stack, tmp_path):
         "train.steps=3",
         "run_name=submitted",
         f"run_dir={run_dir}",
-        # Checkpoints into the stack's bucket, whose endpoint and credentials the node has.
+        # Checkpoints into the stack's bucket (NEORAY_BUCKET), whose endpoint and credentials
+        # the node has.
         "storage=s3",
-        f"storage.bucket={state['bucket']}",
         "checkpoint.interval=2",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

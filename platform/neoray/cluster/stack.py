@@ -172,6 +172,7 @@ def up(
     head_env = {
         **s3_env,
         "MLFLOW_TRACKING_URI": stack.mlflow_url,
+        "NEORAY_BUCKET": BUCKET,  # storage=s3 in a job means the stack's bucket
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         # A job's `python` is this environment's interpreter.
@@ -255,7 +256,7 @@ def describe(stack: Stack) -> str:
             f"MLflow UI:      {stack.mlflow_url}",
             f"S3 endpoint:    {stack.s3_endpoint} (bucket {stack.bucket})",
             *([f"Prometheus:     {stack.prometheus_url}"] if stack.prometheus_url else []),
-            "submit a job:   neoray submit pretrain train.steps=20",
+            "submit a job:   neoray submit pretrain train.steps=20 storage=s3",
             f"state:          {stack.state_dir} (stop with `neoray down`)",
         ]
     )
