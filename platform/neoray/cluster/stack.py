@@ -5,7 +5,9 @@ a bucket, all on 127.0.0.1, all state under one directory (default `.neoray/`).
 The services outlive the command that starts them; `stack.json` in the state directory records
 their process groups and addresses, so `neoray down` stops them and `neoray submit` finds the
 head. The Ray head requires token authentication (the token file lives in the state
-directory); the S3 credentials are generated once and kept there too (mode 0600). Jobs
+directory); the S3 credentials are generated once and kept there too. The state directory
+and Ray's temporary directory are this user's own (created 0700; an existing one owned by
+someone else, or a symlink, is refused) and every secret file is 0600 from its creation. Jobs
 inherit the head's environment, which points boto3 at the S3 endpoint and MLflow at the server.
 """
 
@@ -16,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -84,11 +87,37 @@ def running_stack(state_dir: Path = STATE_DIR) -> Stack | None:
     return stack if any(group_alive(pid) for pid in stack.pids.values()) else None
 
 
+def _private_dir(path: Path) -> None:
+    """`path` as a directory only this user can enter: created 0700, or an existing directory
+    of this user made 0700; one owned by another user, or a symlink, is refused."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ServiceError(
+            f"{path} is not a directory of this user (uid {os.getuid()}; it is "
+            f"{'a symlink' if stat.S_ISLNK(info.st_mode) else f'owned by uid {info.st_uid}'}): "
+            "another user may control it; remove it, or use another state directory (--dir)"
+        )
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+
+
 def _secret(path: Path, make: str) -> str:
-    """The secret kept in `path`, created (readable by the owner only) on first use."""
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(make)
+    """The secret kept in `path`, created readable by the owner only (0600) on first use; an
+    existing one that others can read, or that another user owns, is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ServiceError(
+                f"{path} must be a file of this user that only it can read (mode 0600); it is "
+                f"mode {stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}: check who read it, "
+                "then delete it (a new secret is made) or `chmod 600` it"
+            ) from None
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(make)
     return path.read_text().strip()
 
 
@@ -138,10 +167,16 @@ def up(
     """Start the stack (or return the one already running from `state_dir`); with `metrics`,
     Prometheus too, scraping the Ray node's metrics (training, checkpoints, evaluation)."""
     if stack := running_stack(state_dir):
+        dead = sorted(name for name, pid in stack.pids.items() if not group_alive(pid))
+        if dead:
+            raise ServiceError(
+                f"the stack in {state_dir} runs only in part ({', '.join(dead)} stopped): "
+                "`neoray down`, then `neoray up`"
+            )
         return stack
     state_dir = state_dir.resolve()
-    for sub in ("s3", "mlflow", "logs"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    for folder in (state_dir, *(state_dir / sub for sub in ("s3", "mlflow", "logs"))):
+        _private_dir(folder)
     access_key = _secret(state_dir / "s3_access_key", "neoray")
     secret_key = _secret(state_dir / "s3_secret_key", secrets.token_hex(20))
     token_path = state_dir / "auth_token"
@@ -149,7 +184,7 @@ def up(
     # Ray's socket paths must stay under 107 bytes: its temporary directory goes in /tmp.
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]
     ray_temp = Path(f"/tmp/neoray-{os.getuid()}-{digest}")
-    ray_temp.mkdir(exist_ok=True)
+    _private_dir(ray_temp)  # a predictable name in /tmp: anyone could have made it first
 
     s3_ports = weed_ports()
     mlflow_port, prometheus_port = free_ports(2)
