@@ -65,8 +65,9 @@ def stack(tmp_path_factory):
 
 def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
     cwd, state = stack
-    # Its state is the user's alone: folders 0700, secrets 0600.
-    for folder in (cwd / ".neoray", cwd / ".neoray" / "logs", Path(state["ray_temp_dir"])):
+    # Its state is the user's alone: folders 0700, secrets 0600. Ray makes its temporary
+    # folder world-writable; the folder that holds it is private.
+    for folder in (cwd / ".neoray", cwd / ".neoray" / "logs", Path(state["ray_temp_dir"]).parent):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
     for secret in ("auth_token", "s3_access_key", "s3_secret_key"):
         assert (cwd / ".neoray" / secret).stat().st_mode & 0o777 == 0o600, secret

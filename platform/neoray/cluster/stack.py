@@ -183,8 +183,11 @@ def up(
     _secret(token_path, secrets.token_hex(32))
     # Ray's socket paths must stay under 107 bytes: its temporary directory goes in /tmp.
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]
-    ray_temp = Path(f"/tmp/neoray-{os.getuid()}-{digest}")
-    _private_dir(ray_temp)  # a predictable name in /tmp: anyone could have made it first
+    # A predictable name in /tmp, which anyone could have made first; Ray makes its temporary
+    # directory world-writable, so it goes one level inside the private one.
+    private = Path(f"/tmp/neoray-{os.getuid()}-{digest}")
+    _private_dir(private)
+    ray_temp = private / "r"
 
     s3_ports = weed_ports()
     mlflow_port, prometheus_port = free_ports(2)
