@@ -2,7 +2,6 @@
 
 import os
 
-import deepspeed
 import torch
 from distributed import run_workers
 
@@ -11,13 +10,14 @@ from neoray.parallel.config import ParallelConfig
 from neoray.parallel.layers import ParallelLayer
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
+from neoray.train.engine import init_distributed
 
 CONFIG = NeoXConfig(vocab_size=256, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=64)
 
 
 def _compiled_matches_eager(rank: int) -> None:
     os.environ["LOCAL_RANK"] = str(rank)  # read by PipelineModule
-    deepspeed.init_distributed(dist_backend="gloo")  # joins the group run_workers made
+    init_distributed("gloo")  # joins the group run_workers made
     placement = place_rank(ParallelConfig(micro_batch_size=2))
     eager = build_pipeline(CONFIG, placement, seed=7)
     compiled = build_pipeline(CONFIG, placement, seed=7, compile_layers=True)

@@ -57,19 +57,17 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     """Train STEPS steps, record the engine's held-out loss, save the checkpoint."""
     import os
 
-    import deepspeed
-
     from neoray.model import GPTNeoX
     from neoray.parallel.convert import load_full_state_dict, shard_path
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import build_engine
+    from neoray.train.engine import build_engine, init_distributed
 
     world = str(tp * pp * dp)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=world, LOCAL_WORLD_SIZE=world
     )
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     config = load_preset("tiny")
     parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=MICRO)
     placement = place_rank(parallel)

@@ -48,9 +48,9 @@ def fp16_scaler(cfg, initial_power: int):
 
 
 def _scaler_schedule(rank: int, out: Path) -> None:
-    import deepspeed
+    from neoray.train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")  # the scaler logs from rank 0
+    init_distributed("gloo")  # the scaler logs from rank 0
     cfg = job_config()
     scaler = fp16_scaler(cfg, initial_power=12)
     scales, error = [], None
@@ -78,17 +78,16 @@ def test_the_jobs_fp16_config_scales_like_gpt_neox(tmp_path):
 
 
 def _overflow_on_a_real_engine(rank: int, out: Path) -> None:
-    import deepspeed
     import torch
 
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
     from neoray.train.data import training_batches
-    from neoray.train.engine import build_engine
+    from neoray.train.engine import build_engine, init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     cfg = job_config("train.steps=6", "optim.warmup=0.5")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     placement = place_rank(cfg.parallel)
     engine = build_engine(
         build_pipeline(cfg.model, placement, cfg.train.seed), cfg.parallel, cfg.optim, cfg.train

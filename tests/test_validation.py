@@ -59,16 +59,14 @@ def job_config(*overrides: str):
 
 
 def _validate(rank: int, world: int, cfg, init: Path, out: Path) -> None:
-    import deepspeed
-
     from neoray.parallel.convert import load_full_state_dict
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import build_engine
+    from neoray.train.engine import build_engine, init_distributed
     from neoray.train.validation import Validation
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     placement = place_rank(cfg.parallel)
     module = build_pipeline(cfg.model, placement, cfg.train.seed)
     full = torch.load(init, weights_only=True)

@@ -12,12 +12,28 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from neoray.parallel.config import ParallelConfig
 from neoray.train.config import OptimConfig, TrainConfig
 from neoray.train.schedule import learning_rate
+
+# DeepSpeed's CPU shared-memory all-reduce, used only by its inference kernels, never by training.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def init_distributed(backend: str) -> None:
+    """DeepSpeed's process group (joining torch.distributed's when one exists), without the CPU
+    shared-memory op. DeepSpeed JIT-loads that op in every process that starts a group, under a
+    lock file torch keeps in its extensions folder; a process killed while holding it (a stopped
+    sweep trial, a killed worker) leaves the file, and every later process group waits on it
+    forever. Training never calls the op, so it is marked unavailable (DeepSpeed keeps its
+    probe of compatible ops in one dict for that purpose) and nothing is loaded."""
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> dict:

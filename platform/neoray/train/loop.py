@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -37,7 +36,7 @@ from neoray.parallel.topology import place_rank
 from neoray.storage import Storage, open_storage, publish_file
 from neoray.train.config import PretrainConfig
 from neoray.train.data import batch_schedule, dataset, micro_batches
-from neoray.train.engine import build_engine
+from neoray.train.engine import build_engine, init_distributed
 from neoray.train.metrics import (
     MetricsFile,
     StepMetrics,
@@ -183,7 +182,7 @@ def pretrain(
     validate_layout(cfg.model, cfg.parallel, int(os.environ["WORLD_SIZE"]))
     check_precision(cfg.train.precision)  # a worker on a remote node may have another device
     device = _device()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
