@@ -55,9 +55,15 @@ def sweep_command(tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as err:  # say where it stood
+        out, errors = (
+            text.decode(errors="replace") if text else "" for text in (err.output, err.stderr)
+        )
+        raise AssertionError(f"timed out after {timeout} s", out[-5000:], errors[-8000:]) from None
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     return result
 
