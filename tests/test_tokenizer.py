@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -11,7 +12,12 @@ import zstandard
 
 from neoray.config import ConfigError
 from neoray.data.demo_corpus import code_documents, prose_documents, stdlib_code_files
-from neoray.tokenizer.load import RELEASED_20B, load_tokenizer, released_20b_path
+from neoray.tokenizer.load import (
+    RELEASED_20B,
+    RELEASED_20B_ENV,
+    load_tokenizer,
+    released_20b_path,
+)
 from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +42,18 @@ def test_released_20b_tokenizer_loads_and_counts_fibrec_as_39_tokens():
     assert tok.backend.token_to_id("  ") == 50276
     # The same file loads by path through the same interface.
     assert load_tokenizer(released_20b_path()).encode(FIB_REC) == ids
+
+
+def test_released_20b_tokenizer_is_found_where_the_image_puts_it(tmp_path, monkeypatch):
+    """The Docker image ships the file outside any package and names it in the environment."""
+    shipped = tmp_path / "20B_tokenizer.json"
+    shutil.copyfile(released_20b_path(), shipped)
+    monkeypatch.setenv(RELEASED_20B_ENV, str(shipped))
+    assert released_20b_path() == str(shipped)
+    assert len(load_tokenizer(RELEASED_20B).encode(FIB_REC)) == 39
+    monkeypatch.setenv(RELEASED_20B_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match=f"{RELEASED_20B_ENV}=.*missing.json"):
+        load_tokenizer(RELEASED_20B)
 
 
 @pytest.fixture(scope="module")

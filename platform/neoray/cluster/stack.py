@@ -131,6 +131,23 @@ def _s3_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
     }
 
 
+def head_environment(stack: Stack, s3_env: dict[str, str]) -> dict[str, str]:
+    """The environment of the Ray head, which its jobs inherit: the stack's S3, MLflow and
+    bucket, and Ray's token authentication (docker/compose.yaml gives its head the same)."""
+    env = {
+        **s3_env,
+        "MLFLOW_TRACKING_URI": stack.mlflow_url,
+        "NEORAY_BUCKET": stack.bucket,  # storage=s3 in a job means the stack's bucket
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": stack.token_path,
+        # A job's `python` is this environment's interpreter.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    if stack.prometheus_url:  # the Ray dashboard's metrics pages query it
+        env["RAY_PROMETHEUS_HOST"] = stack.prometheus_url
+    return env
+
+
 def _bucket_ready(endpoint: str, access_key: str, secret_key: str):
     """A probe that is true once the stack's bucket exists and stores an object."""
     import boto3
@@ -207,17 +224,7 @@ def up(
         prometheus_url=f"http://127.0.0.1:{prometheus_port}" if metrics else None,
     )
     s3_env = _s3_env(endpoint, access_key, secret_key)
-    head_env = {
-        **s3_env,
-        "MLFLOW_TRACKING_URI": stack.mlflow_url,
-        "NEORAY_BUCKET": BUCKET,  # storage=s3 in a job means the stack's bucket
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_path),
-        # A job's `python` is this environment's interpreter.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    if stack.prometheus_url:  # the Ray dashboard's metrics pages query it
-        head_env["RAY_PROMETHEUS_HOST"] = stack.prometheus_url
+    head_env = head_environment(stack, s3_env)
     logs = state_dir / "logs"
     services = [
         (

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neoray import CONF_DIR
 from neoray.cluster.ray_start import start_or_join
 from neoray.cluster.submit import check_durable_locations
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.report import format_results
+from neoray.evaluation.schedule import ScheduleConfig
 from neoray.live_metrics import EvaluationExporter, ray_connected
+from neoray.storage import StorageConfig
 from neoray.tracking import TrackingConfig
 
-SUITE_DIR = Path(__file__).resolve().parents[3] / "conf" / "eval"
+SUITE_DIR = CONF_DIR / "eval"
 
 
 @dataclass
@@ -68,8 +71,6 @@ def evaluate(
 
 def run_evaluate(cfg: Any) -> dict[str, Any]:
     """The job: validate everything, then export (if needed), evaluate, log and print."""
-    from neoray.storage import StorageConfig
-
     eval_cfg = dataclass_from_config(EvalConfig, cfg.eval, "eval")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
     storage = dataclass_from_config(StorageConfig, cfg.storage, "storage")
@@ -155,17 +156,10 @@ def checkpoint_watcher(
     )
 
 
-def run_eval_watch(cfg: Any) -> dict:
-    """The scheduled-evaluation job (conf/eval_watch.yaml): every setting is checked and the
-    storage reached before Ray starts; then the watcher runs until stopped or finished."""
-    import signal
-
-    from neoray.checkpoint.manifest import checkpoints_key
-    from neoray.evaluation.ledger import Ledger
-    from neoray.evaluation.report import ledger_table
-    from neoray.evaluation.schedule import ScheduleConfig
-    from neoray.storage import StorageConfig, StorageError, open_storage
-
+def eval_watch_settings(
+    cfg: Any,
+) -> tuple[list[EvalConfig], ScheduleConfig, TrackingConfig, StorageConfig]:
+    """The scheduled-evaluation config, checked: its suites, schedule, tracking and storage."""
     values = to_dict(cfg)
     if not values.get("suites"):
         raise ConfigError("suites is empty: name at least one suite, e.g. 'suites=[mmlu_0shot]'")
@@ -174,7 +168,21 @@ def run_eval_watch(cfg: Any) -> dict:
     ]
     schedule = dataclass_from_config(ScheduleConfig, cfg.schedule, "schedule")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
-    storage_config = dataclass_from_config(StorageConfig, cfg.storage, "storage")
+    return suites, schedule, tracking, dataclass_from_config(StorageConfig, cfg.storage, "storage")
+
+
+def run_eval_watch(cfg: Any) -> dict:
+    """The scheduled-evaluation job (conf/eval_watch.yaml): every setting is checked and the
+    storage reached before Ray starts; then the watcher runs until stopped or finished."""
+    import signal
+
+    from neoray.checkpoint.manifest import checkpoints_key
+    from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.report import ledger_table
+    from neoray.storage import StorageError, open_storage
+
+    values = to_dict(cfg)
+    suites, schedule, tracking, storage_config = eval_watch_settings(cfg)
     check_durable_locations(storage_config, tracking)
     storage = open_storage(storage_config)
     run_name = str(values["run_name"])

