@@ -67,6 +67,7 @@ def test_workers_find_their_own_ray_while_another_runs_on_the_machine(tmp_path):
                 "the other Ray did not start"
             )
             time.sleep(0.5)
+            find_gcs_addresses.cache_clear()  # Ray caches what it found, once it found any
         code = (
             "import ray\n"
             "from neoray.cluster.ray_start import start_or_join\n"
