@@ -201,8 +201,14 @@ class GPTDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i as int64 tokens; a sample may span several documents."""
         sample = int(self.index.shuffle_idx[i])
-        first, first_offset = (int(v) for v in self.index.sample_idx[sample])
-        last, last_offset = (int(v) for v in self.index.sample_idx[sample + 1])
+        return self.stream(sample, sample + 1)
+
+    def stream(self, start: int, stop: int) -> np.ndarray:
+        """The unshuffled samples [start, stop) as one int64 stretch of the token stream,
+        `(stop - start) * seq_len + 1` tokens (consecutive samples share a token): what a scan
+        over many samples reads at once (e.g. counting where a window recurs)."""
+        first, first_offset = (int(v) for v in self.index.sample_idx[start])
+        last, last_offset = (int(v) for v in self.index.sample_idx[stop])
         doc_idx = self.index.doc_idx
         if first == last:
             tokens = self.data.get(
