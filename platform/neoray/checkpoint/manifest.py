@@ -66,6 +66,9 @@ class Manifest:
     created: str  # ISO 8601, UTC
     files: list[FileEntry] = field(default_factory=list)
     format: int = FORMAT
+    # component -> fingerprint of its token files at training time (see
+    # neoray.data.mixture.data_fingerprint); empty for synthetic data and older checkpoints
+    data_fingerprint: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

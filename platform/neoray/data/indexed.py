@@ -22,6 +22,7 @@ last: a crash leaves either no `.idx` or the previous complete pair, never a tor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Sequence
@@ -168,6 +169,28 @@ class IndexedDataset:
         if self._data is None:
             return np.zeros(0, self.dtype)
         return np.asarray(self._data[start : start + length])
+
+
+FINGERPRINT_BLOCKS = 64  # blocks of the .bin hashed by `fingerprint`
+FINGERPRINT_BLOCK_BYTES = 1 << 16
+
+
+def fingerprint(prefix: str) -> str:
+    """A digest that changes when `<prefix>.bin/.idx` are rebuilt or replaced: the sha256 of
+    the whole `.idx` (every document's size and position), the `.bin`'s length and 64 blocks of
+    64 KiB spread evenly over it. Hashing all of a Pile-sized `.bin` would take minutes at every
+    training start; another tokenizer or corpus changes sizes and sampled tokens alike."""
+    digest = hashlib.sha256()
+    with open(idx_path(prefix), "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    size = os.path.getsize(bin_path(prefix))
+    digest.update(size.to_bytes(8, "little"))
+    with open(bin_path(prefix), "rb") as f:
+        for block in range(FINGERPRINT_BLOCKS):
+            f.seek(size * block // FINGERPRINT_BLOCKS)
+            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()
 
 
 def publish(prefix: str) -> IndexedDataset:

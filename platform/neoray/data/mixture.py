@@ -9,7 +9,7 @@ import numpy as np
 
 from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
-from neoray.data.indexed import IndexedDataset, idx_path
+from neoray.data.indexed import IndexedDataset, fingerprint, idx_path
 
 SPLITS = ("train", "validation", "test")
 
@@ -112,3 +112,9 @@ def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDatas
             GPTDataset(data[d], documents[d], cfg.seq_len, max(needed, 1), cfg.seed, cfg.cache_dir)
         )
     return BlendedDataset(datasets, dataset_index, sample_index, names)
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
+    """Each component's token-file `fingerprint`, recorded in every checkpoint's manifest so
+    that whoever rebuilds the training order later can tell the files are still the same."""
+    return {name: fingerprint(c.prefix) for name, c in cfg.components.items()}

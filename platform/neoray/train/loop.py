@@ -12,6 +12,7 @@ them in the background (see `neoray.checkpoint.snapshot`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
 from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.config import flatten, redact
-from neoray.data.mixture import BlendedDataset
+from neoray.data.config import DataConfig
+from neoray.data.mixture import BlendedDataset, data_fingerprint
 from neoray.energy.run import RunEnergy
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
@@ -125,10 +127,16 @@ def epochs_seen(data, samples: int) -> dict[str, float]:
 
 
 def manifest_factory(cfg: PretrainConfig):
-    """(step, files) -> the Manifest of run `cfg` at `step`."""
+    """(step, files) -> the Manifest of run `cfg` at `step`. The data's fingerprint is taken
+    once, at the first commit (on rank 0, the only one that writes manifests), so evaluations
+    that rebuild the training order can refuse token files changed since."""
     config = redact(flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
     model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
     version = code_version()
+
+    @functools.cache
+    def fingerprint() -> dict[str, str]:
+        return data_fingerprint(cfg.data) if isinstance(cfg.data, DataConfig) else {}
 
     def make(step: int, files: list[FileEntry]) -> Manifest:
         return Manifest(
@@ -141,6 +149,7 @@ def manifest_factory(cfg: PretrainConfig):
             code_version=version,
             created=manifest_created(),
             files=files,
+            data_fingerprint=fingerprint(),
         )
 
     return make
