@@ -22,6 +22,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,10 @@ from neoray.config import ConfigError
 from neoray.model.gpt_neox import GPTNeoX, NeoXConfig
 from neoray.model.hf import save_hf
 from neoray.parallel.convert import consolidate
+
+if TYPE_CHECKING:
+    from neoray.checkpoint.manifest import Manifest
+    from neoray.storage import Storage
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -300,13 +305,43 @@ def committed_manifest(checkpoint: str, step: str | int | None, storage_config=N
     return storage, read_manifest(storage, checkpoint, int(step))
 
 
+@dataclass
+class Checkpoint:
+    """A committed checkpoint found by `resolve_checkpoint`: its manifest, and where its files
+    are (a local step directory, or the storage of a URI or run name)."""
+
+    manifest: Manifest
+    step_dir: Path | None = None
+    storage: Storage | None = None  # when not a local step directory
+
+
+def resolve_checkpoint(
+    checkpoint: str, step: str | int | None = None, storage_config=None
+) -> Checkpoint:
+    """The checkpoint named by a local step directory, a checkpoint URI, or a run + step, with
+    only its manifest read: what it is can be checked before any weights are touched."""
+    from neoray.checkpoint.manifest import Manifest
+
+    local = Path(checkpoint)
+    if (local / MANIFEST).is_file() and "/checkpoints/step_" not in checkpoint:
+        return Checkpoint(Manifest.from_json((local / MANIFEST).read_text()), step_dir=local)
+    storage, manifest = committed_manifest(checkpoint, step, storage_config)
+    return Checkpoint(manifest, storage=storage)
+
+
+def export_checkpoint(
+    found: Checkpoint, cache_dir: str | Path, dtype: str = "fp16", tokenizer: str | None = None
+) -> Export:
+    """The (cached) export of a checkpoint from `resolve_checkpoint`."""
+    if found.step_dir is not None:
+        return export_cached(found.step_dir, cache_dir, dtype, tokenizer)
+    return export_committed(found.storage, found.manifest, cache_dir, dtype, tokenizer)
+
+
 def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
     """The export `cfg` asks for: a local step directory, a checkpoint URI, or a run + step."""
-    local = Path(cfg.checkpoint)
-    if (local / MANIFEST).is_file() and "/checkpoints/step_" not in cfg.checkpoint:
-        return export_cached(local, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
-    storage, manifest = committed_manifest(cfg.checkpoint, cfg.step, storage_config)
-    return export_committed(storage, manifest, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
+    found = resolve_checkpoint(cfg.checkpoint, cfg.step, storage_config)
+    return export_checkpoint(found, cfg.cache_dir, cfg.dtype, cfg.tokenizer)
 
 
 def check_output(output: str | Path) -> Path:
