@@ -64,10 +64,48 @@ class EvalTracker:
         The metrics of the suite's own `tasks` (groups such as `mmlu` included) also go on the
         training run as `eval/<suite>/<metric>` at `step`: there the MLflow UI draws them
         across training, next to the loss."""
+        shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
 
+        def fill(run_id: str, parent: str) -> None:
+            self._log_results(run_id, parent, step, suite, results, tasks)
+
+        return self._replace_evaluation(
+            run_name, step, suite, {SHOTS_TAG: ",".join(shots), "neoray.eval.source": source}, fill
+        )
+
+    def log_study(
+        self,
+        run_name: str,
+        step: int,
+        suite: str,
+        metrics: dict[str, float],
+        summary: dict[str, float],
+        artifacts: Path,
+        source: str,
+    ) -> str:
+        """Log a study that is not an lm-eval suite (memorization) as the child run for (step,
+        suite): its `metrics` and the files in `artifacts`; `summary` also goes on the training
+        run as `eval/<suite>/<metric>` at `step`. Its run id."""
+        from mlflow.entities import Metric
+
+        def fill(run_id: str, parent: str) -> None:
+            now = int(time.time() * 1000)
+            self._log_batches(run_id, [Metric(k, v, now, step) for k, v in sorted(metrics.items())])
+            self._log_batches(
+                parent, [Metric(f"eval/{suite}/{k}", v, now, step) for k, v in summary.items()]
+            )
+            self.client.log_artifacts(run_id, str(artifacts))
+            self.client.set_terminated(run_id, "FINISHED")
+
+        return self._replace_evaluation(run_name, step, suite, {"neoray.eval.source": source}, fill)
+
+    def _replace_evaluation(
+        self, run_name: str, step: int, suite: str, tags: dict[str, str], fill
+    ) -> str:
+        """Create the child run of (step, suite) under the training run, have `fill(run_id,
+        parent_run_id)` log into it, then delete the earlier runs of the pair; its run id."""
         parent = self.training_run_id(run_name)
         earlier = self.evaluation_runs(run_name, step, suite)
-        shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"eval {suite} step {step}",
@@ -76,13 +114,12 @@ class EvalTracker:
                 RUN_NAME_TAG: run_name,
                 SUITE_TAG: suite,
                 STEP_TAG: str(step),
-                SHOTS_TAG: ",".join(shots),
-                "neoray.eval.source": source,
+                **tags,
             },
         )
         run_id = run.info.run_id
         try:
-            self._log_results(run_id, parent, step, suite, results, tasks)
+            fill(run_id, parent)
         except BaseException:
             self.client.delete_run(run_id)  # no partial run beside the earlier, complete one
             raise
