@@ -78,6 +78,21 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unflatten(flat: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Section `section` of a `flatten`ed config, nested again: {"data.split": 1,
+    "data.components.code.weight": 2}, "data" -> {"split": 1, "components": {"code": {"weight": 2}}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if not key.startswith(f"{section}."):
+            continue
+        *parents, leaf = key[len(section) + 1 :].split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `values` (nested or flat) with the value of every key that names a secret
     (`SECRET_KEY`) replaced by "***", and the password in every URL (`user:pass@host`)
