@@ -177,6 +177,20 @@ def rebuild(study: Study, cfg: MemorizationConfig) -> list[Window]:
     return windows
 
 
+def greedy_continuations(
+    model, prompts: list[list[int]], new_tokens: int, batch_size: int
+) -> list[list[int]]:
+    """The greedy continuation of every prompt, `new_tokens` long (no stop token), decoded
+    `batch_size` prompts at a time with the KV cache."""
+    from neoray.model.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    out: list[list[int]] = []
+    for first in range(0, len(prompts), batch_size):
+        out += generate(model, prompts[first : first + batch_size], sampling)
+    return out
+
+
 def continue_greedily(
     hf_dir: str,
     prompts: list[list[int]],
@@ -185,21 +199,15 @@ def continue_greedily(
     device: str = "cpu",
     threads: int | None = None,
 ) -> list[list[int]]:
-    """The greedy continuation of every prompt, `new_tokens` long (no stop token), decoded in
-    batches with the KV cache."""
+    """`greedy_continuations` of the exported model in `hf_dir` (one Ray worker's share)."""
     import torch
 
-    from neoray.model.generate import SamplingConfig, generate
     from neoray.model.hf import load_hf
 
     if threads:
         torch.set_num_threads(threads)
     model = load_hf(hf_dir).to(device).eval()
-    sampling = SamplingConfig(max_new_tokens=new_tokens)
-    out: list[list[int]] = []
-    for first in range(0, len(prompts), batch_size):
-        out += generate(model, prompts[first : first + batch_size], sampling)
-    return out
+    return greedy_continuations(model, prompts, new_tokens, batch_size)
 
 
 def extract(hf_dir: str, windows: list[Window], cfg: MemorizationConfig) -> list[list[int]]:
