@@ -86,7 +86,9 @@ def test_unknown_suite_lists_the_known_ones(tmp_path):
     (tmp_path / "mine.yaml").write_text("suite: mine\ntasks: [arithmetic_2da]\n")
     assert load_suite("mine", {"limit": 3}, str(tmp_path)).limit == 3
     assert load_suite("math", {}).tasks == ["gsm8k", "hendrycks_math", "arithmetic"]
-    with pytest.raises(ConfigError, match=r"no suite 'mmlu_7shot' .* choose from .*math, mine"):
+    with pytest.raises(
+        ConfigError, match=r"no suite 'mmlu_7shot' .* choose from .*math, memorization, mine"
+    ):
         load_suite("mmlu_7shot", {}, str(tmp_path))
 
 

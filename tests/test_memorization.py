@@ -281,3 +281,41 @@ def test_bad_input_is_refused_before_any_weights_are_read(
     with pytest.raises(ConfigError, match=expected):
         run_memorization(cfg)
     assert not (tmp_path / "exports").exists() and not (tmp_path / "out").exists()
+
+
+def test_scheduled_evaluation_runs_the_memorization_suite(run, tmp_path, ray_local):
+    """`suites=[memorization]`: the watcher studies every committed checkpoint once, records
+    the rate in its ledger and logs the study under the training run."""
+    from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.run import run_eval_watch
+    from neoray.storage import StorageConfig, open_storage
+
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "memorization.yaml").write_text(
+        f"suite: memorization\nsamples: 100\nprefix_tokens: {PREFIX}\n"
+        f"continuation_tokens: {CONTINUATION}\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "eval_watch",
+            overrides=[
+                f"run_name={RUN}",
+                "suites=[memorization]",
+                f"suite_dir={tmp_path / 'suites'}",
+                f"storage.root={run / 'store'}",
+                f"cache_dir={tmp_path / 'exports'}",
+                "tracking.experiment=watch",
+                "schedule.poll_seconds=0.1",
+                "schedule.until_finished=true",
+            ],
+        )
+    run_eval_watch(cfg)
+    storage = open_storage(StorageConfig(root=str(run / "store")))
+    entries = {e.step: e for e in Ledger(storage, RUN).entries()}
+    assert sorted(entries) == [SAVE_EVERY, STEPS]
+    assert all(e.state == "done" and e.suite == "memorization" for e in entries.values())
+    summary = json.loads(
+        (tmp_path / "out" / RUN / f"step_{STEPS:08d}" / "summary.json").read_text()
+    )
+    assert entries[STEPS].metrics["memorization/rate"] == summary["rate"] > 0
+    assert entries[STEPS].mlflow_run_id

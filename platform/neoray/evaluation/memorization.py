@@ -22,19 +22,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neoray.checkpoint.export import DTYPES, Checkpoint
 from neoray.config import ConfigError, dataclass_from_config, to_dict, unflatten
 from neoray.data.config import DataConfig, data_config
 from neoray.data.exposure import Window, count_exposures, draw_positions, read_windows
 from neoray.data.indexed import fingerprint
-from neoray.data.loader import BatchSchedule, train_mixture
 from neoray.data.mixture import SPLITS, build_mixture
 from neoray.storage import StorageConfig
 from neoray.tracking import TrackingConfig
+
+if TYPE_CHECKING:  # torch is imported where the study runs, not where suites are listed
+    from neoray.checkpoint.export import Checkpoint
+    from neoray.data.loader import BatchSchedule
 
 SUITE = "memorization"
 
@@ -44,7 +46,8 @@ class MemorizationConfig:
     """conf/memorization.yaml: which checkpoint, how many sequences, how they are cut, and how
     generation is fanned out."""
 
-    checkpoint: str  # a checkpoint URI, a local step directory, or a run name (with step)
+    checkpoint: str | None = None  # a checkpoint URI, a local step dir, or a run name (with step);
+    # None in the scheduled evaluation, which gives each checkpoint
     step: str | int | None = None  # with a run name: a step or "latest"
     samples: int = 1000  # training sequences checked
     prefix_tokens: int = 32
@@ -71,12 +74,24 @@ class MemorizationConfig:
             raise ConfigError(
                 f"heldout_split={self.heldout_split!r}: choose validation or test (never trained on)"
             )
+        from neoray.checkpoint.export import DTYPES
+
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
 
     @property
     def width(self) -> int:
         return self.prefix_tokens + self.continuation_tokens
+
+    @property
+    def suite(self) -> str:
+        """Its name as a suite of the scheduled evaluation (`suites=[memorization]`)."""
+        return SUITE
+
+    @property
+    def tasks(self) -> list[str]:
+        """The one "task" whose metrics are the study's in the scheduled evaluation's ledger."""
+        return [SUITE]
 
 
 @dataclass
@@ -97,6 +112,8 @@ class Study:
 def plan_study(manifest, cfg: MemorizationConfig) -> Study:
     """The run's data and batch layout from `manifest`, refused with the reason and the fix when
     its sequences cannot be rebuilt or checked as asked."""
+    from neoray.data.loader import BatchSchedule
+
     where = f"checkpoint {manifest.run_name} step {manifest.step}"
     config = manifest.config
     if config.get("data.synthetic"):
@@ -162,6 +179,8 @@ def _check_fingerprint(manifest, data: DataConfig, where: str) -> None:
 
 def rebuild(study: Study, cfg: MemorizationConfig) -> list[Window]:
     """The drawn training sequences and the held-out ones, with their exposure counted."""
+    from neoray.data.loader import train_mixture
+
     mixture = train_mixture(study.data, study.schedule)
     positions = draw_positions(study.trained, cfg.samples, cfg.seed)
     windows = read_windows(mixture, positions, cfg.width)
@@ -273,33 +292,70 @@ def checkpoint_uri(found: Checkpoint) -> str:
     return found.storage.uri(checkpoint_key(found.manifest.run_name, found.manifest.step))
 
 
-def run_memorization(cfg: Any) -> dict[str, Any]:
-    """The job (conf/memorization.yaml): check everything, rebuild the sequences, export the
-    checkpoint once, extract over Ray, summarise, write and log; returns the summary."""
-    from neoray.checkpoint.export import export_checkpoint, resolve_checkpoint
+def study_checkpoint(
+    found: Checkpoint, cfg: MemorizationConfig, export_dir: Path | None = None
+) -> dict[str, Any]:
+    """The study of one checkpoint: check, rebuild, export (unless `export_dir`, an export of
+    it, is given), extract over the connected Ray cluster (started here if none), summarise and
+    write the outputs under `cfg.output_dir`. Returns the summary, with `output` (the folder)
+    and `source` (the checkpoint's URI)."""
+    from neoray.checkpoint.export import export_checkpoint
     from neoray.cluster.ray_start import start_or_join
+    from neoray.evaluation.memorization_report import summarise, write_outputs
+
+    study = plan_study(found.manifest, cfg)
+    windows = rebuild(study, cfg)
+    if export_dir is None:
+        export_dir = export_checkpoint(found, cfg.cache_dir, cfg.dtype).hf_dir
+    start_or_join(log_to_driver=False)
+    rows = records(windows, extract(str(export_dir), windows, cfg), study, cfg)
+    summary = summarise(rows, study.run_name, study.step, cfg)
+    out = Path(cfg.output_dir) / study.run_name / f"step_{study.step:08d}"
+    write_outputs(rows, summary, out)
+    return summary | {"output": str(out), "source": checkpoint_uri(found)}
+
+
+def as_suite_results(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary in the shape of a suite's merged results (`results.<task>.<metric>,none`),
+    as the scheduled evaluation's ledger records suites: the rate (its headline, first by
+    name) and the rate by times seen; the whole summary rides along for MLflow."""
+    metrics = {"rate,none": summary["rate"]}
+    for row in summary["by_times_seen"]:
+        if row["component"] == "all":
+            metrics[f"times_seen/{row['bin']}/rate,none"] = row["rate"]
+    return {"results": {SUITE: metrics}, "failed": {}, "summary": summary}
+
+
+SHARED_SETTINGS = ("workers", "cpus_per_worker", "gpus_per_worker", "device")
+
+
+def memorization_suite(settings: dict[str, Any], suite: dict[str, Any], where: str):
+    """The study as a suite of the scheduled evaluation: the suite file's fields (those of
+    conf/memorization.yaml), with the fan-out settings every suite shares (`eval.workers`,
+    `eval.cpus_per_worker`, `eval.gpus_per_worker`, `eval.device`)."""
+    values = {k: settings[k] for k in SHARED_SETTINGS if k in settings}
+    values |= {k: v for k, v in suite.items() if k != "suite"}
+    return dataclass_from_config(MemorizationConfig, values, where)
+
+
+def run_memorization(cfg: Any) -> dict[str, Any]:
+    """The job (conf/memorization.yaml): the checkpoint's manifest is read and everything
+    checked before any weights are; then `study_checkpoint`, MLflow, and the tables printed."""
+    from neoray.checkpoint.export import resolve_checkpoint
     from neoray.cluster.submit import check_durable_locations
-    from neoray.evaluation.memorization_report import format_summary, summarise, write_outputs
+    from neoray.evaluation.memorization_report import format_summary, log_to_mlflow
 
     values = to_dict(cfg)
     tracking = dataclass_from_config(TrackingConfig, values.pop("tracking", None), "tracking")
     storage = dataclass_from_config(StorageConfig, values.pop("storage", None), "storage")
     mem = dataclass_from_config(MemorizationConfig, values, "memorization")
+    if not mem.checkpoint:
+        raise ConfigError("checkpoint: give a checkpoint URI, a step directory or a run name")
     check_durable_locations(tracking=tracking)
-    found: Checkpoint = resolve_checkpoint(mem.checkpoint, mem.step, storage)
-    study = plan_study(found.manifest, mem)
-    windows = rebuild(study, mem)
-
-    export = export_checkpoint(found, mem.cache_dir, mem.dtype)
-    start_or_join(log_to_driver=False)
-    rows = records(windows, extract(str(export.hf_dir), windows, mem), study, mem)
-    summary = summarise(rows, study.run_name, study.step, mem)
-    out = Path(mem.output_dir) / study.run_name / f"step_{study.step:08d}"
-    write_outputs(rows, summary, out)
+    summary = study_checkpoint(resolve_checkpoint(mem.checkpoint, mem.step, storage), mem)
+    out = Path(summary["output"])
     if tracking.enabled:
-        from neoray.evaluation.memorization_report import log_to_mlflow
-
-        summary["mlflow_run_id"] = log_to_mlflow(tracking, summary, out, checkpoint_uri(found))
+        summary["mlflow_run_id"] = log_to_mlflow(tracking, summary, out, summary["source"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     print(f"records, tables and plots: {out}")

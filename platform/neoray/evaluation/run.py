@@ -14,6 +14,8 @@ from neoray.cluster.ray_start import start_or_join
 from neoray.cluster.submit import check_durable_locations
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.evaluation.config import EvalConfig
+from neoray.evaluation.memorization import SUITE as MEMORIZATION
+from neoray.evaluation.memorization import MemorizationConfig, memorization_suite
 from neoray.evaluation.report import format_results
 from neoray.evaluation.schedule import ScheduleConfig
 from neoray.live_metrics import EvaluationExporter, ray_connected
@@ -92,15 +94,20 @@ def run_evaluate(cfg: Any) -> dict[str, Any]:
     return results
 
 
-def load_suite(name: str, settings: dict[str, Any], suite_dir: str | None = None) -> EvalConfig:
+def load_suite(
+    name: str, settings: dict[str, Any], suite_dir: str | None = None
+) -> EvalConfig | MemorizationConfig:
     """Suite `name` (`<suite_dir>/<name>.yaml`, else `conf/eval/<name>.yaml`) with `settings`
-    (the job's `eval.*`) applied."""
+    (the job's `eval.*`) applied; a file with `suite: memorization` is the memorization study
+    (`neoray.evaluation.memorization`)."""
     from omegaconf import OmegaConf
 
     folders = ([Path(suite_dir)] if suite_dir else []) + [SUITE_DIR]
     for folder in folders:
         if (folder / f"{name}.yaml").is_file():
             suite = to_dict(OmegaConf.load(folder / f"{name}.yaml"))
+            if suite.get("suite") == MEMORIZATION:  # the memorization study, not lm-eval tasks
+                return memorization_suite(settings, suite, f"suite {name}")
             return dataclass_from_config(EvalConfig, {**settings, **suite}, f"suite {name}")
     known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
     where = " or ".join(str(folder) for folder in folders)
@@ -110,7 +117,7 @@ def load_suite(name: str, settings: dict[str, Any], suite_dir: str | None = None
 def checkpoint_watcher(
     storage,
     run_name: str,
-    suites: list[EvalConfig],
+    suites: list[EvalConfig | MemorizationConfig],
     schedule,
     tracking: TrackingConfig,
     cache_dir: str | Path = "runs/exports",
@@ -123,15 +130,20 @@ def checkpoint_watcher(
     import threading
     from collections import defaultdict
 
-    from neoray.checkpoint.export import export_committed
+    from neoray.checkpoint.export import Checkpoint, export_committed
     from neoray.checkpoint.manifest import checkpoint_key
+    from neoray.evaluation.memorization import as_suite_results, study_checkpoint
+    from neoray.evaluation.memorization_report import log_to_mlflow
     from neoray.evaluation.watch import Watcher
 
     exporting = defaultdict(threading.Lock)  # the suites of one step share its export
 
-    def evaluate_checkpoint(storage, manifest, suite: EvalConfig) -> dict[str, Any]:
+    def evaluate_checkpoint(storage, manifest, suite) -> dict[str, Any]:
         with exporting[manifest.step]:
             export = export_committed(storage, manifest, cache_dir, dtype, tokenizer)
+        if isinstance(suite, MemorizationConfig):
+            found = Checkpoint(manifest, storage=storage)
+            return as_suite_results(study_checkpoint(found, suite, export.hf_dir))
         return evaluate(ModelSource(export.hf_dir, manifest.run_name, manifest.step), suite)
 
     log = None
@@ -141,7 +153,10 @@ def checkpoint_watcher(
         tracker = EvalTracker(tracking.uri, tracking.experiment)
         both_mmlu = {"mmlu_0shot", "mmlu_5shot"} <= {suite.suite for suite in suites}
 
-        def log(manifest, suite: EvalConfig, results: dict[str, Any]) -> str:
+        def log(manifest, suite, results: dict[str, Any]) -> str:
+            if isinstance(suite, MemorizationConfig):
+                summary = results["summary"]
+                return log_to_mlflow(tracking, summary, Path(summary["output"]), summary["source"])
             source = storage.uri(checkpoint_key(manifest.run_name, manifest.step))
             run_id = tracker.log_evaluation(
                 run_name, manifest.step, suite.suite, results, source, suite.tasks
@@ -158,7 +173,7 @@ def checkpoint_watcher(
 
 def eval_watch_settings(
     cfg: Any,
-) -> tuple[list[EvalConfig], ScheduleConfig, TrackingConfig, StorageConfig]:
+) -> tuple[list[EvalConfig | MemorizationConfig], ScheduleConfig, TrackingConfig, StorageConfig]:
     """The scheduled-evaluation config, checked: its suites, schedule, tracking and storage."""
     values = to_dict(cfg)
     if not values.get("suites"):
