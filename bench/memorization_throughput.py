@@ -7,7 +7,7 @@ here), same threads, fp32 on CPU; both sides must generate the same tokens (chec
 timing). The prompts are random token sequences, so nothing is extracted and every check
 decodes all 32 tokens.
 
-    .venv/bin/python bench/memorization_throughput.py --preset pythia_70m --sequences 128 --batch 32
+    .venv/bin/python bench/memorization_throughput.py --preset pythia_70m --sequences 64 --batch 32
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ GOAL = 1.2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="pythia_70m", help="model preset in conf/model/")
-    parser.add_argument("--sequences", type=int, default=128)
+    parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=32)
     parser.add_argument("--continuation", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()

@@ -5,11 +5,13 @@ those the loader fed; the extraction decisions are those of transformers' `gener
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from distributed import run_workers
 from hydra import compose, initialize_config_dir
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -45,17 +47,20 @@ def write_component(prefix: Path, train_docs: list[np.ndarray], heldout_docs: li
     publish(str(prefix))
 
 
+def _train(rank: int, cfg) -> None:
+    from neoray.train.loop import pretrain
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    pretrain(cfg)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-layer model trained 300 steps (8 x 128 tokens) by the pretrain loop, in this process,
-    on a 80/20 mixture: `repeated`, whose documents occur 1, 4 or 16 times, and `unique`;
+    """A 2-layer model trained 300 steps (8 x 128 tokens) by the pretrain loop, in one worker
+    process, on a 80/20 mixture: `repeated`, whose documents occur 1, 4 or 16 times, and `unique`;
     checkpoints committed at steps 150 and 300. Split 12:0:1 puts each component's last
     documents, all distinct, in the test split."""
-    import torch.distributed as dist
-
     from neoray.train.config import pretrain_config
-    from neoray.train.job import _single_process_environment
-    from neoray.train.loop import pretrain
 
     root = tmp_path_factory.mktemp("memorization")
     rng = np.random.default_rng(0)
@@ -95,16 +100,7 @@ def run(tmp_path_factory):
         "storage": {"root": str(root / "store")},
         "energy": {"enabled": False},
     })  # fmt: skip
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.delenv(name, raising=False)
-        _single_process_environment()
-        try:
-            pretrain(cfg)
-        finally:
-            dist.destroy_process_group()
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.delenv(name, raising=False)
+    run_workers(_train, 1, cfg, timeout=300)
     return root
 
 
@@ -153,7 +149,6 @@ def test_memorization_grows_with_times_seen_and_held_out_sequences_are_not_extra
     high = [r for r in single if r["times_seen"] >= 64]
     assert min(len(low), len(mid), len(high)) >= 50
     rate = lambda rs: float(np.mean([r["extracted"] for r in rs]))  # noqa: E731
-    print(rate(low), rate(mid), rate(high))
     assert rate(high) > rate(mid) >= rate(low)
     assert rate(high) >= 0.8 and rate(low) <= 0.1
     # The reported table, over every sequence, says the same from its first span to its last.
