@@ -26,8 +26,8 @@ from hydra import compose, initialize_config_dir
 from packaging.requirements import Requirement
 
 import neoray
-from neoray.cluster.services import mlflow_command, ray_head_command, ray_ports
-from neoray.cluster.stack import Stack, _s3_env, head_environment
+from neoray.cluster.services import ray_head_command, ray_ports
+from neoray.cluster.stack import Stack, _s3_env, head_environment, stack_mlflow_command
 from neoray.evaluation.run import eval_watch_settings
 from neoray.train.config import pretrain_config
 from neoray.train.job import cluster_config, worker_job
@@ -343,10 +343,13 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
         weed_ports={},
         prometheus_url="http://127.0.0.1:5",
     )
-    local = set(head_environment(stack, _s3_env(stack.s3_endpoint, "a", "b")))
+    mlflow_login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "c"}
+    local = set(head_environment(stack, _s3_env(stack.s3_endpoint, "a", "b"), mlflow_login))
     head = set(services["ray-head"]["environment"])
-    # In the image PATH already leads to neoray's environment, and the token is passed itself.
-    assert local - {"PATH", "RAY_AUTH_TOKEN_PATH"} == head - {"RAY_AUTH_TOKEN"}
+    # In the image PATH already leads to neoray's environment, and the token is passed itself;
+    # a compose or Kubernetes cluster spans machines, so Ray is not confined to loopback.
+    only_local = {"PATH", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    assert local - only_local == head - {"RAY_AUTH_TOKEN"}
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
 
     # The same `ray start` switches, except loopback-only addressing on a shared machine.
@@ -358,7 +361,7 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
         assert compose_head[switch] == local_head[switch]
 
     # MLflow: the same server flags, artifacts proxied to <bucket>/mlflow in both.
-    local_mlflow = flags(mlflow_command(tmp_path, 1, "s3://neoray/mlflow"))
+    local_mlflow = flags(stack_mlflow_command(1, 2))
     compose_mlflow = flags(services["mlflow"]["command"])
     assert set(local_mlflow) <= set(compose_mlflow)
     assert compose_mlflow["--artifacts-destination"].endswith("/mlflow")
