@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from neoray.cluster.services import group_alive
 from neoray.cluster.stack import mlflow_client_env
-from neoray.tracking import code_version
+from neoray.code_version import code_version
 
 NEORAY = str(Path(sys.executable).parent / "neoray")
 SECRETS = ("auth_token", "s3_access_key", "s3_secret_key", "postgres_password")

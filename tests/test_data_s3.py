@@ -9,8 +9,8 @@ import pytest
 import zstandard
 from corpora import make_big_jsonl, read_report
 
+from neoray.corpus import expand_inputs
 from neoray.data.preprocess import PreprocessConfig, preprocess
-from neoray.data.sources import expand_inputs
 from neoray.tokenizer.load import RELEASED_20B, load_tokenizer, released_20b_path
 from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 

@@ -40,7 +40,8 @@ class WorkerJob:
 
 def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
     """Tags of the MLflow run: topology, launcher, code version, Ray job ids."""
-    from neoray.tracking import code_version, ray_job_tags
+    from neoray.code_version import code_version
+    from neoray.tracking import ray_job_tags
 
     p = config.parallel
     return {

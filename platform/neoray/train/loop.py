@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
+from neoray.checkpoint.manifest import FileEntry, Manifest
 from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
+from neoray.code_version import code_version
 from neoray.config import flatten, redact
 from neoray.data.mixture import BlendedDataset
 from neoray.energy.run import RunEnergy
