@@ -72,9 +72,8 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=MICRO)
     placement = place_rank(parallel)
     module = build_pipeline(config, placement, seed=3)
-    # Start from one full state dict, as the parity tests do: the random init of a pipeline
-    # seeds each tensor-parallel rank differently and draws final_layer_norm.weight at random
-    # (init_weights matches "layernorm"), so the ranks' replicated copies would differ.
+    # Start from one full state dict, as the parity tests do, so every layout trains the same
+    # weights (a pipeline's own random init draws each stage and tensor-parallel rank apart).
     torch.manual_seed(0)
     full = GPTNeoX(config).state_dict()
     load_full_state_dict(module, full, config, placement.tp_rank, tp)

@@ -3,7 +3,8 @@
 The reference is the plain `GPTNeoX` trained by a plain PyTorch loop (AdamW, clipping, the
 same schedule). Each layout runs `jobs/pretrain.py` under torchrun from the same initial
 weights on the same synthetic data; its per-step losses (metrics.jsonl) must agree to 1e-4
-relative, and its final weights, consolidated from the shards, to 1e-5.
+relative, and its final weights, consolidated from the shards, to 1e-5 (all but one element in
+10,000; none beyond 5e-5, see the test).
 """
 
 from __future__ import annotations

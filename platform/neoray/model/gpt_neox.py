@@ -251,12 +251,15 @@ class Layer(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, config: NeoXConfig) -> None:
+def init_weights(
+    module: nn.Module, config: NeoXConfig, generator: torch.Generator | None = None
+) -> None:
     """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections.
 
     Works by parameter name (and finds layernorms by type), so any module that names its
     parameters like `GPTNeoX` (a pipeline stage, a tensor-parallel shard) is initialised by the
     same rules. Layernorms and biases start equal on every rank, as replicated weights must.
+    Random draws come from `generator` (on the parameters' device), else torch's global one.
     """
     h, n = config.hidden_size, config.num_layers
     small = math.sqrt(2 / (5 * h))
@@ -268,9 +271,9 @@ def init_weights(module: nn.Module, config: NeoXConfig) -> None:
         elif name.endswith("bias"):
             p.zero_()
         elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-            p.normal_(0.0, wang)
+            p.normal_(0.0, wang, generator=generator)
         else:
-            p.normal_(0.0, small)
+            p.normal_(0.0, small, generator=generator)
 
 
 class GPTNeoX(nn.Module):

@@ -115,7 +115,6 @@ def build_pipeline(
     names unchanged): layernorms, rotary, GELU and the residual sums become a few fused kernels
     around the matmuls instead of one memory pass each. All layers share one compiled graph.
     """
-    torch.manual_seed(seed + 1000 * placement.pp_rank + placement.tp_rank)
     group = placement.tp_group
     loss = NextTokenLoss(group)
     module = PipelineModule(
@@ -127,7 +126,11 @@ def build_pipeline(
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
         checkpointable_layers=["Layer"],
     )
-    init_weights(module, config)
+    device = next(module.parameters()).device  # PipelineModule moves its stage to the device
+    generator = torch.Generator(device).manual_seed(
+        seed + 1000 * placement.pp_rank + placement.tp_rank
+    )
+    init_weights(module, config, generator)
     for stage in module.forward_funcs:
         if isinstance(stage, OutputStage):
             loss.output = stage.embed_out

@@ -46,6 +46,7 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20
 # (and with it the trial's Ray Train run). Tune's default, 600 s, lets a stopped trial whose
 # driver is still waiting on its run hold the run's workers, and the sweep, for ten minutes.
 STOPPED_TRIAL_GRACE_S = 20
+TRIAL_CLEANUP_VARIABLE = "TUNE_FORCE_TRIAL_CLEANUP_S"
 
 
 @dataclass
@@ -122,6 +123,19 @@ def check_capacity(sweep: SweepConfig, base: PretrainConfig, base_cfg: DictConfi
 
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id  # outcome.trial_outcome reads the trial id back from the folder
+
+
+def _fit(tuner: Any) -> Any:
+    """`tuner.fit()` with Tune's grace for stopped trials set to STOPPED_TRIAL_GRACE_S (Tune
+    reads it from the environment; it is restored afterwards, unless the user had set it)."""
+    previous = os.environ.get(TRIAL_CLEANUP_VARIABLE)
+    if previous is None:
+        os.environ[TRIAL_CLEANUP_VARIABLE] = str(STOPPED_TRIAL_GRACE_S)
+    try:
+        return tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(TRIAL_CLEANUP_VARIABLE, None)
 
 
 def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
@@ -221,8 +235,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
                 cwd=os.getcwd(),
                 parent_run_id=parent.run_id if parent else None,
             )
-            os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
-            results = _tuner(sweep, context, storage).fit()
+            results = _fit(_tuner(sweep, context, storage))
             outcomes = [trial_outcome(result, sweep.metric) for result in results]
             result = _summarize(sweep, outcomes, base_overrides, storage)
             if parent is not None:

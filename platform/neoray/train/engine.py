@@ -18,6 +18,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from neoray.parallel.config import ParallelConfig
 from neoray.train.config import OptimConfig, TrainConfig
+from neoray.train.deepspeed_private import disable_op
 from neoray.train.schedule import learning_rate
 
 # DeepSpeed's CPU shared-memory all-reduce, used only by its inference kernels, never by training.
@@ -32,7 +33,7 @@ def init_distributed(backend: str) -> None:
     forever. Training never calls the op, so it is marked unavailable (DeepSpeed keeps its
     probe of compatible ops in one dict for that purpose) and nothing is loaded."""
     if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+        disable_op(SHM_COMM_OP)
     deepspeed.init_distributed(dist_backend=backend)
 
 
