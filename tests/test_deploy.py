@@ -433,3 +433,23 @@ def test_the_wheel_carries_the_configs_and_an_installed_neoray_finds_them(tmp_pa
     assert out[0].startswith(str(site)), f"imported {out[0]}, not the installed wheel"
     assert out[1] == "44"
     assert "mmlu_5shot" in out[2]
+
+    def installed_cli(*args: str) -> str:
+        """The installed `neoray` command (its console-script entry point), run elsewhere."""
+        script = f"import sys; from neoray.cli import main; sys.argv = {['neoray', *args]}; main()"
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout
+
+    (entry_points,) = site.glob("neoray-*.dist-info/entry_points.txt")
+    assert "neoray = neoray.cli:main" in entry_points.read_text()
+    presets = installed_cli("presets")
+    assert "neox_20b" in presets and "pythia_70m" in presets
+    plan = installed_cli("plan", "neox_20b")
+    assert "20.55 B parameters" in plan and "MFU 28.2%" in plan
