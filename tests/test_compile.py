@@ -9,7 +9,7 @@ from neoray.model.gpt_neox import Layer, NeoXConfig
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
-from neoray.train.engine import init_distributed
+from neoray.training.engine import init_distributed
 
 CONFIG = NeoXConfig(vocab_size=256, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=64)
 

@@ -12,7 +12,7 @@ from neoray.corpus import expand_inputs
 from neoray.data.preprocess import PreprocessConfig, preprocess
 from neoray.storage import s3_client
 from neoray.tokenizer.load import RELEASED_20B, load_tokenizer, released_20b_path
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 
 def upload(client, bucket, root, prefix):

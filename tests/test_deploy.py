@@ -29,8 +29,8 @@ import neoray
 from neoray.cluster.services import ray_head_command, ray_ports
 from neoray.cluster.stack import Stack, _s3_env, head_environment, stack_mlflow_command
 from neoray.evaluation.run import eval_watch_settings
-from neoray.train.config import pretrain_config
-from neoray.train.job import cluster_config, worker_job
+from neoray.training.config import pretrain_config
+from neoray.training.job import cluster_config, worker_job
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"

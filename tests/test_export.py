@@ -37,8 +37,8 @@ from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.convert import consolidate_directory
 from neoray.storage import StorageConfig, open_storage
-from neoray.train.config import OptimConfig, SyntheticDataConfig, TrainConfig
-from neoray.train.data import SyntheticTokens
+from neoray.training.config import OptimConfig, SyntheticDataConfig, TrainConfig
+from neoray.training.data import SyntheticTokens
 
 STEPS, SEQ_LEN, MICRO = 3, 32, 2
 # Adam's eps is raised from 1e-8 as in test_parallel_parity: gradients that are zero in exact
@@ -61,7 +61,7 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     from neoray.parallel.convert import load_full_state_dict, shard_path
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import build_engine, init_distributed
+    from neoray.training.engine import build_engine, init_distributed
 
     world = str(tp * pp * dp)
     os.environ.update(

@@ -22,10 +22,10 @@ from neoray.data.loader import BatchSchedule, sample_indices
 from neoray.model import GPTNeoX
 from neoray.model.presets import load_preset
 from neoray.parallel.convert import consolidate_directory
-from neoray.train.config import OptimConfig, SyntheticDataConfig
-from neoray.train.data import SyntheticTokens
-from neoray.train.engine import adamw
-from neoray.train.schedule import learning_rate
+from neoray.training.config import OptimConfig, SyntheticDataConfig
+from neoray.training.data import SyntheticTokens
+from neoray.training.engine import adamw
+from neoray.training.schedule import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH, SEQ_LEN = 10, 8, 32

@@ -11,7 +11,7 @@ import pytest
 from distributed import run_workers
 
 from neoray.evaluation import lm_eval_private
-from neoray.train import deepspeed_private
+from neoray.training import deepspeed_private
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform" / "neoray"
 
@@ -57,7 +57,7 @@ def _check_with_a_pipeline(rank: int) -> None:
     from neoray.parallel.config import ParallelConfig
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import init_distributed
+    from neoray.training.engine import init_distributed
 
     os.environ["LOCAL_RANK"] = str(rank)  # read by PipelineModule
     init_distributed("gloo")  # joins the group run_workers made

@@ -30,7 +30,7 @@ from neoray.checkpoint.manifest import (
 )
 from neoray.config import ConfigError
 from neoray.storage import Storage, StorageError
-from neoray.train.deepspeed_private import local_layers, rank_checkpoint_files
+from neoray.training.deepspeed_private import local_layers, rank_checkpoint_files
 
 log = logging.getLogger(__name__)
 AXES = ("tp", "pp", "dp")

@@ -232,7 +232,7 @@ def commit_stand_in_checkpoint(
 
 def write_tokenizer(out_path: str | Path, data_dir: str | Path, vocab_size: int = 512):
     """A NeoX-style tokenizer trained on the mirror's text, saved as `out_path` (tokenizer.json)."""
-    from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

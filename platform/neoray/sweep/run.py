@@ -36,8 +36,8 @@ from neoray.sweep.outcome import (
 from neoray.sweep.space import check_keys, corners, override, tune_space
 from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
 from neoray.tracking import MLflowTracker, TrackingConfig, experiment_id, find_run, metric_key
-from neoray.train.config import PretrainConfig, pretrain_config
-from neoray.train.job import cluster_config
+from neoray.training.config import PretrainConfig, pretrain_config
+from neoray.training.job import cluster_config
 
 # What a trial's driver process takes (Python, Ray Train's controller); reserving it also makes
 # the trial's resource request non-empty when it asks for no CPU, which Ray requires.
@@ -59,7 +59,7 @@ class SweepResult:
 
 def reported_metrics(config: PretrainConfig) -> list[str]:
     """What a run reports at each validation, and so what a sweep can select on."""
-    from neoray.train.config import SyntheticDataConfig
+    from neoray.training.config import SyntheticDataConfig
 
     components = (
         ["synthetic"] if isinstance(config.data, SyntheticDataConfig) else config.data.components

@@ -62,8 +62,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from neoray.tracking import PARENT_TAG
-    from neoray.train.config import pretrain_config
-    from neoray.train.job import cluster_config, run_on_ray, worker_job
+    from neoray.training.config import pretrain_config
+    from neoray.training.job import cluster_config, run_on_ray, worker_job
 
     if os.path.isdir(context.cwd):  # relative paths in the config mean the sweep's directory
         os.chdir(context.cwd)

@@ -4,7 +4,7 @@ Written against DeepSpeed 0.19.8 (pinned in pyproject.toml):
 
 - `deepspeed.ops.__compatible_ops__`: DeepSpeed's record of which ops may load; marking its CPU
   shared-memory all-reduce unavailable keeps it from being JIT-built (see
-  `neoray.train.engine.init_distributed`);
+  `neoray.training.engine.init_distributed`);
 - `engine._get_ckpt_name` / `engine._get_zero_ckpt_name` and a `PipelineModule`'s
   `_local_start` / `_local_stop`: which files of a checkpoint one rank's `load_checkpoint`
   reads, so that each rank downloads only those on resume.
@@ -65,6 +65,6 @@ def check_upstream(module: PipelineModule | None = None) -> None:
     if problems:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} differs from {WRITTEN_AGAINST}, which "
-            f"neoray.train.deepspeed_private was written against: {'; '.join(problems)}. "
+            f"neoray.training.deepspeed_private was written against: {'; '.join(problems)}. "
             "Install the pinned version, or adapt that module"
         )
