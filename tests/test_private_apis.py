@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from distributed import run_workers
 
+from neoray import deepspeed_private
 from neoray.evaluation import lm_eval_private
-from neoray.training import deepspeed_private
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform" / "neoray"
 
 # Private names of DeepSpeed and lm-eval, and the one module each may appear in.
 PRIVATE = {
     r"\b_get_ckpt_name\b|\b_get_zero_ckpt_name\b|\b_local_start\b|__compatible_ops__": (
-        "train/deepspeed_private.py"
+        "deepspeed_private.py"
     ),
     r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b": (
         "evaluation/lm_eval_private.py"

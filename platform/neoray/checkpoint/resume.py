@@ -29,8 +29,8 @@ from neoray.checkpoint.manifest import (
     step_tag,
 )
 from neoray.config import ConfigError
+from neoray.deepspeed_private import local_layers, rank_checkpoint_files
 from neoray.storage import Storage, StorageError
-from neoray.training.deepspeed_private import local_layers, rank_checkpoint_files
 
 log = logging.getLogger(__name__)
 AXES = ("tp", "pp", "dp")

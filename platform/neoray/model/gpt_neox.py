@@ -8,7 +8,7 @@ embeddings. Module and parameter names follow Hugging Face's GPTNeoX, so checkpo
 one to one (see `neoray.model.hf`).
 
 This is also the model that trains: a layer built with a tensor-parallel group holds its
-rank's share of the heads and of the MLP (Megatron's column/row split, `neoray.parallel.tensor`)
+rank's share of the heads and of the MLP (Megatron's column/row split, `neoray.model.tensor_parallel`)
 and is a stage of the DeepSpeed pipeline as it is (`neoray.parallel.pipeline`). Without a group
 (the default) the same code is the plain single-process model. Attention and the MLP return
 their un-reduced output projections without the bias; the layer adds the two, reduces once
@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neoray.config import ConfigError
 from neoray.model.loss import linear_cross_entropy
-from neoray.parallel.tensor import (
+from neoray.model.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,

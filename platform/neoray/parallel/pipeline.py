@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neoray.model.gpt_neox import Layer, NeoXConfig, init_weights
 from neoray.model.loss import linear_cross_entropy
-from neoray.parallel.tensor import (
+from neoray.model.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,

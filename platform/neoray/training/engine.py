@@ -16,9 +16,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from neoray.deepspeed_private import disable_op
 from neoray.parallel.config import ParallelConfig
 from neoray.training.config import OptimConfig, TrainConfig
-from neoray.training.deepspeed_private import disable_op
 from neoray.training.schedule import learning_rate
 
 # DeepSpeed's CPU shared-memory all-reduce, used only by its inference kernels, never by training.

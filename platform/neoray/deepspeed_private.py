@@ -65,6 +65,6 @@ def check_upstream(module: PipelineModule | None = None) -> None:
     if problems:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} differs from {WRITTEN_AGAINST}, which "
-            f"neoray.training.deepspeed_private was written against: {'; '.join(problems)}. "
+            f"neoray.deepspeed_private was written against: {'; '.join(problems)}. "
             "Install the pinned version, or adapt that module"
         )
