@@ -10,14 +10,15 @@ export DS_ACCELERATOR ?= cpu
 
 install: $(VENV)/.installed system
 
-# Debian packages the tests drive: Chromium (the run report, checked in a real browser) and
-# Prometheus (`neoray up --metrics`, the dashboards' queries). Installed with apt-get where
+# Debian packages the tests drive: Chromium (the run report, checked in a real browser),
+# Prometheus (`neoray up --metrics`, the dashboards' queries) and PostgreSQL (MLflow's database
+# in `neoray up`), each with the program that shows it is there. Installed with apt-get where
 # missing and this user may; otherwise say how.
-SYSTEM_PACKAGES := chromium prometheus
+SYSTEM_PACKAGES := chromium:chromium prometheus:prometheus postgresql:pg_ctlcluster
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 system:
-	@for pkg in $(SYSTEM_PACKAGES); do \
-	  command -v $$pkg >/dev/null 2>&1 && continue; \
+	@for entry in $(SYSTEM_PACKAGES); do \
+	  pkg=$${entry%%:*}; command -v $${entry#*:} >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    $(APT_INSTALL) $$pkg >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) $$pkg >/dev/null; }; \
 	  else \

@@ -22,8 +22,8 @@ from snapshot_setup import bench_config, one_process_engine, s3_endpoint
 
 from neoray.checkpoint.snapshot import Snapshots
 from neoray.storage import open_storage
-from neoray.train.data import training_batches
-from neoray.train.loop import manifest_factory
+from neoray.training.data import training_batches
+from neoray.training.loop import manifest_factory
 
 GOAL = 1.15
 

@@ -60,7 +60,7 @@ def compare(
 
 def one_process_group(port: int) -> None:
     """Make this process rank 0 of a gloo process group of one, as DeepSpeed's engine wants."""
-    from neoray.train.engine import init_distributed
+    from neoray.training.engine import init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -4,7 +4,7 @@ One process, fp32 on CPU. Both sides train the same pipeline module (two copies 
 same seed) on the same batch with the same optimizer settings, schedule and gradient clipping:
 the plain side calls forward, the vocab-parallel loss, backward, clipping and `AdamW.step()`
 itself; the engine side calls `engine.train_batch`. The ratio is what DeepSpeed costs.
-Both sides build their optimizer with `neoray.train.engine.adamw` (fused AdamW, same
+Both sides build their optimizer with `neoray.training.engine.adamw` (fused AdamW, same
 hyperparameters). What differs is DeepSpeed's own work, which this benchmark measures: ZeRO-1
 keeps a flat fp32 master copy of the weights and copies it back after each step, gathers the
 gradients into buckets and flattens them into its partition, and accumulates the gradient norm
@@ -29,9 +29,9 @@ from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
-from neoray.train.config import OptimConfig, TrainConfig
-from neoray.train.engine import adamw, build_engine
-from neoray.train.schedule import learning_rate
+from neoray.training.config import OptimConfig, TrainConfig
+from neoray.training.engine import adamw, build_engine
+from neoray.training.schedule import learning_rate
 
 GOAL = 0.95
 

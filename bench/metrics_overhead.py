@@ -26,9 +26,9 @@ from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
-from neoray.train.config import OptimConfig, TrainConfig
-from neoray.train.engine import build_engine
-from neoray.train.metrics import StepMetrics
+from neoray.training.config import OptimConfig, TrainConfig
+from neoray.training.engine import build_engine
+from neoray.training.metrics import StepMetrics
 
 GOAL = 1.01
 

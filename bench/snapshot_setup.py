@@ -24,13 +24,13 @@ from neoray.parallel.config import ParallelConfig  # noqa: E402
 from neoray.parallel.pipeline import build_pipeline  # noqa: E402
 from neoray.parallel.topology import place_rank  # noqa: E402
 from neoray.storage import StorageConfig  # noqa: E402
-from neoray.train.config import (  # noqa: E402
+from neoray.training.config import (  # noqa: E402
     OptimConfig,
     PretrainConfig,
     SyntheticDataConfig,
     TrainConfig,
 )
-from neoray.train.engine import build_engine  # noqa: E402
+from neoray.training.engine import build_engine  # noqa: E402
 
 
 @contextmanager

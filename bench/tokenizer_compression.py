@@ -15,7 +15,7 @@ import tempfile
 from neoray.data.demo_corpus import code_documents, prose_documents, stdlib_code_files, write_jsonl
 from neoray.tokenizer.load import RELEASED_20B, load_tokenizer
 from neoray.tokenizer.report import count_tokens
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 VOCAB = 8000
 

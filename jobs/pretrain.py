@@ -9,7 +9,7 @@ also be started with `launcher=torchrun` but without torchrun.
 import hydra
 from omegaconf import DictConfig
 
-from neoray.train.job import run_pretrain
+from neoray.training.job import run_pretrain
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from neoray.config import dataclass_from_config
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 
 @hydra.main(config_path="../conf", config_name="train_tokenizer", version_base=None)

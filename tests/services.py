@@ -24,10 +24,10 @@ from neoray.cluster.services import (
     ServiceError,
     free_ports,
     log_tail,
-    mlflow_command,
     mlflow_ready,
     remove_weed_sockets,
     running,
+    sqlite_mlflow_command,
     wait_ready,
     weed_command,
     weed_ports,
@@ -148,7 +148,7 @@ def mlflow_server(directory: Path) -> Iterator[MLflowServer]:
     """An MLflow tracking server on 127.0.0.1 keeping everything under `directory` (~15 s)."""
     (port,) = free_ports(1)
     server = MLflowServer(f"http://127.0.0.1:{port}")
-    command = mlflow_command(directory, port)
+    command = sqlite_mlflow_command(directory, port)
     with running(
         "MLflow", command, log=directory / "mlflow.log", ready=mlflow_ready(server.url), timeout=120
     ):
@@ -214,5 +214,5 @@ class StoppableMLflow(StoppableService):
     def __init__(self, directory: Path) -> None:
         (port,) = free_ports(1)
         self.server = MLflowServer(f"http://127.0.0.1:{port}")
-        command = mlflow_command(directory, port)
+        command = sqlite_mlflow_command(directory, port)
         super().__init__("MLflow", command, directory / "mlflow.log", mlflow_ready(self.server.url))

@@ -90,8 +90,8 @@ def child(control: Path, stop_after: int, start_after: int, overrides: list[str]
 
     import neoray.checkpoint.resume
     from neoray.storage import open_storage
-    from neoray.train.config import pretrain_config
-    from neoray.train.loop import pretrain
+    from neoray.training.config import pretrain_config
+    from neoray.training.loop import pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
     with socket.socket() as s:

@@ -1,10 +1,12 @@
 """The local stack and jobs on it: `neoray up` starts a Ray head (`ray start --head` on
-127.0.0.1, token authentication), an MLflow server with its artifacts in S3 and a SeaweedFS S3
-endpoint; `neoray submit` runs a pretrain job from the uploaded project, whose MLflow run then
-appears; `neoray down` stops every process."""
+127.0.0.1, token authentication), PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts
+in S3, basic auth) and a SeaweedFS S3 endpoint, every one on loopback only; `neoray submit` runs
+a pretrain job from the uploaded project, whose MLflow run then appears; `neoray down` stops
+every process."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -12,16 +14,24 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 import boto3
+import psutil
+import psycopg
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from neoray.cluster.services import group_alive
-from neoray.tracking import code_version
+from neoray.cluster.stack import mlflow_client_env
+from neoray.code_version import code_version
 
 NEORAY = str(Path(sys.executable).parent / "neoray")
+SECRETS = ("auth_token", "s3_access_key", "s3_secret_key", "postgres_password")
+SECRETS += ("mlflow_admin_password", "mlflow_flask_key")
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 TINY = ["model=tiny", "data.seq_len=32", "train.peak_tflops=1.0", "tracking=server"]
 
 
@@ -55,7 +65,10 @@ def stack(tmp_path_factory):
         assert started.returncode == 0, started.stderr[-3000:]
         assert "MLflow UI:" in started.stdout and "Ray dashboard:" in started.stdout
         assert "Prometheus:" in started.stdout
-        yield cwd, json.loads((cwd / ".neoray" / "stack.json").read_text())
+        with pytest.MonkeyPatch.context() as env:  # the MLflow clients below log in as admin
+            for name, value in mlflow_client_env(cwd / ".neoray").items():
+                env.setenv(name, value)
+            yield cwd, json.loads((cwd / ".neoray" / "stack.json").read_text())
     finally:
         recorded = json.loads((cwd / ".neoray" / "stack.json").read_text())
         stopped = neoray(cwd, "down", timeout=60)
@@ -69,7 +82,7 @@ def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
     # folder world-writable; the folder that holds it is private.
     for folder in (cwd / ".neoray", cwd / ".neoray" / "logs", Path(state["ray_temp_dir"]).parent):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
-    for secret in ("auth_token", "s3_access_key", "s3_secret_key"):
+    for secret in SECRETS:
         assert (cwd / ".neoray" / secret).stat().st_mode & 0o777 == 0o600, secret
     with urllib.request.urlopen(f"{state['mlflow_url']}/health", timeout=5) as health:
         assert health.status == 200
@@ -83,9 +96,76 @@ def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
         o["Key"] for o in stack_s3(cwd, state).list_objects_v2(Bucket=state["bucket"])["Contents"]
     ]
     assert any(key.startswith("mlflow/") and key.endswith("/note.txt") for key in keys), keys
+    # ... and its runs in the stack's PostgreSQL.
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=state["postgres_port"],
+        user="neoray",
+        password=(cwd / ".neoray" / "postgres_password").read_text(),
+        dbname="mlflow",
+    ) as database:
+        stored = database.execute("SELECT run_uuid FROM runs").fetchall()
+    assert (run.info.run_id,) in stored
     again = neoray(cwd, "up")  # a second `up` finds the stack running
     assert again.returncode == 0 and state["mlflow_url"] in again.stdout
     assert json.loads((cwd / ".neoray" / "stack.json").read_text())["pids"] == state["pids"]
+
+
+def test_the_stacks_mlflow_asks_every_client_for_the_admin_password(stack):
+    _, state = stack
+    search = f"{state['mlflow_url']}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(user: str | None, password: str | None) -> int:
+        request = urllib.request.Request(search)
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(None, None) == 401
+    assert status("admin", "password1234") == 401  # no default password
+    assert status("admin", os.environ["MLFLOW_TRACKING_PASSWORD"]) == 200
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(MlflowException, match="401|nauthorized|credentials"):
+            MlflowClient(state["mlflow_url"]).search_experiments(max_results=1)
+
+
+def test_every_server_of_the_stack_listens_on_loopback_only(stack):
+    """Ray's own servers (GCS, raylet, agents, workers) included: Ray binds every interface
+    unless its node address is loopback."""
+    _, state = stack
+    groups = set(state["pids"].values())
+    listening = {}
+    for connection in psutil.net_connections(kind="inet"):
+        if connection.status != psutil.CONN_LISTEN or connection.pid is None:
+            continue
+        with suppress(ProcessLookupError):
+            if os.getpgid(connection.pid) in groups:
+                listening[connection.laddr] = psutil.Process(connection.pid).name()
+    assert len(listening) >= 10  # S3's servers, PostgreSQL, MLflow, GCS, raylet, dashboard, ...
+    exposed = {f"{a.ip}:{a.port}": n for a, n in listening.items() if a.ip not in LOOPBACK}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_the_stacks_mlflow_loses_nothing_under_concurrent_writers(stack):
+    """A smaller run of bench/mlflow_load.py (the issue's 16 writers x 2,000 metrics there):
+    8 processes logging rows and artifacts at once; every value read back."""
+    _, state = stack
+    bench = Path(__file__).resolve().parents[1] / "bench" / "mlflow_load.py"
+    load = ["--writers", "8", "--steps", "25", "--metrics-per-step", "10", "--artifacts", "4"]
+    result = subprocess.run(
+        [sys.executable, str(bench), "--url", state["mlflow_url"], *load],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r" 0 failed calls +0 lost", result.stdout), result.stdout
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ import zstandard
 from corpora import make_big_jsonl, read_report
 
 from neoray.config import ConfigError
+from neoray.corpus import Document, LineCounter, Shard, plan_shards, read_records
 from neoray.data.indexed import IndexedDataset
 from neoray.data.preprocess import PreprocessConfig, preprocess
-from neoray.data.sources import Document, LineCounter, Shard, plan_shards, read_records
 from neoray.tokenizer.load import RELEASED_20B, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

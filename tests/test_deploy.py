@@ -26,11 +26,11 @@ from hydra import compose, initialize_config_dir
 from packaging.requirements import Requirement
 
 import neoray
-from neoray.cluster.services import mlflow_command, ray_head_command, ray_ports
-from neoray.cluster.stack import Stack, _s3_env, head_environment
+from neoray.cluster.services import ray_head_command, ray_ports
+from neoray.cluster.stack import Stack, _s3_env, head_environment, stack_mlflow_command
 from neoray.evaluation.run import eval_watch_settings
-from neoray.train.config import pretrain_config
-from neoray.train.job import cluster_config, worker_job
+from neoray.training.config import pretrain_config
+from neoray.training.job import cluster_config, worker_job
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -343,10 +343,13 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
         weed_ports={},
         prometheus_url="http://127.0.0.1:5",
     )
-    local = set(head_environment(stack, _s3_env(stack.s3_endpoint, "a", "b")))
+    mlflow_login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "c"}
+    local = set(head_environment(stack, _s3_env(stack.s3_endpoint, "a", "b"), mlflow_login))
     head = set(services["ray-head"]["environment"])
-    # In the image PATH already leads to neoray's environment, and the token is passed itself.
-    assert local - {"PATH", "RAY_AUTH_TOKEN_PATH"} == head - {"RAY_AUTH_TOKEN"}
+    # In the image PATH already leads to neoray's environment, and the token is passed itself;
+    # a compose or Kubernetes cluster spans machines, so Ray is not confined to loopback.
+    only_local = {"PATH", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    assert local - only_local == head - {"RAY_AUTH_TOKEN"}
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
 
     # The same `ray start` switches, except loopback-only addressing on a shared machine.
@@ -358,7 +361,7 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
         assert compose_head[switch] == local_head[switch]
 
     # MLflow: the same server flags, artifacts proxied to <bucket>/mlflow in both.
-    local_mlflow = flags(mlflow_command(tmp_path, 1, "s3://neoray/mlflow"))
+    local_mlflow = flags(stack_mlflow_command(1, 2))
     compose_mlflow = flags(services["mlflow"]["command"])
     assert set(local_mlflow) <= set(compose_mlflow)
     assert compose_mlflow["--artifacts-destination"].endswith("/mlflow")
@@ -430,3 +433,23 @@ def test_the_wheel_carries_the_configs_and_an_installed_neoray_finds_them(tmp_pa
     assert out[0].startswith(str(site)), f"imported {out[0]}, not the installed wheel"
     assert out[1] == "44"
     assert "mmlu_5shot" in out[2]
+
+    def installed_cli(*args: str) -> str:
+        """The installed `neoray` command (its console-script entry point), run elsewhere."""
+        script = f"import sys; from neoray.cli import main; sys.argv = {['neoray', *args]}; main()"
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout
+
+    (entry_points,) = site.glob("neoray-*.dist-info/entry_points.txt")
+    assert "neoray = neoray.cli:main" in entry_points.read_text()
+    presets = installed_cli("presets")
+    assert "neox_20b" in presets and "pythia_70m" in presets
+    plan = installed_cli("plan", "neox_20b")
+    assert "20.55 B parameters" in plan and "MFU 28.2%" in plan

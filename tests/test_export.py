@@ -37,8 +37,8 @@ from neoray.model.presets import load_preset
 from neoray.parallel.config import ParallelConfig
 from neoray.parallel.convert import consolidate_directory
 from neoray.storage import StorageConfig, open_storage
-from neoray.train.config import OptimConfig, SyntheticDataConfig, TrainConfig
-from neoray.train.data import SyntheticTokens
+from neoray.training.config import OptimConfig, SyntheticDataConfig, TrainConfig
+from neoray.training.data import SyntheticTokens
 
 STEPS, SEQ_LEN, MICRO = 3, 32, 2
 # Adam's eps is raised from 1e-8 as in test_parallel_parity: gradients that are zero in exact
@@ -61,7 +61,7 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     from neoray.parallel.convert import load_full_state_dict, shard_path
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import build_engine, init_distributed
+    from neoray.training.engine import build_engine, init_distributed
 
     world = str(tp * pp * dp)
     os.environ.update(
@@ -72,9 +72,8 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
     parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=MICRO)
     placement = place_rank(parallel)
     module = build_pipeline(config, placement, seed=3)
-    # Start from one full state dict, as the parity tests do: the random init of a pipeline
-    # seeds each tensor-parallel rank differently and draws final_layer_norm.weight at random
-    # (init_weights matches "layernorm"), so the ranks' replicated copies would differ.
+    # Start from one full state dict, as the parity tests do, so every layout trains the same
+    # weights (a pipeline's own random init draws each stage and tensor-parallel rank apart).
     torch.manual_seed(0)
     full = GPTNeoX(config).state_dict()
     load_full_state_dict(module, full, config, placement.tp_rank, tp)

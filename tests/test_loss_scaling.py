@@ -22,7 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def job_config(*overrides: str):
-    from neoray.train.config import pretrain_config
+    from neoray.training.config import pretrain_config
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name="pretrain", overrides=["data.seq_len=32", *overrides])
@@ -35,7 +35,7 @@ def fp16_scaler(cfg, initial_power: int):
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
     from deepspeed.runtime.precision_config import get_float16_config
 
-    from neoray.train.engine import deepspeed_config
+    from neoray.training.engine import deepspeed_config
 
     train = dataclasses.replace(cfg.train, precision="fp16", initial_loss_scale_power=initial_power)
     fp16 = get_float16_config(deepspeed_config(cfg.parallel, cfg.optim, train))
@@ -48,7 +48,7 @@ def fp16_scaler(cfg, initial_power: int):
 
 
 def _scaler_schedule(rank: int, out: Path) -> None:
-    from neoray.train.engine import init_distributed
+    from neoray.training.engine import init_distributed
 
     init_distributed("gloo")  # the scaler logs from rank 0
     cfg = job_config()
@@ -82,8 +82,8 @@ def _overflow_on_a_real_engine(rank: int, out: Path) -> None:
 
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.data import training_batches
-    from neoray.train.engine import build_engine, init_distributed
+    from neoray.training.data import training_batches
+    from neoray.training.engine import build_engine, init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     cfg = job_config("train.steps=6", "optim.warmup=0.5")

@@ -22,7 +22,7 @@ from neoray.data.inspect import batch_samples
 from neoray.data.loader import micro_batch, train_mixture
 from neoray.evaluation.memorization import MemorizationConfig, plan_study, run_memorization
 from neoray.tokenizer.load import load_tokenizer
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RUN = "memo"
@@ -48,7 +48,7 @@ def write_component(prefix: Path, train_docs: list[np.ndarray], heldout_docs: li
 
 
 def _train(rank: int, cfg) -> None:
-    from neoray.train.loop import pretrain
+    from neoray.training.loop import pretrain
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     pretrain(cfg)
@@ -60,7 +60,7 @@ def run(tmp_path_factory):
     process, on a 80/20 mixture: `repeated`, whose documents occur 1, 4 or 16 times, and `unique`;
     checkpoints committed at steps 150 and 300. Split 12:0:1 puts each component's last
     documents, all distinct, in the test split."""
-    from neoray.train.config import pretrain_config
+    from neoray.training.config import pretrain_config
 
     root = tmp_path_factory.mktemp("memorization")
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@ crash left at the end of the file."""
 
 import json
 
-from neoray.train.metrics import MetricsFile
+from neoray.training.metrics import MetricsFile
 
 
 def rows(path) -> list[dict]:

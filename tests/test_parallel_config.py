@@ -6,7 +6,7 @@ import pytest
 
 from neoray.config import ConfigError
 from neoray.model.presets import load_preset
-from neoray.parallel import ParallelConfig, validate_layout
+from neoray.parallel.config import ParallelConfig, validate_layout
 
 
 def test_the_20b_layout_is_valid():

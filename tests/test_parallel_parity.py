@@ -3,7 +3,8 @@
 The reference is the plain `GPTNeoX` trained by a plain PyTorch loop (AdamW, clipping, the
 same schedule). Each layout runs `jobs/pretrain.py` under torchrun from the same initial
 weights on the same synthetic data; its per-step losses (metrics.jsonl) must agree to 1e-4
-relative, and its final weights, consolidated from the shards, to 1e-5.
+relative, and its final weights, consolidated from the shards, to 1e-5 (all but one element in
+10,000; none beyond 5e-5, see the test).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from neoray.data.loader import BatchSchedule, sample_indices
 from neoray.model import GPTNeoX
 from neoray.model.presets import load_preset
 from neoray.parallel.convert import consolidate_directory
-from neoray.train.config import OptimConfig, SyntheticDataConfig
-from neoray.train.data import SyntheticTokens
-from neoray.train.engine import adamw
-from neoray.train.schedule import learning_rate
+from neoray.training.config import OptimConfig, SyntheticDataConfig
+from neoray.training.data import SyntheticTokens
+from neoray.training.engine import adamw
+from neoray.training.schedule import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH, SEQ_LEN = 10, 8, 32

@@ -1,4 +1,5 @@
-"""Tensor-parallel layers against the single-process model: same loss, same gradients."""
+"""The model's layers built with a tensor-parallel group against the single-process model: same
+loss, same gradients."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from distributed import run_workers
 from torch import nn
 
 from neoray.model import GPTNeoX, NeoXConfig
-from neoray.parallel.convert import consolidate, shard, to_plain_name
-from neoray.parallel.layers import EmbeddingStage, FinalNormStage, OutputStage, ParallelLayer
-from neoray.parallel.tensor import vocab_parallel_cross_entropy
+from neoray.model.gpt_neox import Layer
+from neoray.parallel.convert import consolidate, shard, split_dim, to_plain_name
+from neoray.parallel.pipeline import EmbeddingStage, FinalNormStage, NextTokenLoss, OutputStage
 
 CONFIGS = {
     "parallel_residual": NeoXConfig(
@@ -33,7 +34,7 @@ def stages(config: NeoXConfig, group) -> nn.Sequential:
     """The pipeline's stage list run in one place (submodule names match the pipeline's)."""
     return nn.Sequential(
         EmbeddingStage(config, group),
-        *(ParallelLayer(config, group) for _ in range(config.num_layers)),
+        *(Layer(config, i, group) for i in range(config.num_layers)),
         FinalNormStage(config),
         OutputStage(config, group),
     )
@@ -43,7 +44,9 @@ def tp_worker(rank: int, config: NeoXConfig, full: dict, inputs, targets, out: s
     world = dist.get_world_size()
     model = stages(config, dist.new_group(list(range(world))))
     model.load_state_dict(shard(full, config, rank, world))
-    loss = vocab_parallel_cross_entropy(model(inputs), targets, model[-1].embed_out.group)
+    loss_fn = NextTokenLoss(model[-1].embed_out.group)  # the pipeline's loss
+    loss_fn.output = model[-1].embed_out
+    loss = loss_fn(model(inputs), targets)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
@@ -70,10 +73,16 @@ def test_tensor_parallel_matches_single_process(name, tmp_path):
         torch.testing.assert_close(
             grads[param_name], param.grad, rtol=1e-4, atol=1e-6, msg=param_name
         )
-    # Replicated parameters get the same gradient on every rank.
-    for pipeline_name, grad in results[1]["grads"].items():
-        if "layernorm" in to_plain_name(pipeline_name, config):
-            torch.testing.assert_close(grad, results[0]["grads"][pipeline_name])
+    # Replicated parameters (layernorms, the row-parallel biases) get the same gradient on
+    # every rank.
+    replicated = [
+        name for name in results[1]["grads"] if split_dim(to_plain_name(name, config)) is None
+    ]
+    assert any(name.endswith("dense_4h_to_h.bias") for name in replicated)
+    for pipeline_name in replicated:
+        torch.testing.assert_close(
+            results[1]["grads"][pipeline_name], results[0]["grads"][pipeline_name]
+        )
 
 
 def test_shard_and_consolidate_round_trip():

@@ -39,7 +39,23 @@ def test_neox_20b_size():
 
 @pytest.mark.parametrize("name", sorted(PYTHIA_PARAMETERS))
 def test_pythia_parameter_counts(name):
-    assert load_preset(name).num_parameters() == pytest.approx(PYTHIA_PARAMETERS[name], rel=0.01)
+    assert load_preset(name).num_parameters() == PYTHIA_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", ["neox_20b", *sorted(PYTHIA_PARAMETERS)])
+def test_parameter_counts_equal_transformers_for_the_same_config(name):
+    """Counted on `transformers`' own GPTNeoX, built without memory on the meta device."""
+    import torch
+    import transformers
+
+    from neoray.model.hf import to_hf_config
+
+    config = load_preset(name)
+    with torch.device("meta"):
+        reference = transformers.GPTNeoXForCausalLM(
+            transformers.GPTNeoXConfig(**to_hf_config(config, torch.float32))
+        )
+    assert config.num_parameters() == sum(p.numel() for p in reference.parameters())
 
 
 def test_unknown_preset_lists_the_available_ones():

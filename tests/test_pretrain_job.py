@@ -14,9 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from neoray.config import ConfigError
-from neoray.train.config import pretrain_config
-from neoray.train.precision import check_precision, device_name
-from neoray.train.schedule import learning_rate
+from neoray.training.config import pretrain_config
+from neoray.training.precision import check_precision, device_name
+from neoray.training.schedule import learning_rate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

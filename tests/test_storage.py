@@ -94,7 +94,7 @@ def test_s3_multipart_upload_with_retries_config(s3_bucket, s3_server, tmp_path)
     assert storage.client.meta.config.retries["mode"] == "adaptive"
 
 
-def test_s3_errors_name_the_uri(s3_bucket, monkeypatch):
+def test_s3_errors_name_the_uri(s3_server, s3_bucket, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"s3://no-such-bucket-x/k: no such bucket"):
         open_storage(StorageConfig(kind="s3", bucket="no-such-bucket-x")).get_bytes("k")
     # Nothing listens on port 9 (discard): the request fails after its retries.
@@ -102,6 +102,12 @@ def test_s3_errors_name_the_uri(s3_bucket, monkeypatch):
     down = StorageConfig(kind="s3", bucket=s3_bucket, max_attempts=2, connect_timeout=0.5)
     with pytest.raises(StorageError, match=rf"upload to s3://{s3_bucket}/k failed"):
         open_storage(down).put_bytes("k", b"x")
+    # Refused credentials: a PermissionError (as the corpus reader raises) and a StorageError.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match=rf"s3://{s3_bucket}/k: access denied") as refused:
+        open_storage(StorageConfig(kind="s3", bucket=s3_bucket)).get_bytes("k")
+    assert isinstance(refused.value, PermissionError)
 
 
 def test_credentials_are_not_in_reprs_configs_or_logs(s3_bucket, s3_server, caplog, tmp_path):

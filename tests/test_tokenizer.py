@@ -18,7 +18,7 @@ from neoray.tokenizer.load import (
     load_tokenizer,
     released_20b_path,
 )
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -52,7 +52,7 @@ def layout_overrides(tp: int, pp: int, dp: int) -> list[str]:
 
 
 def job_config(*overrides: str):
-    from neoray.train.config import pretrain_config
+    from neoray.training.config import pretrain_config
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return pretrain_config(compose(config_name="pretrain", overrides=list(overrides)))
@@ -62,8 +62,8 @@ def _validate(rank: int, world: int, cfg, init: Path, out: Path) -> None:
     from neoray.parallel.convert import load_full_state_dict
     from neoray.parallel.pipeline import build_pipeline
     from neoray.parallel.topology import place_rank
-    from neoray.train.engine import build_engine, init_distributed
-    from neoray.train.validation import Validation
+    from neoray.training.engine import build_engine, init_distributed
+    from neoray.training.validation import Validation
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     init_distributed("gloo")

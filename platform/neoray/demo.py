@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neoray.cluster.train import ClusterConfig, connect
+from neoray.cluster.ray_train import ClusterConfig, connect
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.console import MetricsFollower, log_to_file
 from neoray.data.prepare import prepare_data
@@ -33,8 +33,8 @@ from neoray.model.hf import load_hf
 from neoray.report.page import write_report
 from neoray.tokenizer.load import load_tokenizer
 from neoray.tracking import TrackingConfig
-from neoray.train.config import PretrainConfig, pretrain_config
-from neoray.train.job import run_pretrain
+from neoray.training.config import PretrainConfig, pretrain_config
+from neoray.training.job import run_pretrain
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _train_and_evaluate(
 
 def progress(config: PretrainConfig) -> Callable[[dict], str | None]:
     """The progress line of every `train.log_interval`-th step (and the last), indented."""
-    from neoray.train.loop import progress_line
+    from neoray.training.loop import progress_line
 
     steps, interval = config.train.steps, config.train.log_interval or config.train.steps
 

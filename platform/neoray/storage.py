@@ -32,6 +32,10 @@ class StorageError(RuntimeError):
     """A storage operation failed (after retries); the message names the URI."""
 
 
+class StorageAccessDenied(StorageError, PermissionError):
+    """The credentials were refused; a PermissionError, as for a local path."""
+
+
 @dataclass
 class StorageConfig:
     """A local directory (`kind=local`, under `root`) or an S3 bucket (`kind=s3`)."""
@@ -270,8 +274,32 @@ def _s3_client_for(
 
 
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 # A conditional write that lost to another writer (412), or raced one in flight (409).
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def s3_error(uri: str, action: str, err: Exception) -> Exception:
+    """The error to raise for boto3's `err` on `uri`, naming the URI (boto3's own message names
+    only the API call): FileNotFoundError for a missing object or bucket, StorageAccessDenied
+    for refused credentials, else StorageError. Every S3 access of the project maps its errors
+    here."""
+    from botocore.exceptions import ClientError
+
+    code = ""
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+    elif isinstance(err.__cause__, ClientError):  # S3UploadFailedError wraps one
+        code = str(err.__cause__.response.get("Error", {}).get("Code", ""))
+    if code in _MISSING:
+        what = "no such bucket" if code == "NoSuchBucket" else "not found"
+        return FileNotFoundError(f"{uri}: {what} ({err})")
+    if code in _DENIED:
+        return StorageAccessDenied(
+            f"{uri}: access denied, check the credentials (AWS_ACCESS_KEY_ID, "
+            f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the endpoint ({err})"
+        )
+    return StorageError(f"{action} {uri} failed: {type(err).__name__}: {err}")
 
 
 class S3Storage:
@@ -310,19 +338,7 @@ class S3Storage:
         return f"s3://{join_key(self.bucket, self._key(key))}"
 
     def _fail(self, key: str, action: str, err: Exception) -> Exception:
-        """The error to raise for `err`: FileNotFoundError for a missing object or bucket,
-        else StorageError; either names the URI (boto3's own message names only the call)."""
-        from botocore.exceptions import ClientError
-
-        code = ""
-        if isinstance(err, ClientError):
-            code = str(err.response.get("Error", {}).get("Code", ""))
-        elif isinstance(err.__cause__, ClientError):  # S3UploadFailedError wraps one
-            code = str(err.__cause__.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING:
-            what = "no such bucket" if code == "NoSuchBucket" else "not found"
-            return FileNotFoundError(f"{self.uri(key)}: {what}")
-        return StorageError(f"{action} {self.uri(key)} failed: {type(err).__name__}: {err}")
+        return s3_error(self.uri(key), action, err)
 
     def _call(self, key: str, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from boto3.exceptions import Boto3Error

@@ -18,14 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from neoray.checkpoint.manifest import code_version
 from neoray.config import ConfigError, flatten, redact
 
 __all__ = [
     "RUN_NAME_TAG",
     "MLflowTracker",
     "TrackingConfig",
-    "code_version",
     "find_run",
     "flatten",
     "metric_key",

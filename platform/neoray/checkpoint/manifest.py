@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,33 +190,6 @@ def download(
         if sha256_file(target) != entry.sha256:
             raise CorruptCheckpointError(f"{storage.uri(key)}: sha256 differs from the manifest")
     return dest
-
-
-def code_version() -> str:
-    """The git commit of the code (with "+dirty" for local changes), else the package version.
-    A job submitted to Ray runs without git history: `neoray submit` passes the submitter's
-    version in NEORAY_CODE_VERSION."""
-    if version := os.environ.get("NEORAY_CODE_VERSION"):
-        return version
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode == 0:
-            status = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=source,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from neoray import __version__
-
-    return __version__
 
 
 def prune(storage: Storage, run_name: str, keep_last: int, is_milestone: Any) -> list[int]:

@@ -29,6 +29,7 @@ from neoray.checkpoint.manifest import (
     step_tag,
 )
 from neoray.config import ConfigError
+from neoray.deepspeed_private import local_layers, rank_checkpoint_files
 from neoray.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,8 @@ INTACT, CORRUPT, UNREACHABLE = 0, 1, 2  # a rank's finding; the ranks act on the
 
 def files_of_rank(engine, manifest: Manifest) -> list[str]:
     """The files of `manifest` that this rank's engine reads in `load_checkpoint`."""
-    tag = step_tag(manifest.step)
-    own = {
-        Path(engine._get_ckpt_name("", tag)).name,  # mp_rank_<TT>_model_states.pt
-        Path(engine._get_zero_ckpt_name("", tag)).name,  # (bf16_)zero_pp_rank_<D>_mp_rank_<TT>_...
-    }
-    module = engine.module
-    layers = tuple(f"layer_{i:02d}-" for i in range(module._local_start, module._local_stop))
+    own = rank_checkpoint_files(engine, step_tag(manifest.step))
+    layers = tuple(f"layer_{i:02d}-" for i in local_layers(engine.module))
     listed = [entry.path for entry in manifest.files]
     return [path for path in listed if path in own or path.startswith(layers)] + sorted(
         own - set(listed)  # absent from the manifest: download() reports it as missing

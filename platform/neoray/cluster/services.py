@@ -2,8 +2,8 @@
 
 Used by `neoray up` (services that outlive the command, found again through pid files) and by
 the tests (services that live as long as a `with` block). Every service binds to 127.0.0.1.
-Commands for the three services of the local stack are built here too: a SeaweedFS S3
-endpoint, an MLflow tracking server and a Ray head node.
+Commands for the services of the local stack are built here too: a SeaweedFS S3 endpoint,
+PostgreSQL, an MLflow tracking server, a Ray head node and Prometheus.
 """
 
 from __future__ import annotations
@@ -245,14 +245,111 @@ def remove_weed_sockets(ports: dict[str, int]) -> None:
             path.unlink(missing_ok=True)
 
 
-# MLflow: a tracking server with a SQLite backend.
+# PostgreSQL (Debian's package): the database of the stack's MLflow server.
+
+POSTGRES_USER = "postgres"  # the system user PostgreSQL runs as when started by root
 
 
-def mlflow_command(directory: Path, port: int, artifacts: str | None = None) -> list[str]:
-    """`mlflow server` on 127.0.0.1:`port`, runs in `directory/mlflow.db`, artifacts proxied to
-    `artifacts` (e.g. s3://bucket/mlflow; the server then needs MLFLOW_S3_ENDPOINT_URL and AWS
-    credentials in its environment) or kept under `directory/artifacts`."""
-    return [
+def postgres_bin() -> Path:
+    """The directory of PostgreSQL's server programs: the newest of Debian's versioned
+    installations (/usr/lib/postgresql/<version>/bin), else wherever `pg_config` says."""
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
+    )
+    if versions:
+        return versions[-1].parent
+    if pg_config := shutil.which("pg_config"):
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        if bindir.returncode == 0 and (Path(bindir.stdout.strip()) / "postgres").exists():
+            return Path(bindir.stdout.strip())
+    raise ServiceError(
+        "PostgreSQL is not installed: `sudo apt-get install postgresql` (or `make install`)"
+    )
+
+
+def unprivileged(command: Sequence[str]) -> list[str]:
+    """`command` as a user other than root: PostgreSQL refuses to run as root. Run by root, it
+    runs in a user namespace as the `postgres` user, which the kernel maps back to root, so its
+    files stay root's and it reaches folders only root may enter (no chown, no opened-up
+    parents). Anyone else runs it as themselves."""
+    if os.geteuid() != 0:
+        return list(command)
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise ServiceError("PostgreSQL cannot run as root and util-linux's `unshare` is missing")
+    mapping = [f"--map-user={POSTGRES_USER}", f"--map-group={POSTGRES_USER}"]
+    return [unshare, "--user", *mapping, *command]
+
+
+def initdb_command(data_dir: Path, user: str, password_file: Path) -> list[str]:
+    """`initdb` of a new database cluster in `data_dir`: one superuser `user` whose password is
+    the first line of `password_file`, password (SCRAM) authentication for every connection."""
+    return unprivileged(
+        [
+            str(postgres_bin() / "initdb"),
+            f"--pgdata={data_dir}",
+            f"--username={user}",
+            f"--pwfile={password_file}",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-locale",
+        ]
+    )
+
+
+def postgres_command(data_dir: Path, port: int) -> list[str]:
+    """The PostgreSQL server of `data_dir` on 127.0.0.1:`port`, TCP only (no Unix socket, whose
+    default folder is the system's)."""
+    return unprivileged(
+        [
+            str(postgres_bin() / "postgres"),
+            "-D",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+        ]
+    )
+
+
+def postgres_ready(port: int, user: str, password: str) -> Callable[[], bool]:
+    """A probe that is true once the server accepts `user`'s login."""
+    import psycopg
+
+    def probe() -> bool:
+        try:
+            connection = psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=user,
+                password=password,
+                dbname="postgres",
+                connect_timeout=2,
+            )
+        except psycopg.OperationalError:
+            return False
+        connection.close()
+        return True
+
+    return probe
+
+
+# MLflow: a tracking server, on SQLite (tests) or PostgreSQL (the stack).
+
+
+def mlflow_command(
+    port: int, backend_store_uri: str, artifacts: str, app_name: str | None = None
+) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port` keeping runs in `backend_store_uri`, artifacts
+    proxied to `artifacts` (a folder, or e.g. s3://bucket/mlflow: the server then needs
+    MLFLOW_S3_ENDPOINT_URL and AWS credentials in its environment). `app_name="basic-auth"`
+    asks every request for a user and password (MLflow's auth app, configured by the file that
+    MLFLOW_AUTH_CONFIG_PATH names)."""
+    command = [
         str(BIN / "mlflow"),
         "server",
         "--host",
@@ -262,10 +359,21 @@ def mlflow_command(directory: Path, port: int, artifacts: str | None = None) -> 
         "--workers",
         "1",
         "--backend-store-uri",
-        f"sqlite:///{directory / 'mlflow.db'}",
+        backend_store_uri,
         "--artifacts-destination",
-        artifacts or str(directory / "artifacts"),
+        artifacts,
     ]
+    if app_name:
+        command += ["--app-name", app_name]
+    return command
+
+
+def sqlite_mlflow_command(directory: Path, port: int) -> list[str]:
+    """An MLflow server keeping everything under `directory`: runs in mlflow.db, artifacts in
+    artifacts/ (a single user's server)."""
+    return mlflow_command(
+        port, f"sqlite:///{directory / 'mlflow.db'}", str(directory / "artifacts")
+    )
 
 
 def mlflow_ready(url: str) -> Callable[[], bool]:

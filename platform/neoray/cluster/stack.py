@@ -1,11 +1,14 @@
 """The local stack behind `neoray up` / `neoray down`: a Ray head (dashboard and Jobs API), an
-MLflow server (SQLite backend, artifacts in the object store) and a SeaweedFS S3 endpoint with
-a bucket, all on 127.0.0.1, all state under one directory (default `.neoray/`).
+MLflow server (runs in PostgreSQL, artifacts in the object store, a user and password asked of
+every client) and a SeaweedFS S3 endpoint with a bucket, all on 127.0.0.1, all state under one
+directory (default `.neoray/`).
 
 The services outlive the command that starts them; `stack.json` in the state directory records
 their process groups and addresses, so `neoray down` stops them and `neoray submit` finds the
 head. The Ray head requires token authentication (the token file lives in the state
-directory); the S3 credentials are generated once and kept there too. The state directory
+directory); the S3 credentials and the PostgreSQL and MLflow admin passwords are generated once
+and kept there too. MLflow runs on PostgreSQL, not SQLite: a training rank, evaluation workers
+and a sweep's trials write at once, and SQLite serialises writers behind one file lock. The state directory
 and Ray's temporary directory are this user's own (created 0700; an existing one owned by
 someone else, or a symlink, is refused) and every secret file is 0600 from its creation. Jobs
 inherit the head's environment, which points boto3 at the S3 endpoint and MLflow at the server.
@@ -29,8 +32,12 @@ from neoray.cluster.services import (
     ServiceError,
     free_ports,
     group_alive,
+    initdb_command,
+    log_tail,
     mlflow_command,
     mlflow_ready,
+    postgres_command,
+    postgres_ready,
     prometheus_command,
     prometheus_ready,
     ray_dashboard_ready,
@@ -47,6 +54,9 @@ from neoray.cluster.services import (
 STATE_DIR = Path(".neoray")
 BUCKET = "neoray"
 REGION = "us-east-1"
+POSTGRES_USER = "neoray"
+MLFLOW_DATABASES = ("mlflow", "mlflow_auth")  # runs, and the auth app's users and permissions
+MLFLOW_ADMIN = "admin"
 
 
 @dataclass
@@ -64,6 +74,7 @@ class Stack:
     pids: dict[str, int]  # process group of each service
     weed_ports: dict[str, int]
     prometheus_url: str | None = None  # with `neoray up --metrics`
+    postgres_port: int | None = None
 
     def client_env(self) -> dict[str, str]:
         """What a Jobs API client needs: the head's address and its token."""
@@ -131,15 +142,27 @@ def _s3_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
     }
 
 
-def head_environment(stack: Stack, s3_env: dict[str, str]) -> dict[str, str]:
-    """The environment of the Ray head, which its jobs inherit: the stack's S3, MLflow and
-    bucket, and Ray's token authentication (docker/compose.yaml gives its head the same)."""
+def mlflow_client_env(state_dir: Path) -> dict[str, str]:
+    """The MLflow user and password that every client of the stack's server sends."""
+    password = (Path(state_dir) / "mlflow_admin_password").read_text().strip()
+    return {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def head_environment(
+    stack: Stack, s3_env: dict[str, str], mlflow_env: dict[str, str]
+) -> dict[str, str]:
+    """The environment of the Ray head, which its jobs inherit: the stack's S3, MLflow (and its
+    credentials) and bucket, and Ray's token authentication (docker/compose.yaml gives its head
+    the same). Ray's servers listen on 127.0.0.1 only: Ray allows loopback addressing for a
+    single-machine cluster (its mode for laptops), which this stack is."""
     env = {
         **s3_env,
+        **mlflow_env,
         "MLFLOW_TRACKING_URI": stack.mlflow_url,
         "NEORAY_BUCKET": stack.bucket,  # storage=s3 in a job means the stack's bucket
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": stack.token_path,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # one machine: every Ray server on loopback
         # A job's `python` is this environment's interpreter.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -175,6 +198,68 @@ def _bucket_ready(endpoint: str, access_key: str, secret_key: str):
     return probe
 
 
+def _postgres_cluster(state_dir: Path, password_file: Path) -> Path:
+    """The stack's PostgreSQL data folder, initialised on first use: `initdb` writes into a
+    temporary folder that is renamed into place once complete, so an interrupted `up` never
+    leaves a half-made cluster that looks ready."""
+    data = state_dir / "postgres"
+    if (data / "PG_VERSION").exists():
+        return data
+    partial = state_dir / "postgres.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    log = state_dir / "logs" / "initdb.log"
+    with open(log, "wb") as out:
+        made = subprocess.run(
+            initdb_command(partial, POSTGRES_USER, password_file), stdout=out, stderr=out
+        )
+    if made.returncode != 0:
+        raise ServiceError(
+            f"initdb failed (exit {made.returncode}); last lines of {log}:\n" + log_tail(log)
+        )
+    partial.rename(data)
+    return data
+
+
+def _create_databases(port: int, password: str) -> None:
+    """MLflow's databases, made on the first start."""
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=POSTGRES_USER,
+        password=password,
+        dbname="postgres",
+        autocommit=True,  # CREATE DATABASE cannot run inside a transaction
+    ) as connection:
+        for name in MLFLOW_DATABASES:
+            known = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if known.fetchone() is None:
+                connection.execute(f'CREATE DATABASE "{name}"')
+
+
+def _mlflow_auth_config(state_dir: Path, postgres_port: int) -> Path:
+    """The auth app's settings: its users in PostgreSQL, nothing allowed to a user that was not
+    granted it, passwords checked once a minute per user (PBKDF2 costs ~0.1 s a request)."""
+    path = state_dir / "mlflow" / "basic_auth.ini"
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = postgresql://{POSTGRES_USER}@127.0.0.1:{postgres_port}/mlflow_auth\n"
+        f"admin_username = {MLFLOW_ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return path
+
+
+def stack_mlflow_command(port: int, postgres_port: int) -> list[str]:
+    """The stack's MLflow server: runs in PostgreSQL (its password from PGPASSWORD, not the
+    command line, which every user can read), artifacts in the bucket, the basic-auth app."""
+    runs = f"postgresql://{POSTGRES_USER}@127.0.0.1:{postgres_port}/mlflow"
+    return mlflow_command(port, runs, f"s3://{BUCKET}/mlflow", app_name="basic-auth")
+
+
 def up(
     state_dir: Path = STATE_DIR,
     num_cpus: int | None = None,
@@ -198,6 +283,10 @@ def up(
     secret_key = _secret(state_dir / "s3_secret_key", secrets.token_hex(20))
     token_path = state_dir / "auth_token"
     _secret(token_path, secrets.token_hex(32))
+    postgres_password_file = state_dir / "postgres_password"
+    postgres_password = _secret(postgres_password_file, secrets.token_hex(20))
+    mlflow_password = _secret(state_dir / "mlflow_admin_password", secrets.token_hex(20))
+    mlflow_flask_key = _secret(state_dir / "mlflow_flask_key", secrets.token_hex(32))
     # Ray's socket paths must stay under 107 bytes: its temporary directory goes in /tmp.
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]
     # A predictable name in /tmp, which anyone could have made first; Ray makes its temporary
@@ -205,9 +294,10 @@ def up(
     private = Path(f"/tmp/neoray-{os.getuid()}-{digest}")
     _private_dir(private)
     ray_temp = private / "r"
+    postgres_data = _postgres_cluster(state_dir, postgres_password_file)
 
     s3_ports = weed_ports()
-    mlflow_port, prometheus_port = free_ports(2)
+    mlflow_port, prometheus_port, postgres_port = free_ports(3)
     head_ports = ray_ports()
     endpoint = f"http://127.0.0.1:{s3_ports['s3']}"
     stack = Stack(
@@ -222,11 +312,24 @@ def up(
         pids={},
         weed_ports=s3_ports,
         prometheus_url=f"http://127.0.0.1:{prometheus_port}" if metrics else None,
+        postgres_port=postgres_port,
     )
     s3_env = _s3_env(endpoint, access_key, secret_key)
-    head_env = head_environment(stack, s3_env)
+    mlflow_env = {
+        **s3_env,
+        "PGPASSWORD": postgres_password,  # for libpq: no password on MLflow's command line
+        "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(state_dir, postgres_port)),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": mlflow_password,  # creates the admin on the first start
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": mlflow_flask_key,  # signs the UI's CSRF tokens
+    }
     logs = state_dir / "logs"
     services = [
+        (
+            "postgres",
+            postgres_command(postgres_data, postgres_port),
+            {},
+            postgres_ready(postgres_port, POSTGRES_USER, postgres_password),
+        ),
         (
             "s3",
             weed_command(state_dir / "s3", s3_ports, access_key, secret_key),
@@ -235,28 +338,31 @@ def up(
         ),
         (
             "mlflow",
-            mlflow_command(state_dir / "mlflow", mlflow_port, f"s3://{BUCKET}/mlflow"),
-            s3_env,
+            stack_mlflow_command(mlflow_port, postgres_port),
+            mlflow_env,
             mlflow_ready(stack.mlflow_url),
         ),
         (
             "ray",
             ray_head_command(ray_temp, head_ports, num_cpus),
-            head_env,
+            head_environment(stack, s3_env, mlflow_client_env(state_dir)),
             ray_dashboard_ready(stack.ray_dashboard, token_path.read_text()),
         ),
     ]
     processes = {}
     try:
-        for name, command, env, _ in services:
+        for name, command, env, ready in services:
             processes[name] = start(command, logs / f"{name}.log", env, die_with_parent=False)
             stack.pids[name] = processes[name].pid
-        _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+            _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+            if name == "postgres":  # MLflow connects to it as it starts
+                wait_ready(name, processes[name], ready, logs / f"{name}.log", timeout)
+                _create_databases(postgres_port, postgres_password)
         for name, _, _, ready in services:
             wait_ready(name, processes[name], ready, logs / f"{name}.log", timeout)
         if stack.prometheus_url:
             _start_prometheus(stack, processes["ray"], ray_temp, prometheus_port, timeout)
-    except (ServiceError, OSError):
+    except BaseException:  # a service that failed, an error or ^C: nothing is left running
         down(state_dir)
         raise
     return stack
@@ -284,7 +390,7 @@ def down(state_dir: Path = STATE_DIR) -> bool:
     if not path.exists():
         return False
     stack = Stack(**json.loads(path.read_text()))
-    for name, pid in stack.pids.items():
+    for name, pid in reversed(stack.pids.items()):  # clients first, PostgreSQL last
         # SeaweedFS's graceful stop waits 15 s for gRPC streams: not worth waiting for.
         stop_group(pid, timeout=2.0 if name == "s3" else 5.0)
     remove_weed_sockets(stack.weed_ports)
@@ -298,7 +404,8 @@ def describe(stack: Stack) -> str:
     return "\n".join(
         [
             f"Ray dashboard:  {stack.ray_dashboard}",
-            f"MLflow UI:      {stack.mlflow_url}",
+            f"MLflow UI:      {stack.mlflow_url} (user {MLFLOW_ADMIN}, password in "
+            f"{Path(stack.state_dir) / 'mlflow_admin_password'})",
             f"S3 endpoint:    {stack.s3_endpoint} (bucket {stack.bucket})",
             *([f"Prometheus:     {stack.prometheus_url}"] if stack.prometheus_url else []),
             "submit a job:   neoray submit pretrain train.steps=20 storage=s3",

@@ -123,7 +123,7 @@ def entrypoint(job: str, overrides: list[str], python: str = "python") -> str:
 
 
 def runtime_env() -> dict[str, Any]:
-    from neoray.tracking import code_version
+    from neoray.code_version import code_version
 
     return {
         "working_dir": str(PROJECT_ROOT),

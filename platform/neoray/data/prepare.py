@@ -10,7 +10,7 @@ from neoray.data.config import DataConfig
 from neoray.data.demo_corpus import write_demo_corpus
 from neoray.data.indexed import idx_path
 from neoray.data.preprocess import PreprocessConfig, PreprocessSummary, preprocess
-from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 
 def prepare_data(

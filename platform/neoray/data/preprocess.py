@@ -33,8 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from neoray.config import ConfigError
-from neoray.data.indexed import PARTIAL, IndexedDatasetWriter, publish, token_dtype
-from neoray.data.sources import (
+from neoray.corpus import (
     Document,
     LineCounter,
     Shard,
@@ -43,6 +42,7 @@ from neoray.data.sources import (
     plan_shards,
     read_records,
 )
+from neoray.data.indexed import PARTIAL, IndexedDatasetWriter, publish, token_dtype
 from neoray.tokenizer.load import END_OF_TEXT, TextTokenizer, load_tokenizer
 
 EXECUTORS = ("local", "ray")

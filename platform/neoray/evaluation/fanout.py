@@ -7,8 +7,8 @@ processed in (zero-shot, or the `first_n` sampler; lm-eval's default sampler dra
 random stream per task, so those tasks stay whole). Each unit runs `lm_eval.simple_evaluate`
 with lm-eval's own backend and returns its per-sample results. The driver concatenates each
 task's samples in document order and hands them to lm-eval's own aggregation
-(`_process_results`: the task's aggregation functions, stderr, groups weighted by size), so
-the merged results are those of one unsplit run.
+(`lm_eval_private.process_results`: the task's aggregation functions, stderr, groups weighted
+by size), so the merged results are those of one unsplit run.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def merge(
     A task whose samples are not exactly its `expected_docs[task]` documents is left out and
     reported in `incomplete` (task -> reason), as are the groups it belongs to.
     """
-    from lm_eval.evaluator_utils import _process_results
+    from neoray.evaluation.lm_eval_private import process_results
 
     accumulated = {}
     for name, task in tasks.items():
@@ -242,8 +242,7 @@ def merge(
         for name, group in groups.items()
         if all(task.task_name in accumulated for task in group.get_all_tasks())
     }
-    merged = _process_results(accumulated, complete, bootstrap_iters)
-    return merged._to_eval_results(samples=merged.samples)
+    return process_results(accumulated, complete, bootstrap_iters)
 
 
 def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:

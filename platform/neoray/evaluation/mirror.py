@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._factory import TaskFactory
-from lm_eval.tasks._index import Entry, Kind
+
+from neoray.evaluation.lm_eval_private import Entry, Kind, TaskFactory, set_task_factory
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def task_manager(data_dir: str | Path | None = None) -> TaskManager:
     """lm-eval's TaskManager; with `data_dir`, every task reads its data from that mirror."""
     manager = copy.copy(_indexed_task_manager())
     if data_dir is not None:
-        manager._factory = MirroredTaskFactory(Path(data_dir), meta=manager.metadata)
+        set_task_factory(manager, MirroredTaskFactory(Path(data_dir), meta=manager.metadata))
     return manager
 
 

@@ -232,7 +232,7 @@ def commit_stand_in_checkpoint(
 
 def write_tokenizer(out_path: str | Path, data_dir: str | Path, vocab_size: int = 512):
     """A NeoX-style tokenizer trained on the mirror's text, saved as `out_path` (tokenizer.json)."""
-    from neoray.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,6 @@ def write_random_model(
     out_dir = Path(out_dir)
     tokenizer_json = out_dir.parent / f".{out_dir.name}.tokenizer.json"
     tokenizer = write_tokenizer(tokenizer_json, data_dir, vocab_size)
-    torch.manual_seed(seed)
     config = NeoXConfig(
         vocab_size=tokenizer.vocab_size,
         num_layers=num_layers,
@@ -279,7 +278,9 @@ def write_random_model(
         num_heads=4,
         max_seq_len=2048,
     )
-    model = GPTNeoX(config).eval()
+    with torch.random.fork_rng():  # seeded weights; the caller's random state untouched
+        torch.manual_seed(seed)
+        model = GPTNeoX(config).eval()
     with torch.no_grad():
         model.embed_out.weight.mul_(output_scale)
     path = save_hf(model, out_dir, tokenizer=tokenizer_json)

@@ -6,6 +6,13 @@ residual"); rotary position embeddings on the first `rotary_pct` of each head's 
 fused QKV projection laid out per head as [q_h, k_h, v_h]; untied input and output
 embeddings. Module and parameter names follow Hugging Face's GPTNeoX, so checkpoints map
 one to one (see `neoray.model.hf`).
+
+This is also the model that trains: a layer built with a tensor-parallel group holds its
+rank's share of the heads and of the MLP (Megatron's column/row split, `neoray.model.tensor_parallel`)
+and is a stage of the DeepSpeed pipeline as it is (`neoray.parallel.pipeline`). Without a group
+(the default) the same code is the plain single-process model. Attention and the MLP return
+their un-reduced output projections without the bias; the layer adds the two, reduces once
+(one all-reduce per layer with the parallel residual) and then adds both biases.
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from neoray.config import ConfigError
 from neoray.model.loss import linear_cross_entropy
+from neoray.model.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    reduce_from_tensor_parallel,
+)
 
 
 @dataclass
@@ -155,12 +168,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: NeoXConfig, layer_index: int) -> None:
+    """Causal self-attention over this rank's heads (all of them without tensor parallelism).
+    Returns this rank's share of the output projection, un-reduced and without its bias."""
+
+    def __init__(self, config: NeoXConfig, layer_index: int, group=None) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        h = config.hidden_size
+        self.head_dim = config.head_dim
         self.layer_index = layer_index
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, group)
+        self.dense = RowParallelLinear(h, h, group)
+        # The fused QKV is laid out per head, so a contiguous slice of it is whole heads.
+        self.num_heads = self.query_key_value.weight.shape[0] // (3 * self.head_dim)
 
     def forward(
         self,
@@ -169,7 +188,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         # Per-head fused layout: the projection's output is [q_h, k_h, v_h] for each head h.
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)
@@ -182,49 +201,65 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1
         )
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        return self.dense.partial(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: NeoXConfig) -> None:
+    """h -> 4h, GELU, 4h -> h: returns this rank's share of the last projection, un-reduced and
+    without its bias."""
+
+    def __init__(self, config: NeoXConfig, group=None) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_size)
-        self.dense_4h_to_h = nn.Linear(config.ffn_size, config.hidden_size)
+        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, config.ffn_size, group)
+        self.dense_4h_to_h = RowParallelLinear(config.ffn_size, config.hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h.partial(F.gelu(self.dense_h_to_4h(x)))
 
 
 class Layer(nn.Module):
-    def __init__(self, config: NeoXConfig, layer_index: int) -> None:
+    """One transformer layer. As a pipeline stage it gets only the hidden states and takes its
+    rotary tables for positions 0..T-1 from its own copy."""
+
+    def __init__(self, config: NeoXConfig, layer_index: int = 0, group=None) -> None:
         super().__init__()
+        self.group = group
         self.parallel_residual = config.parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = Attention(config, layer_index)
-        self.mlp = MLP(config)
+        self.attention = Attention(config, layer_index, group)
+        self.mlp = MLP(config, group)
+        self.rotary = RotaryEmbedding(config)  # tables only (not saved)
 
     def forward(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        if rotary is None:
+            rotary = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
+        attn_bias, mlp_bias = self.attention.dense.bias, self.mlp.dense_4h_to_h.bias
         attn = self.attention(self.input_layernorm(x), rotary, mask, cache)
-        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), reduced once
+            partial = attn + self.mlp(self.post_attention_layernorm(x))
+            return x + reduce_from_tensor_parallel(partial, self.group) + (attn_bias + mlp_bias)
+        x = x + reduce_from_tensor_parallel(attn, self.group) + attn_bias
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + reduce_from_tensor_parallel(mlp, self.group) + mlp_bias
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, config: NeoXConfig) -> None:
+def init_weights(
+    module: nn.Module, config: NeoXConfig, generator: torch.Generator | None = None
+) -> None:
     """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections.
 
     Works by parameter name (and finds layernorms by type), so any module that names its
     parameters like `GPTNeoX` (a pipeline stage, a tensor-parallel shard) is initialised by the
     same rules. Layernorms and biases start equal on every rank, as replicated weights must.
+    Random draws come from `generator` (on the parameters' device), else torch's global one.
     """
     h, n = config.hidden_size, config.num_layers
     small = math.sqrt(2 / (5 * h))
@@ -236,9 +271,9 @@ def init_weights(module: nn.Module, config: NeoXConfig) -> None:
         elif name.endswith("bias"):
             p.zero_()
         elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-            p.normal_(0.0, wang)
+            p.normal_(0.0, wang, generator=generator)
         else:
-            p.normal_(0.0, small)
+            p.normal_(0.0, small, generator=generator)
 
 
 class GPTNeoX(nn.Module):
@@ -247,10 +282,12 @@ class GPTNeoX(nn.Module):
     def __init__(self, config: NeoXConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_in = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.embed_in = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, None)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.embed_out = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.embed_out = ColumnParallelLinear(
+            config.hidden_size, config.padded_vocab_size, None, bias=False
+        )
         self.rotary = RotaryEmbedding(config)
         self.reset_parameters()
 

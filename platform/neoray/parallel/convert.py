@@ -3,7 +3,7 @@
 A full state dict uses `GPTNeoX`'s names (`layers.3.mlp.dense_h_to_4h.weight`). A shard is the
 part one (tp rank, pipeline stage) holds, named as in its `PipelineModule`, where entry i of
 the layer list is submodule `i` (`4.mlp.dense_h_to_4h.weight` for layer 3). The split
-dimension of each weight follows from its role (see `neoray.parallel.tensor`):
+dimension of each weight follows from its role (see `neoray.model.tensor_parallel`):
 
 - output-feature (row) split: embeddings, the fused QKV, h -> 4h (weights and biases);
 - input-feature (column) split: the attention output and 4h -> h weights;

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neoray.config import ConfigError, dataclass_from_config, to_dict
-from neoray.train.config import RUN_NAME
+from neoray.training.config import RUN_NAME
 
 SCHEDULERS = ("asha", "fifo")
 MODES = ("min", "max")

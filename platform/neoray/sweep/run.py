@@ -36,8 +36,8 @@ from neoray.sweep.outcome import (
 from neoray.sweep.space import check_keys, corners, override, tune_space
 from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
 from neoray.tracking import MLflowTracker, TrackingConfig, experiment_id, find_run, metric_key
-from neoray.train.config import PretrainConfig, pretrain_config
-from neoray.train.job import cluster_config
+from neoray.training.config import PretrainConfig, pretrain_config
+from neoray.training.job import cluster_config
 
 # What a trial's driver process takes (Python, Ray Train's controller); reserving it also makes
 # the trial's resource request non-empty when it asks for no CPU, which Ray requires.
@@ -46,6 +46,7 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20
 # (and with it the trial's Ray Train run). Tune's default, 600 s, lets a stopped trial whose
 # driver is still waiting on its run hold the run's workers, and the sweep, for ten minutes.
 STOPPED_TRIAL_GRACE_S = 20
+TRIAL_CLEANUP_VARIABLE = "TUNE_FORCE_TRIAL_CLEANUP_S"
 
 
 @dataclass
@@ -58,7 +59,7 @@ class SweepResult:
 
 def reported_metrics(config: PretrainConfig) -> list[str]:
     """What a run reports at each validation, and so what a sweep can select on."""
-    from neoray.train.config import SyntheticDataConfig
+    from neoray.training.config import SyntheticDataConfig
 
     components = (
         ["synthetic"] if isinstance(config.data, SyntheticDataConfig) else config.data.components
@@ -122,6 +123,19 @@ def check_capacity(sweep: SweepConfig, base: PretrainConfig, base_cfg: DictConfi
 
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id  # outcome.trial_outcome reads the trial id back from the folder
+
+
+def _fit(tuner: Any) -> Any:
+    """`tuner.fit()` with Tune's grace for stopped trials set to STOPPED_TRIAL_GRACE_S (Tune
+    reads it from the environment; it is restored afterwards, unless the user had set it)."""
+    previous = os.environ.get(TRIAL_CLEANUP_VARIABLE)
+    if previous is None:
+        os.environ[TRIAL_CLEANUP_VARIABLE] = str(STOPPED_TRIAL_GRACE_S)
+    try:
+        return tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(TRIAL_CLEANUP_VARIABLE, None)
 
 
 def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
@@ -221,8 +235,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
                 cwd=os.getcwd(),
                 parent_run_id=parent.run_id if parent else None,
             )
-            os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
-            results = _tuner(sweep, context, storage).fit()
+            results = _fit(_tuner(sweep, context, storage))
             outcomes = [trial_outcome(result, sweep.metric) for result in results]
             result = _summarize(sweep, outcomes, base_overrides, storage)
             if parent is not None:

@@ -10,7 +10,6 @@ from its last committed checkpoint, as any pretraining run does.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +60,12 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from neoray.cluster.ray_train import enter_job_directory
     from neoray.tracking import PARENT_TAG
-    from neoray.train.config import pretrain_config
-    from neoray.train.job import cluster_config, run_on_ray, worker_job
+    from neoray.training.config import pretrain_config
+    from neoray.training.job import cluster_config, run_on_ray, worker_job
 
-    if os.path.isdir(context.cwd):  # relative paths in the config mean the sweep's directory
-        os.chdir(context.cwd)
+    enter_job_directory(context.cwd)  # relative paths in the config mean the sweep's directory
     trial_id = tune.get_context().get_trial_id()
     run_name = trial_run_name(context.sweep, trial_id)
     cfg = compose_pretrain(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from neoray.data.sources import read_bytes
+from neoray.corpus import read_bytes
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"

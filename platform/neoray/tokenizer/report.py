@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from neoray.config import ConfigError
-from neoray.data.sources import iter_texts
+from neoray.corpus import iter_texts
 from neoray.tokenizer.load import TextTokenizer, load_tokenizer
 
 

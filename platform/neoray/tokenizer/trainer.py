@@ -32,7 +32,7 @@ from tokenizers import (
 )
 
 from neoray.config import ConfigError
-from neoray.data.sources import iter_texts
+from neoray.corpus import iter_texts
 from neoray.tokenizer.load import END_OF_TEXT, PADDING, TextTokenizer
 
 BYTE_ALPHABET = 256

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from deepspeed.runtime.utils import partition_balanced
 
 from neoray.model.flops import plan_training
-from neoray.train.config import PretrainConfig
+from neoray.training.config import PretrainConfig
 
 GIB = 2**30
 

@@ -90,29 +90,19 @@ def _s3_client() -> Any:
     return s3_client()
 
 
-_MISSING = {"404", "NoSuchKey", "NoSuchBucket"}
-_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-
-
 @contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
-    """Re-raise boto3's errors for `uri` as the built-in ones a local path would give, naming the
-    URI: a bare ClientError says only which API call failed."""
-    from botocore.exceptions import ClientError
+    """boto3's errors for `uri` as the storage layer maps them: FileNotFoundError or
+    PermissionError, as a local path would give, naming the URI."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from neoray.storage import s3_error
 
     try:
         yield
-    except ClientError as err:
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING:
-            what = "no such bucket" if code == "NoSuchBucket" else "not found"
-            raise FileNotFoundError(f"{uri}: {what} ({err})") from err
-        if code in _DENIED:
-            raise PermissionError(
-                f"{uri}: access denied, check the credentials (AWS_ACCESS_KEY_ID, "
-                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the endpoint ({err})"
-            ) from err
-        raise
+    except (BotoCoreError, ClientError, Boto3Error) as err:
+        raise s3_error(uri, "read", err) from err
 
 
 def _is_supported(name: str) -> bool:

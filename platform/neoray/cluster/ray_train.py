@@ -61,11 +61,18 @@ def connect(cluster: ClusterConfig, num_workers: int) -> bool:
     )
 
 
+def enter_job_directory(cwd: str) -> None:
+    """Process-wide, and the only place that changes a worker's directory: Ray starts workers
+    in a directory of its own, while relative paths in the config (data, run_dir, storage root)
+    mean the submitting process's directory `cwd`, where the node has it. Called first by the
+    worker entry points (a Ray Train worker, a Tune trial) and nowhere else."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
 def _run_worker(loop_config: dict[str, Any]) -> None:
-    # Ray starts workers in a directory of its own; relative paths in the config (data,
-    # run_dir, storage root) mean the submitting process's directory, where the node has it.
-    if os.path.isdir(loop_config["cwd"]):
-        os.chdir(loop_config["cwd"])
+    """A Ray Train worker's entry point."""
+    enter_job_directory(loop_config["cwd"])
     loop_config["function"](loop_config["argument"])
 
 

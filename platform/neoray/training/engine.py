@@ -2,7 +2,7 @@
 
 The optimizer is PyTorch's AdamW handed to DeepSpeed, which wraps it in its ZeRO-1 optimizer
 (each data-parallel rank keeps the fp32 master weights and Adam moments of a 1/dp slice). The
-learning rate follows `neoray.train.schedule` through a `LambdaLR` that DeepSpeed steps after
+learning rate follows `neoray.training.schedule` through a `LambdaLR` that DeepSpeed steps after
 every applied optimizer step (not after fp16 steps skipped for overflow).
 """
 
@@ -16,9 +16,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from neoray.deepspeed_private import disable_op
 from neoray.parallel.config import ParallelConfig
-from neoray.train.config import OptimConfig, TrainConfig
-from neoray.train.schedule import learning_rate
+from neoray.training.config import OptimConfig, TrainConfig
+from neoray.training.schedule import learning_rate
 
 # DeepSpeed's CPU shared-memory all-reduce, used only by its inference kernels, never by training.
 SHM_COMM_OP = "deepspeed_shm_comm"
@@ -32,7 +33,7 @@ def init_distributed(backend: str) -> None:
     forever. Training never calls the op, so it is marked unavailable (DeepSpeed keeps its
     probe of compatible ops in one dict for that purpose) and nothing is loaded."""
     if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+        disable_op(SHM_COMM_OP)
     deepspeed.init_distributed(dist_backend=backend)
 
 
@@ -45,7 +46,7 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainC
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW works under ZeRO-1
-        "steps_per_print": 2**31 - 1,  # metrics are ours (see neoray.train.metrics)
+        "steps_per_print": 2**31 - 1,  # metrics are ours (see neoray.training.metrics)
     }
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neoray.checkpoint.manifest import FileEntry, Manifest, code_version
+from neoray.checkpoint.manifest import FileEntry, Manifest
 from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
+from neoray.code_version import code_version
 from neoray.config import flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, data_fingerprint
@@ -36,19 +37,19 @@ from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
 from neoray.storage import Storage, open_storage, publish_file
-from neoray.train.config import PretrainConfig
-from neoray.train.data import batch_schedule, dataset, micro_batches
-from neoray.train.engine import build_engine, init_distributed
-from neoray.train.metrics import (
+from neoray.training.config import PretrainConfig
+from neoray.training.data import batch_schedule, dataset, micro_batches
+from neoray.training.engine import build_engine, init_distributed
+from neoray.training.metrics import (
     MetricsFile,
     StepMetrics,
     device_peak_tflops,
     matmul_probe_tflops,
     peak_memory_gib,
 )
-from neoray.train.observer import TrainingObserver
-from neoray.train.precision import check_precision
-from neoray.train.validation import Validation
+from neoray.training.observer import TrainingObserver
+from neoray.training.precision import check_precision
+from neoray.training.validation import Validation
 
 log = logging.getLogger(__name__)
 

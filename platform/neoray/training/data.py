@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from neoray.data.loader import BatchSchedule, iter_micro_batches
 from neoray.data.mixture import SPLITS, BlendedDataset, build_mixture
-from neoray.train.config import PretrainConfig, SyntheticDataConfig
+from neoray.training.config import PretrainConfig, SyntheticDataConfig
 
 T = TypeVar("T")
 

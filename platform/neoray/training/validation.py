@@ -21,8 +21,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from neoray.data.loader import sample_indices
 from neoray.parallel.topology import Placement
-from neoray.train.config import PretrainConfig
-from neoray.train.data import batch_schedule, dataset, micro_batches
+from neoray.training.config import PretrainConfig
+from neoray.training.data import batch_schedule, dataset, micro_batches
 
 
 class Validation:

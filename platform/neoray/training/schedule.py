@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from neoray.train.config import OptimConfig
+from neoray.training.config import OptimConfig
 
 
 def learning_rate(step: int, optim: OptimConfig, train_steps: int) -> float:

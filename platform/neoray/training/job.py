@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neoray.cluster.ray_train import ClusterConfig
 from neoray.cluster.submit import check_durable_locations
-from neoray.cluster.train import ClusterConfig
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.tracking import TrackingConfig
-from neoray.train.config import PretrainConfig, pretrain_config
-from neoray.train.precision import check_precision
+from neoray.training.config import PretrainConfig, pretrain_config
+from neoray.training.precision import check_precision
 
 LAUNCHERS = ("ray", "torchrun")
 
@@ -40,7 +40,8 @@ class WorkerJob:
 
 def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
     """Tags of the MLflow run: topology, launcher, code version, Ray job ids."""
-    from neoray.tracking import code_version, ray_job_tags
+    from neoray.code_version import code_version
+    from neoray.tracking import ray_job_tags
 
     p = config.parallel
     return {
@@ -57,8 +58,8 @@ def train(job: WorkerJob) -> None:
     thread, so an MLflow outage costs no steps) and, on Ray, exports its live metrics to
     Prometheus."""
     from neoray.live_metrics import TrainingExporter, ray_connected
-    from neoray.train.loop import pretrain
-    from neoray.train.observer import Observers
+    from neoray.training.loop import pretrain
+    from neoray.training.observer import Observers
 
     on_validation = None
     if job.report_validation:
@@ -132,7 +133,7 @@ def run_on_ray(
 ) -> None:
     """Run `job` on one Ray Train worker per rank, holding the run's lease as `owner` (see
     `run_lease`); `callbacks` are Ray Train's."""
-    from neoray.cluster.train import run_workers
+    from neoray.cluster.ray_train import run_workers
 
     with run_lease(job.config, owner):
         run_workers(
@@ -168,7 +169,7 @@ def run_pretrain(cfg: Any) -> None:
     # Everything is validated before any process group, Ray worker or tensor exists.
     config = pretrain_config(cfg)
     if cfg.dry_run:
-        from neoray.train.plan import format_plan
+        from neoray.training.plan import format_plan
 
         print(format_plan(config, cfg.plan.tflops, cfg.plan.peak_tflops))
         return
