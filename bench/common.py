@@ -66,3 +66,20 @@ def one_process_group(port: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
     init_distributed("gloo")
+
+
+def decoding_pair(preset: str):
+    """Our `GPTNeoX` and transformers' `GPTNeoXForCausalLM` of `preset` on the same random
+    weights, for inference. The vocab is the padded one: no padding ids to mask, so both sides
+    do the same work."""
+    import torch
+
+    from neoray.model import GPTNeoX
+    from neoray.model.hf import to_transformers
+    from neoray.model.presets import load_preset
+
+    torch.manual_seed(0)
+    config = load_preset(preset)
+    config.vocab_size = config.padded_vocab_size
+    ours = GPTNeoX(config).eval()
+    return ours, to_transformers(ours).eval()

@@ -12,12 +12,9 @@ import argparse
 import os
 
 import torch
-from common import compare
+from common import compare, decoding_pair
 
-from neoray.model import GPTNeoX
 from neoray.model.generate import SamplingConfig, generate
-from neoray.model.hf import to_transformers
-from neoray.model.presets import load_preset
 
 GOAL = 1.0
 
@@ -34,11 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_preset(args.preset)
-    config.vocab_size = config.padded_vocab_size  # no padding ids to mask: equal work on both sides
-    ours = GPTNeoX(config).eval()
-    theirs = to_transformers(ours).eval()
+    ours, theirs = decoding_pair(args.preset)
+    config = ours.config
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
 
     ratios = {}

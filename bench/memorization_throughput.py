@@ -16,12 +16,9 @@ import argparse
 import os
 
 import torch
-from common import compare
+from common import compare, decoding_pair
 
 from neoray.evaluation.memorization import greedy_continuations
-from neoray.model import GPTNeoX
-from neoray.model.hf import to_transformers
-from neoray.model.presets import load_preset
 
 GOAL = 1.2
 
@@ -39,11 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_preset(args.preset)
-    config.vocab_size = config.padded_vocab_size  # no padding ids to mask: equal work on both sides
-    ours = GPTNeoX(config).eval()
-    theirs = to_transformers(ours).eval()
+    ours, theirs = decoding_pair(args.preset)
+    config = ours.config
     sequences = torch.randint(
         2, config.vocab_size, (args.sequences, args.prefix + args.continuation)
     )
