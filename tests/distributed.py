@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -41,6 +42,19 @@ def run_workers(fn, world: int, *args, timeout: float = 120.0) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"workers did not finish within {timeout} s")
+
+
+def torchrun_launcher(world: int) -> list[str]:
+    """The launcher command for `world` local processes, its rendezvous on a free loopback
+    port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
 
 
 def run_command(command: list[str], timeout: float, **kwargs) -> str:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 
 from neoray.checkpoint import (
     CheckpointConfig,
@@ -200,11 +200,9 @@ def run_args(tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
 
 
 def torchrun(tmp_path: Path, world: int, run_name: str, *overrides: str) -> str:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     args = run_args(tmp_path, run_name, f"parallel.dp={world}", *overrides)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return run_command(launcher + args, timeout=240, cwd=ROOT, env=env)
+    return run_command(torchrun_launcher(world) + args, timeout=240, cwd=ROOT, env=env)
 
 
 def one_process(tmp_path: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -271,12 +269,22 @@ def test_manifest_lists_every_rank_file_and_is_written_last(dp2_runs):
     assert not any(staging.rglob("*.pt"))  # uploaded shards are not kept locally
 
 
-def test_resuming_with_another_topology_is_refused(dp2_runs):
+def test_resuming_with_another_global_batch_is_refused(dp2_runs):
     tmp_path, _ = dp2_runs
-    result = one_process(tmp_path, "split", "train.steps=8")  # dp=1, the run was dp=2
+    result = one_process(tmp_path, "split", "train.steps=8")  # 2 sequences a step, saved 4
     assert result.returncode != 0, result.stdout[-2000:]
-    assert "written with tp=1, pp=1, dp=2 but this run has tp=1, pp=1, dp=1" in result.stderr
-    assert "resharding a checkpoint to another layout is not supported yet" in result.stderr
+    assert "trained with a global batch of 4 sequences" in result.stderr
+    assert "this run's is 2 (dp=1)" in result.stderr
+    assert "resharded" not in result.stderr + result.stdout
+
+
+def test_resuming_another_model_is_refused_naming_the_fields(dp2_runs):
+    tmp_path, _ = dp2_runs
+    result = one_process(
+        tmp_path, "split", "train.steps=8", "parallel.grad_accum_steps=2", "model.num_layers=3"
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "is of another model: model.num_layers=3 (saved: 2)" in result.stderr
 
 
 def test_diverged_weights_are_not_saved(tmp_path):

@@ -17,9 +17,8 @@ PLATFORM = Path(__file__).resolve().parents[1] / "platform" / "neoray"
 
 # Private names of DeepSpeed and lm-eval, and the one module each may appear in.
 PRIVATE = {
-    r"\b_get_ckpt_name\b|\b_get_zero_ckpt_name\b|\b_local_start\b|__compatible_ops__": (
-        "deepspeed_private.py"
-    ),
+    r"\b_get_ckpt_name\b|\b_get_zero_ckpt_name\b|\b_local_start\b|__compatible_ops__"
+    r"|\b_hp_mapping\b|\boptimizer\.optimizer\b|\bloss_scaler\b": ("deepspeed_private.py"),
     r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b": (
         "evaluation/lm_eval_private.py"
     ),
@@ -73,4 +72,10 @@ def test_deepspeed_internals_are_as_written_against(monkeypatch):
 
     monkeypatch.delattr(DeepSpeedEngine, "_get_zero_ckpt_name")
     with pytest.raises(RuntimeError, match=r"DeepSpeed .* differs from 0\.19\.8.*_get_zero_ckpt"):
+        deepspeed_private.check_upstream()
+    monkeypatch.undo()
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "_link_all_hp_params")
+    with pytest.raises(RuntimeError, match=r"differs from 0\.19\.8.*_link_all_hp_params"):
         deepspeed_private.check_upstream()

@@ -7,7 +7,11 @@ Written against DeepSpeed 0.19.8 (pinned in pyproject.toml):
   `neoray.training.engine.init_distributed`);
 - `engine._get_ckpt_name` / `engine._get_zero_ckpt_name` and a `PipelineModule`'s
   `_local_start` / `_local_stop`: which files of a checkpoint one rank's `load_checkpoint`
-  reads, so that each rank downloads only those on resume.
+  reads, so that each rank downloads only those on resume;
+- for resuming at another layout (`neoray.checkpoint.reshard`): the classes pickled into the
+  checkpoint files, the torch optimizer a ZeRO-1 or bf16 optimizer wraps (`.optimizer`, one flat
+  fp32 partition per parameter group) and each parameter's link to its slice of the partition
+  (`_hp_mapping`: its group, its fragment's address in the parameter and in the partition).
 
 `check_upstream()` says, naming the missing piece and the version written against, when an
 upgrade changed any of them (a test runs it).
@@ -62,9 +66,84 @@ def check_upstream(module: PipelineModule | None = None) -> None:
         for name in ("_local_start", "_local_stop")
     ):
         problems.append("PipelineModule has no `_local_start` / `_local_stop`")
+    problems += _missing_reshard_pieces()
     if problems:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} differs from {WRITTEN_AGAINST}, which "
             f"neoray.deepspeed_private was written against: {'; '.join(problems)}. "
             "Install the pinned version, or adapt that module"
         )
+
+
+def checkpoint_globals():
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors, allowed for
+    `torch.load(weights_only=True)` (which refuses any other code to run while loading)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return torch.serialization.safe_globals(
+        [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    )
+
+
+def optimizer_partitions(engine: DeepSpeedEngine, step) -> list:
+    """The flat fp32 partitions that the engine's (ZeRO-1 or bf16) optimizer steps, one per
+    parameter group, with Adam's state created at `step` (it is created lazily, at the first
+    step, and a resumed engine has not stepped yet)."""
+    import torch
+
+    base = engine.optimizer.optimizer  # the torch optimizer DeepSpeed wraps
+    partitions = []
+    for group in base.param_groups:
+        (flat,) = group["params"]
+        state = base.state[flat]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(flat))
+        state["step"] = step.clone()
+        partitions.append((flat, state))
+    return partitions
+
+
+def restore_optimizer_settings(engine: DeepSpeedEngine, saved: dict) -> None:
+    """The saved optimizer's per-group settings (learning rate, betas, weight decay) and, where
+    it has one, its loss scaler (fp16), from a ZeRO partition file's `optimizer_state_dict`."""
+    base = engine.optimizer.optimizer
+    groups = saved["base_optimizer_state"]["param_groups"]
+    for group, saved_group in zip(base.param_groups, groups, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    if saved.get("loss_scaler") is not None and hasattr(engine.optimizer, "loss_scaler"):
+        engine.optimizer.loss_scaler = saved["loss_scaler"]
+
+
+def write_partition_fragment(param, partitions: list, key: str | None, value) -> None:
+    """Write the part of `param`'s full (this tensor rank's) `value` that this rank's partition
+    holds: the fp32 master weights (`key` None) or Adam state `key`. DeepSpeed links each
+    parameter to its slice of the partition (`_hp_mapping`; None when the partition holds none
+    of it)."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return
+    flat, state = partitions[mapping.param_group_index]
+    target = flat if key is None else state[key]
+    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+    target.data.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+
+
+def _missing_reshard_pieces() -> list[str]:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils.tensor_fragment import tensor_fragment
+
+    problems = []
+    try:
+        checkpoint_globals()
+    except ImportError as err:
+        problems.append(f"a class pickled into checkpoints moved ({err})")
+    fields = set(getattr(tensor_fragment, "__dataclass_fields__", {}))
+    wanted = {"lp_fragment_address", "hp_fragment_address", "param_group_index"}
+    if not wanted <= fields:
+        problems.append(f"tensor_fragment lacks {sorted(wanted - fields)}")
+    if "_link_all_hp_params" not in vars(DeepSpeedZeroOptimizer):
+        problems.append("DeepSpeedZeroOptimizer no longer links parameters (`_link_all_hp_params`)")
+    return problems

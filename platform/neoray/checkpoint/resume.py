@@ -1,8 +1,10 @@
 """Resuming a run from its latest committed checkpoint that every rank can read intact.
 
-Each rank downloads only what its engine loads: its model-parallel rank's model states, its own
-ZeRO optimizer partition, and the layer files of its pipeline stage (for every tensor rank:
-DeepSpeed's layer loader counts them to choose its own). Every file is checked against the
+At the layout it was saved with, each rank downloads only what its engine loads: its
+model-parallel rank's model states, its own ZeRO optimizer partition, and the layer files of
+its pipeline stage (for every tensor rank: DeepSpeed's layer loader counts them to choose its
+own). At another layout, each rank downloads the saved optimizer partitions of the parameters
+its stage holds and re-splits them (`neoray.checkpoint.reshard`). Every file is checked against the
 manifest's size and sha256. If any rank finds a file missing or corrupt, all ranks reject that
 checkpoint together and try the one before; the rejected checkpoints' manifests are deleted,
 so that when training saves those steps again no reader takes the old manifest for the new
@@ -12,8 +14,10 @@ connections) is not corruption: resume stops with an error rather than fall back
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,12 +32,21 @@ from neoray.checkpoint.manifest import (
     manifest_key,
     step_tag,
 )
+from neoray.checkpoint.reshard import (
+    check_layout_change,
+    files_for,
+    load_resharded,
+    model_state_files,
+)
 from neoray.config import ConfigError
 from neoray.deepspeed_private import local_layers, rank_checkpoint_files
+from neoray.model.gpt_neox import NeoXConfig
 from neoray.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 AXES = ("tp", "pp", "dp")
+# Model settings that do not change what the checkpoint holds (a run may resume with another).
+SHAPELESS = {"checkpoint_activations"}
 INTACT, CORRUPT, UNREACHABLE = 0, 1, 2  # a rank's finding; the ranks act on the worst
 
 
@@ -47,15 +60,62 @@ def files_of_rank(engine, manifest: Manifest) -> list[str]:
     )
 
 
-def check_topology(manifest: Manifest, topology: dict[str, int]) -> None:
-    if manifest.topology != topology:
-        saved = ", ".join(f"{axis}={manifest.topology.get(axis)}" for axis in AXES)
-        now = ", ".join(f"{axis}={topology[axis]}" for axis in AXES)
-        raise ConfigError(
-            f"run_name={manifest.run_name!r}: its checkpoint at step {manifest.step} was written "
-            f"with {saved} but this run has {now}; resharding a checkpoint to another layout is "
-            "not supported yet: set parallel.tp/pp/dp as before, or start a new run_name"
-        )
+@dataclass
+class Layout:
+    """The layout a run resumes at: where this rank sits, and the global batch (which a
+    checkpoint saved at another layout must share)."""
+
+    topology: dict[str, int]  # {"tp", "pp", "dp"}
+    tp_rank: int
+    global_batch: int
+    model: NeoXConfig
+
+    def check(self, manifest: Manifest) -> None:
+        """Refuse, before any weight is read, a checkpoint this layout cannot continue."""
+        now = dataclasses.asdict(self.model)
+        changed = [
+            f"model.{field}={now[field]!r} (saved: {manifest.model.get(field)!r})"
+            for field in sorted(now)
+            if field in manifest.model
+            and field not in SHAPELESS
+            and manifest.model[field] != now[field]
+        ]
+        if changed:
+            raise ConfigError(
+                f"run_name={manifest.run_name!r}: its checkpoint at step {manifest.step} is of "
+                f"another model: {', '.join(changed)}; set model.* as saved, or start a new "
+                "run_name"
+            )
+        if manifest.topology != self.topology:
+            check_layout_change(manifest, self.topology, self.global_batch)
+
+
+def _fetch(engine, storage: Storage, manifest: Manifest, folder: Path, layout: Layout) -> None:
+    """Download (verified) the files of `manifest` this rank reads into `folder`."""
+    if manifest.topology == layout.topology:
+        download(storage, manifest, folder, files_of_rank(engine, manifest))
+        return
+    download(storage, manifest, folder, model_state_files(manifest))
+    names = {name for name, _ in engine.module.named_parameters()}
+    download(storage, manifest, folder, files_for(manifest, folder, names))
+
+
+def _load(engine, manifest: Manifest, folder: Path, layout: Layout) -> None:
+    if manifest.topology == layout.topology:
+        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        return
+    load_resharded(engine, folder, manifest, layout.model, layout.tp_rank, layout.topology["tp"])
+    log.info(
+        "rank %d: resharded step %d from %s to %s",
+        dist.get_rank(),
+        manifest.step,
+        _describe(manifest.topology),
+        _describe(layout.topology),
+    )
+
+
+def _describe(topology: dict[str, int]) -> str:
+    return ", ".join(f"{axis}={topology.get(axis)}" for axis in AXES)
 
 
 def committed_on_rank0(storage: Storage, run_name: str) -> list[Manifest]:
@@ -76,21 +136,21 @@ def resume(
     engine,
     storage: Storage,
     manifests: list[Manifest],
-    topology: dict[str, int],
+    layout: Layout,
     staging: Path,
 ) -> Manifest:
     """Load the newest checkpoint of `manifests` that all ranks read intact into `engine`
-    (collective). A different topology is refused (ConfigError); when no checkpoint is intact,
-    CorruptCheckpointError."""
+    (collective), re-split when it was saved at another layout. A checkpoint the layout cannot
+    continue is refused (ConfigError); when no checkpoint is intact, CorruptCheckpointError."""
     local = staging / f"rank_{dist.get_rank():05d}" / "resume"
     rejected: list[Manifest] = []
     for manifest in reversed(manifests):
-        check_topology(manifest, topology)
+        layout.check(manifest)
         tag = step_tag(manifest.step)
         shutil.rmtree(local, ignore_errors=True)
         problem, state = "", INTACT
         try:
-            download(storage, manifest, local / tag, files_of_rank(engine, manifest))
+            _fetch(engine, storage, manifest, local / tag, layout)
         except CorruptCheckpointError as err:
             problem, state = str(err), CORRUPT
         except (StorageError, OSError) as err:
@@ -108,7 +168,7 @@ def resume(
                 "back to an older checkpoint. Start the job again once storage is reachable"
             )
         if worst.item() == INTACT:
-            engine.load_checkpoint(str(local), tag=tag)
+            _load(engine, manifest, local / tag, layout)
             shutil.rmtree(local, ignore_errors=True)
             if dist.get_rank() == 0:
                 _forget(storage, rejected)

@@ -72,15 +72,9 @@ def validate_layout(
 ) -> None:
     """Raise a `ConfigError` naming the field and the fix if `model` cannot run on `parallel`.
 
-    `world_size` is the number of launched processes, when known (not in a dry run).
+    `world_size` is the number of launched processes, when known (not in a dry run); it is
+    checked last, so a layout that cannot hold the model says so whatever was launched.
     """
-    if world_size is not None and world_size != parallel.world_size:
-        raise ConfigError(
-            f"{world_size} processes were launched but parallel.tp x parallel.pp x parallel.dp = "
-            f"{parallel.tp} x {parallel.pp} x {parallel.dp} = {parallel.world_size}: launch "
-            f"{parallel.world_size} processes (torchrun --nproc_per_node {parallel.world_size}) "
-            "or change parallel.tp/pp/dp so that their product is the number of processes"
-        )
     tp = parallel.tp
     if model.num_heads % tp:
         raise ConfigError(
@@ -103,4 +97,11 @@ def validate_layout(
             f"the padded vocab ({model.padded_vocab_size} = model.vocab_size {model.vocab_size} "
             f"rounded up to model.vocab_multiple={model.vocab_multiple}) is not a multiple of "
             f"128 x parallel.tp = {alignment}: set model.vocab_multiple={alignment}"
+        )
+    if world_size is not None and world_size != parallel.world_size:
+        raise ConfigError(
+            f"{world_size} processes were launched but parallel.tp x parallel.pp x parallel.dp = "
+            f"{parallel.tp} x {parallel.pp} x {parallel.dp} = {parallel.world_size}: launch "
+            f"{parallel.world_size} processes (torchrun --nproc_per_node {parallel.world_size}) "
+            "or change parallel.tp/pp/dp so that their product is the number of processes"
         )

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from neoray.checkpoint.manifest import FileEntry, Manifest
-from neoray.checkpoint.resume import check_topology, committed_on_rank0, resume
+from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.code_version import code_version
 from neoray.config import flatten, redact
@@ -200,15 +200,17 @@ def pretrain(
     snapshots = _snapshots(cfg, storage, staging, observer) if storage else None
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
         manifests = committed_on_rank0(storage, cfg.run_name)  # with what was just committed
+    schedule = batch_schedule(cfg)
+    layout = Layout(_topology(cfg), placement.tp_rank, schedule.global_batch_size, cfg.model)
     if manifests:
-        check_topology(manifests[-1], _topology(cfg))  # before any weights are allocated
+        layout.check(manifests[-1])  # before any weights are allocated
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
     if cfg.train.init_from:
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
-    resumed = resume(engine, storage, manifests, _topology(cfg), staging) if manifests else None
+    resumed = resume(engine, storage, manifests, layout, staging) if manifests else None
     start = resumed.step if resumed is not None else 0
     if start >= cfg.train.steps:
         log.info(
@@ -233,7 +235,6 @@ def pretrain(
     if cfg.energy.enabled:
         earlier = [row["energy/kwh"] for row in out.kept if "energy/kwh" in row] if out else []
         energy = RunEnergy(cfg.energy, device, start_kwh=earlier[-1] if earlier else 0.0)
-    schedule = batch_schedule(cfg)
     train_data = dataset(cfg, "train", schedule.train_samples)
     batches = micro_batches(train_data, schedule, placement.dp_rank, start)
     validation = Validation(cfg, engine, placement) if cfg.train.eval_interval else None
