@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from neoray.config import ConfigError
 from neoray.model.presets import load_preset
@@ -51,3 +53,29 @@ def test_zero_stages_beyond_one_are_rejected(stage):
 def test_sizes_must_be_positive():
     with pytest.raises(ConfigError, match=r"parallel\.tp must be at least 1"):
         ParallelConfig(tp=0)
+
+
+@given(
+    tp=st.integers(1, 4),
+    pp=st.integers(1, 4),
+    dp=st.integers(1, 16),
+    micro=st.integers(1, 4),
+    accum=st.integers(1, 8),
+    workers=st.integers(0, 256),
+)
+def test_a_shrunk_layout_keeps_the_global_batch_on_the_workers_left(
+    tp, pp, dp, micro, accum, workers
+):
+    parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=micro, grad_accum_steps=accum)
+    shrunk = parallel.shrunk_to(workers)
+    fitting = [
+        d
+        for d in range(1, dp)
+        if tp * pp * d <= workers and (micro * accum * dp) % (micro * d) == 0
+    ]
+    if not fitting:
+        assert shrunk is None
+        return
+    assert (shrunk.tp, shrunk.pp, shrunk.micro_batch_size) == (tp, pp, micro)
+    assert shrunk.dp == max(fitting) and shrunk.world_size <= workers
+    assert shrunk.sequences_per_step == parallel.sequences_per_step

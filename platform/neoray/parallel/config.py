@@ -7,7 +7,7 @@ laptop for a 96-GPU plan).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from neoray.config import ConfigError
 from neoray.model.gpt_neox import NeoXConfig
@@ -65,6 +65,18 @@ class ParallelConfig:
     @property
     def sequences_per_step(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.dp
+
+    def shrunk_to(self, workers: int) -> ParallelConfig | None:
+        """The layout with the most data-parallel ranks, fewer than now, that fits on `workers`
+        workers and keeps the global batch (each rank accumulating more micro-batches), so a
+        run resharded to it trains on the same data; None when there is none. tp and pp stay:
+        a model-parallel group is the smallest unit that holds the model as configured."""
+        per_step = self.sequences_per_step
+        for dp in range(min(self.dp - 1, workers // (self.tp * self.pp)), 0, -1):
+            if per_step % (self.micro_batch_size * dp) == 0:
+                accum = per_step // (self.micro_batch_size * dp)
+                return replace(self, dp=dp, grad_accum_steps=accum)
+        return None
 
 
 def validate_layout(
