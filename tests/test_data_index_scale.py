@@ -35,7 +35,8 @@ def reference_blend(weights, size):
     for d in np.flatnonzero(w > 0):
         count = int(np.ceil(w[d] * size)) + 1
         datasets.append(np.full(count, d, dtype=np.int32))
-        due.append((np.arange(count) + 0.5) / w[d])
+        with np.errstate(over="ignore"):  # weights under ~1e-308: due at infinity
+            due.append((np.arange(count) + 0.5) / w[d])
     dataset_of = np.concatenate(datasets)
     order = np.lexsort((dataset_of, np.concatenate(due)))[:size]
     dataset_index = dataset_of[order]

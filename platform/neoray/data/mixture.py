@@ -18,7 +18,7 @@ from neoray.data.indexed import IndexedDataset, fingerprint, idx_path
 SPLITS = ("train", "validation", "test")
 
 
-BLEND_CHUNK = 1 << 22  # samples (about) of the blend built at once: ~100 MB of work arrays
+BLEND_CHUNK = 1 << 20  # samples (about) of the blend built at once: ~60 MB of work arrays
 BLEND_SCHEME = "due1"  # the due-time order of `blend_chunks` (another order, another name)
 
 
@@ -28,8 +28,10 @@ def _normalised(weights: Sequence[float]) -> np.ndarray:
 
 
 def _due(w: np.float64, start: int, stop: int) -> np.ndarray:
-    """Due times of samples [start, stop) of a dataset of normalised weight `w`."""
-    return (np.arange(start, stop) + 0.5) / w
+    """Due times of samples [start, stop) of a dataset of normalised weight `w` (a weight
+    under about 1e-308 puts them all at infinity, last)."""
+    with np.errstate(over="ignore"):
+        return (np.arange(start, stop) + 0.5) / w
 
 
 def _due_before(w: np.float64, count: int, t: float) -> int:
@@ -38,9 +40,9 @@ def _due_before(w: np.float64, count: int, t: float) -> int:
     if t == np.inf:
         return count
     k = int(min(max(np.ceil(t * w - 0.5), 0.0), count))
-    while k > 0 and (np.float64(k - 1) + 0.5) / w >= t:
+    while k > 0 and _due(w, k - 1, k)[0] >= t:
         k -= 1
-    while k < count and (np.float64(k) + 0.5) / w < t:
+    while k < count and _due(w, k, k + 1)[0] < t:
         k += 1
     return k
 
@@ -60,7 +62,7 @@ def blend_chunks(
     w = _normalised(weights)
     active = np.flatnonzero(w > 0)
     counts = [int(np.ceil(w[d] * size)) + 1 for d in active]
-    last_due = [(np.float64(c - 1) + 0.5) / w[d] for d, c in zip(active, counts, strict=True)]
+    last_due = [_due(w[d], c - 1, c)[0] for d, c in zip(active, counts, strict=True)]
     finite = max((t for t in last_due if t < np.inf), default=0.0)  # tiny weights: due at inf
     taken = [0] * len(active)
     emitted, cut = 0, 0
@@ -121,7 +123,7 @@ def load_or_build_blend(weights: Sequence[float], size: int, folder: str) -> Ble
         dataset_out = NpyWriter(partials["dataset_index"], (size,), np.int32)
         sample_out = NpyWriter(partials["sample_index"], (size,), np.int64)
         counts = np.zeros(len(weights), np.int64)
-        for dataset, sample in blend_chunks(weights, size):
+        for dataset, sample in blend_chunks(weights, size, BLEND_CHUNK):
             dataset_out.write(dataset)
             sample_out.write(sample)
             counts += np.bincount(dataset, minlength=len(weights))
