@@ -19,15 +19,21 @@ of the data, `seq_len`, the seed and the step alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset
+
+T = TypeVar("T")
 
 
 def split_documents(num_documents: int, split: str) -> list[range]:
@@ -61,14 +67,30 @@ def _permuted(values: np.ndarray, seed: list[int]) -> np.ndarray:
     return order
 
 
-def doc_idx_epochs(documents: np.ndarray, num_epochs: int, seed: int) -> Iterator[np.ndarray]:
+def _one_ahead(pool: Executor | None, calls: list[Callable[[], T]]) -> Iterator[T]:
+    """The results of `calls` in order; with a pool, the next is computed while one is used."""
+    if pool is None:
+        yield from (call() for call in calls)
+        return
+    future = pool.submit(calls[0]) if calls else None
+    for i in range(len(calls)):
+        result = future.result()
+        if i + 1 < len(calls):
+            future = pool.submit(calls[i + 1])
+        yield result
+
+
+def doc_idx_epochs(
+    documents: np.ndarray, num_epochs: int, seed: int, pool: Executor | None = None
+) -> Iterator[np.ndarray]:
     """The split's documents, `num_epochs` times, each epoch in its own seeded order: the
-    doc_idx, one epoch at a time."""
+    doc_idx, one epoch at a time (the next one shuffled in `pool` meanwhile, if given)."""
     if len(documents) and int(documents[-1]) > np.iinfo(np.int32).max:
         raise ValueError(f"document {int(documents[-1])} does not fit doc_idx's int32")
     documents = documents.astype(np.int32)
-    for e in range(num_epochs):
-        yield _permuted(documents, [seed, e, 0])
+    yield from _one_ahead(
+        pool, [functools.partial(_permuted, documents, [seed, e, 0]) for e in range(num_epochs)]
+    )
 
 
 def position_dtype(doc_idx_length: int) -> np.dtype:
@@ -78,27 +100,37 @@ def position_dtype(doc_idx_length: int) -> np.dtype:
 
 
 def sample_idx_chunks(
-    sizes: np.ndarray, doc_idx: Iterable[np.ndarray], seq_len: int, num_samples: int
+    sizes: np.ndarray,
+    doc_idx: Iterable[np.ndarray],
+    seq_len: int,
+    num_samples: int,
+    dtype: npt.DTypeLike = np.int64,
 ) -> Iterator[np.ndarray]:
     """Start of every sample, plus an end marker: rows of (position in doc_idx, offset), in
     pieces, from doc_idx given in pieces (memory bounded by the pieces).
 
     Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
-    position i * seq_len falls: in the first document that ends after it. This is GPT-NeoX's
-    `build_sample_idx`, vectorised piece by piece.
+    position i * seq_len falls: in the first document that ends after it. A document ending at
+    stream position E has ceil(E / seq_len) sample starts before its end, so the starts in each
+    document come from differences of those counts, in one pass over documents and samples.
+    This is GPT-NeoX's `build_sample_idx`, vectorised piece by piece.
     """
     next_sample, first, tokens_before = 0, 0, 0
     for piece in doc_idx:
         if not len(piece):
             continue
-        doc_sizes = sizes[piece].astype(np.int64)
-        doc_ends = tokens_before + np.cumsum(doc_sizes)
-        # Samples starting before this piece's last end start in it.
-        stop = max(next_sample, min(num_samples + 1, (int(doc_ends[-1]) - 1) // seq_len + 1))
-        starts = np.arange(next_sample, stop, dtype=np.int64) * seq_len
-        position = np.searchsorted(doc_ends, starts, side="right")
-        offset = starts - (doc_ends[position] - doc_sizes[position])
-        yield np.stack([first + position, offset], axis=1)
+        doc_sizes = sizes[piece]
+        doc_ends = np.cumsum(doc_sizes, dtype=np.int64)
+        doc_ends += tokens_before
+        starts_before_end = np.minimum(-(-doc_ends // seq_len), num_samples + 1)
+        in_doc = np.diff(starts_before_end, prepend=next_sample)
+        stop = int(starts_before_end[-1])
+        rows = np.empty((stop - next_sample, 2), dtype=dtype)
+        rows[:, 0] = np.repeat(np.arange(first, first + len(piece)), in_doc)
+        rows[:, 1] = np.arange(next_sample, stop, dtype=np.int64) * seq_len - np.repeat(
+            doc_ends - doc_sizes, in_doc
+        )
+        yield rows
         next_sample, first, tokens_before = stop, first + len(piece), int(doc_ends[-1])
         if next_sample == num_samples + 1:
             return
@@ -114,8 +146,8 @@ def build_sample_idx(
     sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, num_samples: int
 ) -> np.ndarray:
     """`sample_idx_chunks` in memory, as one array of `position_dtype`."""
-    rows = np.concatenate(list(sample_idx_chunks(sizes, [doc_idx], seq_len, num_samples)))
-    return rows.astype(position_dtype(len(doc_idx)))
+    dtype = position_dtype(len(doc_idx))
+    return np.concatenate(list(sample_idx_chunks(sizes, [doc_idx], seq_len, num_samples, dtype)))
 
 
 def shuffle_dtype(num_samples: int, block: int) -> np.dtype:
@@ -131,6 +163,13 @@ def shuffle_idx_blocks(num_samples: int, block: int, seed: int) -> Iterator[np.n
     for b in range(-(-num_samples // block)):
         order = _permuted(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
         yield order[: num_samples - b * block]
+
+
+def _write_shuffle_idx(path: str, num_samples: int, block: int, seed: int) -> None:
+    out = NpyWriter(path, (num_samples,), shuffle_dtype(num_samples, block))
+    for order in shuffle_idx_blocks(num_samples, block, seed):
+        out.write(order)
+    out.close()
 
 
 def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -168,31 +207,36 @@ def write_sample_index(
 ) -> None:
     """Write the index of the first `num_samples` samples to `paths` (doc_idx, sample_idx,
     shuffle_idx -> .npy path), an epoch or a block at a time. The stream is built to the end
-    of the last shuffle block they reach, since a block's permutation draws from all of it."""
+    of the last shuffle block they reach, since a block's permutation draws from all of it.
+
+    Two threads help (numpy's shuffles and array work release the GIL): one writes
+    shuffle_idx, the other shuffles the next epoch while this one cuts samples from the last.
+    """
     tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
     block = samples_per_block(tokens_per_epoch, seq_len)
     streamed = -(-num_samples // block) * block
     num_epochs = epochs_needed(tokens_per_epoch, seq_len, streamed)
     length = num_epochs * len(documents)
     doc_out = NpyWriter(paths["doc_idx"], (length,), np.int32)
-    sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), position_dtype(length))
+    dtype = position_dtype(length)
+    sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), dtype)
 
     def written(epochs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         for epoch in epochs:
             doc_out.write(epoch)
             yield epoch
 
-    epochs = written(doc_idx_epochs(documents, num_epochs, seed))
-    for rows in sample_idx_chunks(sizes, _pieces(epochs, SAMPLE_CHUNK), seq_len, streamed):
-        sample_out.write(rows)
-    for _ in epochs:  # the epochs past the last sample's start
-        pass
-    doc_out.close()
-    sample_out.close()
-    shuffle_out = NpyWriter(paths["shuffle_idx"], (num_samples,), shuffle_dtype(num_samples, block))
-    for order in shuffle_idx_blocks(num_samples, block, seed):
-        shuffle_out.write(order)
-    shuffle_out.close()
+    with ThreadPoolExecutor(2) as pool:
+        shuffled = pool.submit(_write_shuffle_idx, paths["shuffle_idx"], num_samples, block, seed)
+        epochs = written(doc_idx_epochs(documents, num_epochs, seed, pool))
+        pieces = _pieces(epochs, SAMPLE_CHUNK)
+        for rows in sample_idx_chunks(sizes, pieces, seq_len, streamed, dtype):
+            sample_out.write(rows)
+        for _ in epochs:  # the epochs past the last sample's start
+            pass
+        doc_out.close()
+        sample_out.close()
+        shuffled.result()
 
 
 def load_or_build_sample_index(
