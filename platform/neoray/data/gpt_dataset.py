@@ -59,12 +59,11 @@ def split_documents(num_documents: int, split: str) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def _permuted(values: np.ndarray, seed: list[int]) -> np.ndarray:
-    """A copy of `values` in the order of a legacy RandomState seeded with `seed` (stable
-    across numpy versions and machines)."""
-    order = values.copy()
-    np.random.RandomState(seed).shuffle(order)
-    return order
+def _shuffled(values: np.ndarray, seed: list[int]) -> np.ndarray:
+    """`values`, shuffled in place in the order of a legacy RandomState seeded with `seed`
+    (stable across numpy versions and machines)."""
+    np.random.RandomState(seed).shuffle(values)
+    return values
 
 
 def _one_ahead(pool: Executor | None, calls: list[Callable[[], T]]) -> Iterator[T]:
@@ -87,10 +86,12 @@ def doc_idx_epochs(
     doc_idx, one epoch at a time (the next one shuffled in `pool` meanwhile, if given)."""
     if len(documents) and int(documents[-1]) > np.iinfo(np.int32).max:
         raise ValueError(f"document {int(documents[-1])} does not fit doc_idx's int32")
-    documents = documents.astype(np.int32)
-    yield from _one_ahead(
-        pool, [functools.partial(_permuted, documents, [seed, e, 0]) for e in range(num_epochs)]
-    )
+    documents = np.asarray(documents, dtype=np.int32)
+
+    def epoch(e: int) -> np.ndarray:
+        return _shuffled(documents.copy(), [seed, e, 0])
+
+    yield from _one_ahead(pool, [functools.partial(epoch, e) for e in range(num_epochs)])
 
 
 def position_dtype(doc_idx_length: int) -> np.dtype:
@@ -161,7 +162,7 @@ def shuffle_idx_blocks(num_samples: int, block: int, seed: int) -> Iterator[np.n
     Yields the blocks, the last one cut to `num_samples`."""
     dtype = shuffle_dtype(num_samples, block)
     for b in range(-(-num_samples // block)):
-        order = _permuted(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
+        order = _shuffled(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
         yield order[: num_samples - b * block]
 
 
@@ -212,7 +213,9 @@ def write_sample_index(
     Two threads help (numpy's shuffles and array work release the GIL): one writes
     shuffle_idx, the other shuffles the next epoch while this one cuts samples from the last.
     """
-    tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
+    tokens_per_epoch = sum(
+        int(np.sum(sizes[piece], dtype=np.int64)) for piece in _pieces([documents], SAMPLE_CHUNK)
+    )
     block = samples_per_block(tokens_per_epoch, seq_len)
     streamed = -(-num_samples // block) * block
     num_epochs = epochs_needed(tokens_per_epoch, seq_len, streamed)
@@ -239,6 +242,13 @@ def write_sample_index(
         shuffled.result()
 
 
+def _document_ids(documents: range) -> np.ndarray:
+    """The documents as doc_idx holds them (int32)."""
+    if documents.stop - 1 > np.iinfo(np.int32).max:
+        raise ValueError(f"document {documents.stop - 1} does not fit doc_idx's int32")
+    return np.arange(documents.start, documents.stop, dtype=np.int32)
+
+
 def load_or_build_sample_index(
     data: IndexedDataset,
     documents: range,
@@ -258,7 +268,7 @@ def load_or_build_sample_index(
     base = os.path.basename(data.prefix)
     folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
     sizes = np.ascontiguousarray(data.sizes[documents.start : documents.stop])
-    digest = hashlib.sha256(sizes.tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(memoryview(sizes)).hexdigest()[:16]
     # "ep": the per-epoch order of this module (an index of another scheme is never reused)
     key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s_ep_{digest}"
     names = ("doc_idx", "sample_idx", "shuffle_idx")
@@ -267,7 +277,7 @@ def load_or_build_sample_index(
     def build(partials: dict[str, str]) -> None:
         write_sample_index(
             data.sizes,
-            np.arange(documents.start, documents.stop),
+            _document_ids(documents),
             seq_len,
             num_samples,
             seed,
