@@ -10,7 +10,8 @@ tokenizer) in proportion to its raw size, document lengths log-normal (sigma 1) 
 `--scale` shrinks samples, documents and tokens alike (so the epochs are the same); `--quick`
 is `--scale 0.01`.
 
-Each side runs in its own process, timed and measured (peak RSS, VmHWM):
+Each side runs in its own process, timed and measured (peak RSS, VmHWM); with `--rounds N`
+the cold builds alternate which side goes first and the median of each side is reported:
 
 - ours, cold: `build_mixture` with an empty cache: the blend and all 22 sample indexes, built
   chunk by chunk into `.npy` files;
@@ -21,7 +22,8 @@ Each side runs in its own process, timed and measured (peak RSS, VmHWM):
 
 Goals: cold time <= 1.0x Megatron-Core's, cold peak memory <= 2 GB, warm start < 5 s.
 
-    .venv/bin/python bench/data_index_scale.py [--quick | --scale S] [--megatron-site DIR]
+    .venv/bin/python bench/data_index_scale.py [--quick | --scale S] [--rounds N]
+        [--megatron-site DIR]
 
 Megatron-Core is not a dependency of neoray; install it for this benchmark only, e.g.
 `pip install --no-deps --target /tmp/mcore megatron-core` and pass `--megatron-site /tmp/mcore`
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--scale 0.01")
     parser.add_argument("--megatron-site", default=None, help="where megatron-core is installed")
     parser.add_argument("--workdir", default="/tmp/neoray-bench-data-index")
+    parser.add_argument("--rounds", type=int, default=1, help="cold builds of each side")
     parser.add_argument("--side", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -213,16 +216,33 @@ def main() -> None:
     print(f"synthetic Pile at scale {scale:g}: {docs:,} documents, {samples:,} samples of "
           f"{SEQ_LEN} tokens ({time.perf_counter() - start:.0f} s to write or find)")  # fmt: skip
     ours_cache, theirs_cache = (os.path.join(args.workdir, f"cache_{s}") for s in ("ours", "mc"))
+
+    def cold_ours() -> dict:
+        shutil.rmtree(ours_cache, ignore_errors=True)
+        return in_child("ours", folder, ours_cache, str(samples))
+
+    def cold_theirs(counts: list[int]) -> dict:
+        shutil.rmtree(theirs_cache, ignore_errors=True)
+        site = args.megatron_site or ""
+        return in_child("megatron", folder, theirs_cache, str(samples), json.dumps(counts), site)
+
+    # Rounds alternate which side goes first, so load from elsewhere on the machine falls on
+    # both alike; each side's median round is reported.
+    colds, theirs_runs, warm = [], [], None
+    for round_index in range(args.rounds):
+        if round_index % 2 == 0:
+            colds.append(cold_ours())
+            warm = warm or in_child("ours", folder, ours_cache, str(samples))
+            theirs_runs.append(cold_theirs(colds[0]["counts"]))
+        else:
+            theirs_runs.append(cold_theirs(colds[0]["counts"]))
+            colds.append(cold_ours())
     for cache in (ours_cache, theirs_cache):
         shutil.rmtree(cache, ignore_errors=True)
-    cold = in_child("ours", folder, ours_cache, str(samples))
-    warm = in_child("ours", folder, ours_cache, str(samples))
-    theirs = in_child(
-        "megatron", folder, theirs_cache, str(samples), json.dumps(cold["counts"]),
-        args.megatron_site or "",
-    )  # fmt: skip
-    for cache in (ours_cache, theirs_cache):
-        shutil.rmtree(cache, ignore_errors=True)
+    cold = sorted(colds, key=lambda r: r["seconds"])[len(colds) // 2]
+    theirs = sorted(theirs_runs, key=lambda r: r["seconds"])[len(theirs_runs) // 2]
+    print("rounds, seconds: ours", [round(r["seconds"], 1) for r in colds],
+          "Megatron-Core", [round(r["seconds"], 1) for r in theirs_runs])  # fmt: skip
 
     print(f"{'':28} {'seconds':>9} {'peak RSS GB':>12}")
     for name, r in (("ours, cold cache", cold), ("ours, warm cache (a start)", warm),
