@@ -19,13 +19,21 @@ of the data, `seq_len`, the seed and the step alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
+from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset
+
+T = TypeVar("T")
 
 
 def split_documents(num_documents: int, split: str) -> list[range]:
@@ -51,46 +59,118 @@ def split_documents(num_documents: int, split: str) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def _permuted(values: np.ndarray, seed: list[int]) -> np.ndarray:
-    """A copy of `values` in the order of a legacy RandomState seeded with `seed` (stable
-    across numpy versions and machines)."""
-    order = values.copy()
-    np.random.RandomState(seed).shuffle(order)
-    return order
+def _shuffled(values: np.ndarray, seed: list[int]) -> np.ndarray:
+    """`values`, shuffled in place in the order of a legacy RandomState seeded with `seed`
+    (stable across numpy versions and machines)."""
+    np.random.RandomState(seed).shuffle(values)
+    return values
 
 
-def build_doc_idx(documents: np.ndarray, num_epochs: int, seed: int) -> np.ndarray:
-    """The split's documents, `num_epochs` times, each epoch in its own seeded order."""
-    documents = documents.astype(np.int32)
-    return np.concatenate([_permuted(documents, [seed, e, 0]) for e in range(num_epochs)])
+def _one_ahead(pool: Executor | None, calls: list[Callable[[], T]]) -> Iterator[T]:
+    """The results of `calls` in order; with a pool, the next is computed while one is used."""
+    if pool is None:
+        yield from (call() for call in calls)
+        return
+    future = pool.submit(calls[0]) if calls else None
+    for i in range(len(calls)):
+        result = future.result()
+        if i + 1 < len(calls):
+            future = pool.submit(calls[i + 1])
+        yield result
+
+
+def doc_idx_epochs(
+    documents: np.ndarray, num_epochs: int, seed: int, pool: Executor | None = None
+) -> Iterator[np.ndarray]:
+    """The split's documents, `num_epochs` times, each epoch in its own seeded order: the
+    doc_idx, one epoch at a time (the next one shuffled in `pool` meanwhile, if given)."""
+    if len(documents) and int(documents[-1]) > np.iinfo(np.int32).max:
+        raise ValueError(f"document {int(documents[-1])} does not fit doc_idx's int32")
+    documents = np.asarray(documents, dtype=np.int32)
+
+    def epoch(e: int) -> np.ndarray:
+        return _shuffled(documents.copy(), [seed, e, 0])
+
+    yield from _one_ahead(pool, [functools.partial(epoch, e) for e in range(num_epochs)])
+
+
+def position_dtype(doc_idx_length: int) -> np.dtype:
+    """dtype of sample_idx: int32 (GPT-NeoX's) while every position in a doc_idx of this
+    length fits it, int64 beyond (a doc_idx of more than 2**31 - 1 documents)."""
+    return np.dtype(np.int32) if doc_idx_length <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+def sample_idx_chunks(
+    sizes: np.ndarray,
+    doc_idx: Iterable[np.ndarray],
+    seq_len: int,
+    num_samples: int,
+    dtype: npt.DTypeLike = np.int64,
+) -> Iterator[np.ndarray]:
+    """Start of every sample, plus an end marker: rows of (position in doc_idx, offset), in
+    pieces, from doc_idx given in pieces (memory bounded by the pieces).
+
+    Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
+    position i * seq_len falls: in the first document that ends after it. A document ending at
+    stream position E has ceil(E / seq_len) sample starts before its end, so the starts in each
+    document come from differences of those counts, in one pass over documents and samples.
+    This is GPT-NeoX's `build_sample_idx`, vectorised piece by piece.
+    """
+    next_sample, first, tokens_before = 0, 0, 0
+    for piece in doc_idx:
+        if not len(piece):
+            continue
+        doc_sizes = sizes[piece]
+        doc_ends = np.cumsum(doc_sizes, dtype=np.int64)
+        doc_ends += tokens_before
+        starts_before_end = np.minimum(-(-doc_ends // seq_len), num_samples + 1)
+        in_doc = np.diff(starts_before_end, prepend=next_sample)
+        stop = int(starts_before_end[-1])
+        rows = np.empty((stop - next_sample, 2), dtype=dtype)
+        rows[:, 0] = np.repeat(np.arange(first, first + len(piece)), in_doc)
+        rows[:, 1] = np.arange(next_sample, stop, dtype=np.int64) * seq_len - np.repeat(
+            doc_ends - doc_sizes, in_doc
+        )
+        yield rows
+        next_sample, first, tokens_before = stop, first + len(piece), int(doc_ends[-1])
+        if next_sample == num_samples + 1:
+            return
+    raise ValueError(f"{num_samples} samples of {seq_len} tokens need more epochs")
+
+
+def _pieces(arrays: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    for array in arrays:
+        yield from (array[i : i + size] for i in range(0, len(array), size))
 
 
 def build_sample_idx(
     sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, num_samples: int
 ) -> np.ndarray:
-    """Start of every sample, plus an end marker: rows of (position in doc_idx, offset).
-
-    Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
-    position i * seq_len falls. This is GPT-NeoX's `build_sample_idx`, vectorised.
-    """
-    doc_ends = np.cumsum(sizes[doc_idx], dtype=np.int64)
-    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
-    if starts[-1] >= doc_ends[-1]:
-        raise ValueError(f"{num_samples} samples of {seq_len} tokens need more epochs")
-    position = np.searchsorted(doc_ends, starts, side="right")
-    offset = starts - (doc_ends[position] - sizes[doc_idx[position]])
-    return np.stack([position, offset], axis=1).astype(np.int32)
+    """`sample_idx_chunks` in memory, as one array of `position_dtype`."""
+    dtype = position_dtype(len(doc_idx))
+    return np.concatenate(list(sample_idx_chunks(sizes, [doc_idx], seq_len, num_samples, dtype)))
 
 
-def build_shuffle_idx(num_samples: int, block: int, seed: int) -> np.ndarray:
+def shuffle_dtype(num_samples: int, block: int) -> np.dtype:
+    """uint32 while every sample number of the blocks fits, else int64."""
+    return np.dtype(np.uint32) if num_samples + block < 2**32 - 1 else np.dtype(np.int64)
+
+
+def shuffle_idx_blocks(num_samples: int, block: int, seed: int) -> Iterator[np.ndarray]:
     """The order of the first `num_samples` samples: blocks of `block` samples, each block
-    permuted on its own (seed (seed, b)), so a longer run's order starts with a shorter one's."""
-    dtype = np.uint32 if num_samples + block < 2**32 - 1 else np.int64
-    blocks = [
-        _permuted(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
-        for b in range(-(-num_samples // block))
-    ]
-    return np.concatenate(blocks)[:num_samples]
+    permuted on its own (seed (seed, b)), so a longer run's order starts with a shorter one's.
+    Yields the blocks, the last one cut to `num_samples`."""
+    dtype = shuffle_dtype(num_samples, block)
+    for b in range(-(-num_samples // block)):
+        order = _shuffled(np.arange(b * block, (b + 1) * block, dtype=dtype), [seed, b, 1])
+        yield order[: num_samples - b * block]
+
+
+def _write_shuffle_idx(path: str, num_samples: int, block: int, seed: int) -> None:
+    out = NpyWriter(path, (num_samples,), shuffle_dtype(num_samples, block))
+    for order in shuffle_idx_blocks(num_samples, block, seed):
+        out.write(order)
+    out.close()
 
 
 def epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -108,6 +188,9 @@ def samples_per_block(tokens_per_epoch: int, seq_len: int) -> int:
     return max(1, tokens_per_epoch // seq_len)
 
 
+SAMPLE_CHUNK = 1 << 22  # doc_idx entries turned into sample_idx rows at once (~100 MB)
+
+
 @dataclass(frozen=True)
 class SampleIndex:
     doc_idx: np.ndarray
@@ -115,28 +198,55 @@ class SampleIndex:
     shuffle_idx: np.ndarray
 
 
-def _cache_paths(cache_prefix: str) -> dict[str, str]:
-    return {name: f"{cache_prefix}_{name}.npy" for name in ("doc_idx", "sample_idx", "shuffle_idx")}
+def write_sample_index(
+    sizes: np.ndarray,
+    documents: np.ndarray,
+    seq_len: int,
+    num_samples: int,
+    seed: int,
+    paths: dict[str, str],
+) -> None:
+    """Write the index of the first `num_samples` samples to `paths` (doc_idx, sample_idx,
+    shuffle_idx -> .npy path), an epoch or a block at a time. The stream is built to the end
+    of the last shuffle block they reach, since a block's permutation draws from all of it.
 
-
-def _save_atomically(path: str, array: np.ndarray) -> None:
-    partial = f"{path}.{os.getpid()}.partial.npy"
-    np.save(partial, array)
-    os.replace(partial, path)
-
-
-def build_sample_index(
-    sizes: np.ndarray, documents: np.ndarray, seq_len: int, num_samples: int, seed: int
-) -> SampleIndex:
-    """The index of the first `num_samples` samples; the stream is built to the end of the
-    last shuffle block they reach, since a block's permutation draws from all of it."""
-    tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
+    Two threads help (numpy's shuffles and array work release the GIL): one writes
+    shuffle_idx, the other shuffles the next epoch while this one cuts samples from the last.
+    """
+    tokens_per_epoch = sum(
+        int(np.sum(sizes[piece], dtype=np.int64)) for piece in _pieces([documents], SAMPLE_CHUNK)
+    )
     block = samples_per_block(tokens_per_epoch, seq_len)
     streamed = -(-num_samples // block) * block
-    doc_idx = build_doc_idx(documents, epochs_needed(tokens_per_epoch, seq_len, streamed), seed)
-    sample_idx = build_sample_idx(sizes, doc_idx, seq_len, streamed)
-    shuffle_idx = build_shuffle_idx(num_samples, block, seed)
-    return SampleIndex(doc_idx, sample_idx, shuffle_idx)
+    num_epochs = epochs_needed(tokens_per_epoch, seq_len, streamed)
+    length = num_epochs * len(documents)
+    doc_out = NpyWriter(paths["doc_idx"], (length,), np.int32)
+    dtype = position_dtype(length)
+    sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), dtype)
+
+    def written(epochs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for epoch in epochs:
+            doc_out.write(epoch)
+            yield epoch
+
+    with ThreadPoolExecutor(2) as pool:
+        shuffled = pool.submit(_write_shuffle_idx, paths["shuffle_idx"], num_samples, block, seed)
+        epochs = written(doc_idx_epochs(documents, num_epochs, seed, pool))
+        pieces = _pieces(epochs, SAMPLE_CHUNK)
+        for rows in sample_idx_chunks(sizes, pieces, seq_len, streamed, dtype):
+            sample_out.write(rows)
+        for _ in epochs:  # the epochs past the last sample's start
+            pass
+        doc_out.close()
+        sample_out.close()
+        shuffled.result()
+
+
+def _document_ids(documents: range) -> np.ndarray:
+    """The documents as doc_idx holds them (int32)."""
+    if documents.stop - 1 > np.iinfo(np.int32).max:
+        raise ValueError(f"document {documents.stop - 1} does not fit doc_idx's int32")
+    return np.arange(documents.start, documents.stop, dtype=np.int32)
 
 
 def load_or_build_sample_index(
@@ -147,30 +257,35 @@ def load_or_build_sample_index(
     seed: int,
     cache_dir: str | None = None,
 ) -> SampleIndex:
-    """The sample index, from the cache when present (written atomically when built).
+    """The sample index, memory-mapped from the cache; built there first (by one process,
+    `index_cache.load_or_build`) when missing.
 
     The index is built from the documents' sizes alone, so the cache is keyed on them (a
     digest of the split's sizes) as well as the settings: re-running preprocessing into the
     same prefix, with another tokenizer say, builds a new index rather than reusing one whose
-    positions no longer fit. Concurrent builders (several ranks) write identical files, so the
-    last rename wins safely.
+    positions no longer fit.
     """
     base = os.path.basename(data.prefix)
     folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
     sizes = np.ascontiguousarray(data.sizes[documents.start : documents.stop])
-    digest = hashlib.sha256(sizes.tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(memoryview(sizes)).hexdigest()[:16]
     # "ep": the per-epoch order of this module (an index of another scheme is never reused)
     key = f"docs{documents.start}-{documents.stop}_{num_samples}ns_{seq_len}sl_{seed}s_ep_{digest}"
-    paths = _cache_paths(os.path.join(folder, f"{base}_{key}"))
-    if all(os.path.exists(p) for p in paths.values()):
-        return SampleIndex(**{name: np.load(p, mmap_mode="r") for name, p in paths.items()})
-    index = build_sample_index(
-        data.sizes, np.arange(documents.start, documents.stop), seq_len, num_samples, seed
-    )
-    os.makedirs(folder, exist_ok=True)
-    for name, path in paths.items():
-        _save_atomically(path, getattr(index, name))
-    return index
+    names = ("doc_idx", "sample_idx", "shuffle_idx")
+    paths = {name: os.path.join(folder, f"{base}_{key}_{name}.npy") for name in names}
+
+    def build(partials: dict[str, str]) -> None:
+        write_sample_index(
+            data.sizes,
+            _document_ids(documents),
+            seq_len,
+            num_samples,
+            seed,
+            partials,
+        )
+
+    arrays = load_or_build(paths, build, f"the sample index of {data.prefix} ({key})")
+    return SampleIndex(**arrays)
 
 
 class GPTDataset:

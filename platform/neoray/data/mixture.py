@@ -2,16 +2,87 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
+from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset, fingerprint, idx_path
 
 SPLITS = ("train", "validation", "test")
+
+
+BLEND_CHUNK = 1 << 20  # samples (about) of the blend built at once: ~60 MB of work arrays
+BLEND_SCHEME = "due1"  # the due-time order of `blend_chunks` (another order, another name)
+
+
+def _normalised(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def _due(w: np.float64, start: int, stop: int) -> np.ndarray:
+    """Due times of samples [start, stop) of a dataset of normalised weight `w` (a weight
+    under about 1e-308 puts them all at infinity, last)."""
+    with np.errstate(over="ignore"):
+        return (np.arange(start, stop) + 0.5) / w
+
+
+def _due_before(w: np.float64, count: int, t: float) -> int:
+    """How many of a dataset's first `count` samples are due strictly before `t`, with due
+    times computed exactly as `_due` computes them (due times increase with k)."""
+    if t == np.inf:
+        return count
+    k = int(min(max(np.ceil(t * w - 0.5), 0.0), count))
+    while k > 0 and _due(w, k - 1, k)[0] >= t:
+        k -= 1
+    while k < count and _due(w, k, k + 1)[0] < t:
+        k += 1
+    return k
+
+
+def blend_chunks(
+    weights: Sequence[float], size: int, chunk: int = BLEND_CHUNK
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`blend_indices`, in consecutive pieces of about `chunk` samples (bounded memory).
+
+    Dataset d's k-th sample is due at time (k + 0.5) / weight_d (weights normalised), and
+    samples are served in order of due time, ties to the lower d; each dataset offers its
+    first ceil(weight_d * size) + 1 samples. Time is cut at t = chunk, 2 chunk, ...: the
+    samples due before a cut all come before those due after it, so each stretch is ordered on
+    its own (a stable sort of the datasets' due times laid out d after d breaks ties to the
+    lower d) and the stretches, laid end to end, are the whole order.
+    """
+    w = _normalised(weights)
+    active = np.flatnonzero(w > 0)
+    counts = [int(np.ceil(w[d] * size)) + 1 for d in active]
+    last_due = [_due(w[d], c - 1, c)[0] for d, c in zip(active, counts, strict=True)]
+    finite = max((t for t in last_due if t < np.inf), default=0.0)  # tiny weights: due at inf
+    taken = [0] * len(active)
+    emitted, cut = 0, 0
+    while emitted < size:
+        cut += 1
+        t = float(cut) * chunk if float(cut - 1) * chunk <= finite else np.inf
+        upto = [_due_before(w[d], c, t) for d, c in zip(active, counts, strict=True)]
+        due = np.concatenate(
+            [_due(w[d], a, b) for d, a, b in zip(active, taken, upto, strict=True)]
+        )
+        dataset = np.repeat(active.astype(np.int32), np.subtract(upto, taken))
+        sample = np.concatenate(
+            [np.arange(a, b, dtype=np.int64) for a, b in zip(taken, upto, strict=True)]
+        )
+        order = np.argsort(due, kind="stable")[: size - emitted]
+        if t == np.inf and len(order) < size - emitted:
+            raise RuntimeError("the datasets offer fewer samples than the blend needs")
+        emitted += len(order)
+        taken = upto
+        yield dataset[order], sample[order]
 
 
 def blend_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -20,24 +91,48 @@ def blend_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.n
     Dataset d's k-th sample is due at time (k + 0.5) / weight_d, and samples are served in order
     of due time (ties to the lower d). So after any n samples each dataset has served about
     weight_d * n of them, within one: the weights hold in every stretch of the order, not just on
-    average, and no random numbers are involved.
+    average, and no random numbers are involved. In memory; `load_or_build_blend` caches it.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    datasets, due = [], []
-    for d in np.flatnonzero(w > 0):
-        count = int(np.ceil(w[d] * size)) + 1
-        datasets.append(np.full(count, d, dtype=np.int32))
-        due.append((np.arange(count) + 0.5) / w[d])
-    dataset_of = np.concatenate(datasets)
-    order = np.lexsort((dataset_of, np.concatenate(due)))[:size]
-    dataset_index = dataset_of[order]
-    # Within a dataset due times increase with k, so its samples come out as 0, 1, 2, ...
-    sample_index = np.zeros(size, dtype=np.int64)
-    for d in np.unique(dataset_index):
-        chosen = dataset_index == d
-        sample_index[chosen] = np.arange(int(chosen.sum()))
-    return dataset_index, sample_index
+    pieces = list(blend_chunks(weights, size))
+    if not pieces:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A cached blend: the two per-sample arrays (memory-mapped) and each dataset's count."""
+
+    dataset_index: np.ndarray
+    sample_index: np.ndarray
+    counts: np.ndarray
+
+
+def load_or_build_blend(weights: Sequence[float], size: int, folder: str) -> Blend:
+    """The blend of `size` samples, from `folder` when cached, else built there by one process.
+
+    The order depends on nothing but the weights and the size, so the file names carry a
+    digest of exactly those (and of the scheme).
+    """
+    key = json.dumps([BLEND_SCHEME, [float(x) for x in weights], int(size)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    names = ("dataset_index", "sample_index", "counts")
+    paths = {n: os.path.join(folder, f"blend_{size}ns_{digest}_{n}.npy") for n in names}
+
+    def build(partials: dict[str, str]) -> None:
+        dataset_out = NpyWriter(partials["dataset_index"], (size,), np.int32)
+        sample_out = NpyWriter(partials["sample_index"], (size,), np.int64)
+        counts = np.zeros(len(weights), np.int64)
+        for dataset, sample in blend_chunks(weights, size, BLEND_CHUNK):
+            dataset_out.write(dataset)
+            sample_out.write(sample)
+            counts += np.bincount(dataset, minlength=len(weights))
+        dataset_out.close()
+        sample_out.close()
+        np.save(partials["counts"], counts)
+
+    arrays = load_or_build(paths, build, f"the blend of {size} samples ({paths['counts']})")
+    return Blend(**arrays)
 
 
 class BlendedDataset:
@@ -85,6 +180,9 @@ def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDatas
     Each component gets a GPTDataset over its share of documents, sized to exactly the number
     of its samples the blend uses (repeating epochs where the weight asks for more data than the
     component has, as the Pile does). A component with no documents in this split is left out.
+    The blend and every component's sample index are cached files (`data.cache_dir`, default:
+    next to the first component's data, resp. each component's), built once by one process
+    and memory-mapped by every process that asks for them.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
@@ -104,14 +202,13 @@ def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDatas
             weights.append(component.weight)
     if not names:
         raise ValueError(f"no component has documents in the {split} split ({cfg.split})")
-    dataset_index, sample_index = blend_indices(weights, num_samples)
-    datasets = []
-    for d in range(len(names)):
-        needed = int(np.sum(dataset_index == d))
-        datasets.append(
-            GPTDataset(data[d], documents[d], cfg.seq_len, max(needed, 1), cfg.seed, cfg.cache_dir)
-        )
-    return BlendedDataset(datasets, dataset_index, sample_index, names)
+    folder = cfg.cache_dir or os.path.dirname(os.path.abspath(data[0].prefix))
+    blend = load_or_build_blend(weights, num_samples, folder)
+    datasets = [
+        GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)
+        for d, needed in enumerate(blend.counts)
+    ]
+    return BlendedDataset(datasets, blend.dataset_index, blend.sample_index, names)
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
