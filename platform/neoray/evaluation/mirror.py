@@ -19,6 +19,7 @@ import copy
 import functools
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,13 @@ def cached_copy(uri: str) -> Path | None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        try:
-            client.download_file(bucket, key, partial, ExtraArgs={"IfMatch": head["ETag"]})
-        except (BotoCoreError, ClientError) as err:
-            raise s3_error(uri, "read", err) from err
+        with os.fdopen(fd, "wb") as out:
+            try:  # the version the name was made from, or an error if it changed meanwhile
+                body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
+                shutil.copyfileobj(body, out, 1 << 20)
+            except (BotoCoreError, ClientError) as err:
+                raise s3_error(uri, "read", err) from err
         if os.path.getsize(partial) != size:
             raise OSError(f"{uri}: downloaded {os.path.getsize(partial)} of {size} bytes")
         os.replace(partial, path)
