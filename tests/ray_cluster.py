@@ -96,11 +96,24 @@ class RayCluster:
         return self._start(name, command, env)
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> Node:
+        """Start a node and wait until the head lists it. A loaded machine can keep a raylet
+        from registering within the 30 s `ray start` allows it: one more try then."""
         log = Path(self.directory) / f"{name}.log"
-        proc = start(command, log, env, inherit_env=False)
-        node = self.nodes[name] = Node(name, proc, log)
-        self._wait_alive(name, proc, log)
-        return node
+        for attempt in (1, 2):
+            proc = start(command, log, env, inherit_env=False, append=attempt > 1)
+            self.nodes[name] = Node(name, proc, log)
+            try:
+                self._wait_alive(name, proc, log)
+                return self.nodes[name]
+            except ServiceError:
+                del self.nodes[name]
+                stop(proc, 2.0)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def worker_nodes(self) -> list[str]:
+        return [name for name in self.nodes if name != "head"]
 
     def _alive(self) -> set[str]:
         """Names of the live nodes, by the resource that names each (from the GCS)."""
@@ -136,6 +149,6 @@ class RayCluster:
         stop(node.proc, 2.0)
 
     def shutdown(self) -> None:
-        for name in [*[n for n in self.nodes if n != "head"], "head"]:
+        for name in [*self.worker_nodes(), "head"]:
             if name in self.nodes:
                 stop(self.nodes.pop(name).proc, 5.0)

@@ -52,6 +52,13 @@ def cluster(s3_server, tmp_path_factory):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def two_worker_nodes(cluster: RayCluster) -> None:
+    """Start worker nodes until two run (after a test that lost one)."""
+    for name in ("node_x", "node_y"):
+        if len(cluster.worker_nodes()) < 2:
+            cluster.add_node(name, 2)
+
+
 def job_env(cluster: RayCluster, s3_server) -> dict[str, str]:
     """A driver of the cluster: the only process with the S3 endpoint and credentials."""
     return {**cluster.driver_env(), **s3_server.env()}
@@ -229,6 +236,7 @@ def test_preprocessing_on_every_node_reads_s3_with_the_jobs_credentials(
     from neoray.data.preprocess import PreprocessConfig, preprocess
     from neoray.tokenizer.load import RELEASED_20B
 
+    two_worker_nodes(cluster)
     bucket, client = s3_server.new_bucket(), s3_server.client()
     for part in range(4):
         text = "".join(
@@ -294,6 +302,7 @@ def test_evaluation_units_run_on_several_nodes_from_an_s3_mirror(cluster, s3_ser
     from neoray.evaluation import testdata
     from neoray.evaluation.mirror import task_manager
 
+    two_worker_nodes(cluster)
     mirror = testdata.write_all(tmp_path / "mirror")
     model_dir = testdata.write_random_model(tmp_path / "model" / "hf", mirror, output_scale=6.0)
     bucket, client = s3_server.new_bucket(), s3_server.client()
