@@ -14,10 +14,10 @@ seconds (Ray's default takes about half a minute).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +138,15 @@ class RayCluster:
             time.sleep(0.5)
 
     def kill(self, name: str) -> None:
-        """SIGKILL the node's raylet, as if its machine crashed; `ray start --block` then
-        stops what is left of the node. Returns once the head has declared it dead."""
+        """SIGKILL the node's raylet and every process it started (its workers), as if its
+        machine crashed (a worker outlives its raylet by a moment, long enough to finish a
+        short run); `ray start --block` then stops what is left of the node. Returns once the
+        head has declared the node dead."""
         node = self.nodes.pop(name)
-        os.kill(node.raylet().pid, signal.SIGKILL)
+        raylet = node.raylet()
+        for process in [raylet, *raylet.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 60
         while name in self._alive():
             assert time.monotonic() < deadline, f"the head still lists node {name} as alive"
