@@ -30,7 +30,7 @@ from neoray.config import ConfigError
 T = TypeVar("T")
 
 # Environment that workers need from the submitting process (never credentials: a runtime
-# environment is visible in the dashboard).
+# environment is visible in the dashboard; those travel as an object, see job_env).
 FORWARDED_ENV = ("DS_ACCELERATOR", "NEORAY_CODE_VERSION")
 # Ray Train routes a worker's print() to its logger and, where stdout is wrapped (as in every
 # Ray worker), to stdout as well: each progress line would reach the driver twice.
@@ -172,10 +172,14 @@ def run_workers(
         resources["GPU"] = 1
     env = WORKER_ENV | {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     started_local = connect(cluster, num_workers)
-    loop_config = {"function": function, "argument": argument, "cwd": os.getcwd()}
     trainer = TorchTrainer(
         _run_worker,
-        train_loop_config=loop_config | {"env": job_env.share()},
+        train_loop_config={
+            "function": function,
+            "argument": argument,
+            "cwd": os.getcwd(),
+            "env": job_env.share(),  # credentials, as an object: see neoray.cluster.job_env
+        },
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=cluster.use_gpu,
