@@ -1,5 +1,6 @@
 """Fill an evaluation mirror where the hub is reachable, for clusters that cannot reach it:
-`python jobs/mirror_eval_data.py tasks=[mmlu,gsm8k] output=/data/eval-mirror`."""
+`python jobs/mirror_eval_data.py tasks=[mmlu,gsm8k] output=/data/eval-mirror`, or into S3 for a
+cluster whose nodes share no disk: `output=s3://bucket/eval-mirror`."""
 
 import hydra
 from omegaconf import DictConfig

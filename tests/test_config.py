@@ -1,5 +1,6 @@
 """Config sections become dataclasses; wrong or missing fields are named in the error."""
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -29,3 +30,21 @@ def test_unknown_field_is_named_with_the_valid_ones():
 def test_missing_required_field_is_named():
     with pytest.raises(ConfigError, match=r"example: required field\(s\) path not set"):
         dataclass_from_config(Example, {"steps": 1}, "example")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"placement_strategy": "spread"}, "cluster.placement_strategy='spread'"),
+        ({"placement_timeout_s": 0}, "cluster.placement_timeout_s=0"),
+        ({"elastic": True}, "cluster.elastic=true"),
+        ({"cpus_per_worker": 0}, "cluster.cpus_per_worker=0"),
+    ],
+)
+def test_a_bad_cluster_setting_is_named_before_any_worker_starts(overrides, field):
+    from neoray.cluster.ray_train import ClusterConfig
+
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        ClusterConfig(**overrides)
+    placed = ClusterConfig(placement_strategy="STRICT_SPREAD", placement_timeout_s=None)
+    assert placed.placement_strategy == "STRICT_SPREAD"

@@ -231,3 +231,36 @@ def test_a_killed_worker_is_retried_and_the_others_are_kept(mirror, model_dir, r
         [kept] = {"arithmetic_2da", "arithmetic_2ds"} - {lost}
         assert set(merged["results"]) == {kept}
         assert merged["n-samples"][kept]["effective"] == LIMIT
+
+
+def test_an_s3_mirror_is_fetched_once_per_content_into_the_nodes_cache(
+    s3_bucket, tmp_path, monkeypatch
+):
+    from neoray.evaluation.mirror import publish_split, split_path
+    from neoray.storage import s3_client
+
+    monkeypatch.setenv("NEORAY_EVAL_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "mirror"
+    testdata.write_arithmetic(local, count=30)
+    remote = f"s3://{s3_bucket}/eval-mirror"
+    path = split_path(local, "arithmetic_2da", "validation")
+    assert publish_split(path, remote, "arithmetic_2da", "validation") == (
+        f"{remote}/arithmetic_2da/validation.jsonl"
+    )
+    downloads = []
+    s3_client().meta.events.register(
+        "before-call.s3.GetObject", lambda **_: downloads.append(1), unique_id="count-gets"
+    )
+
+    def docs(data_dir) -> list[dict]:
+        [task] = task_manager(data_dir).load(["arithmetic_2da"])["tasks"].values()
+        return list(task.eval_docs)
+
+    assert docs(remote) == docs(local) and len(downloads) == 1
+    assert docs(remote) == docs(local) and len(downloads) == 1, "the cached copy serves"
+    testdata.write_arithmetic(local, count=20, seed=1)  # the mirror is refreshed: fetched anew
+    publish_split(path, remote, "arithmetic_2da", "validation")
+    assert docs(remote) == docs(local) and len(downloads) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one file per content, no leftovers
+    with pytest.raises(MissingDatasetError, match=f"{remote}/arithmetic_2ds/validation.jsonl"):
+        task_manager(remote).load(["arithmetic_2ds"])

@@ -6,12 +6,21 @@ RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in e
 so the training function runs as under torchrun and DeepSpeed reuses that group. When a worker
 fails, Ray Train restarts the whole group (up to `max_failures` times); the training function
 then resumes from the latest committed checkpoint by itself.
+
+On several nodes the workers are placed by `placement_strategy` (SPREAD / STRICT_SPREAD: one
+worker per node where possible). When a node is lost, its workers die with it and the group is
+restarted at the same size as soon as the cluster can place it again (a replacement node
+joins); if it cannot within `placement_timeout_s`, the run stops with `PlacementError`. It
+never continues on fewer workers: that needs its checkpoint resharded to a smaller dp
+(`cluster.elastic`, not available yet). Credentials reach workers on every node as an object
+(`neoray.cluster.job_env`), never through the runtime environment.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,11 +30,21 @@ from neoray.config import ConfigError
 T = TypeVar("T")
 
 # Environment that workers need from the submitting process (never credentials: a runtime
-# environment is visible in the dashboard).
+# environment is visible in the dashboard; those travel as an object, see job_env).
 FORWARDED_ENV = ("DS_ACCELERATOR", "NEORAY_CODE_VERSION")
 # Ray Train routes a worker's print() to its logger and, where stdout is wrapped (as in every
 # Ray worker), to stdout as well: each progress line would reach the driver twice.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Ray Train's own wait for a worker group's placement group (read by its controller, to which
+# Ray Train passes this variable from the driver's environment).
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not place the run's workers in time (too few nodes or resources)."""
 
 
 @dataclass
@@ -37,6 +56,9 @@ class ClusterConfig:
     cpus_per_worker: float = 1
     max_failures: int = 3  # worker group restarts before the run fails; -1: no limit
     storage_path: str | None = None  # Ray Train's own run state; None: <run_dir>/ray
+    placement_strategy: str = "PACK"  # Ray placement group strategy of the worker group
+    placement_timeout_s: float | None = 600.0  # wait for room for every worker; None: forever
+    elastic: bool = False  # continue on fewer nodes (needs resharding on resume: not yet)
 
     def __post_init__(self) -> None:
         if self.cpus_per_worker <= 0:
@@ -44,6 +66,22 @@ class ClusterConfig:
         if self.max_failures < -1:
             raise ConfigError(
                 f"cluster.max_failures={self.max_failures}: use -1 (no limit), 0 or more"
+            )
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"cluster.placement_strategy={self.placement_strategy!r}: choose one of "
+                f"{', '.join(PLACEMENT_STRATEGIES)} (SPREAD / STRICT_SPREAD: one worker per node)"
+            )
+        if self.placement_timeout_s is not None and self.placement_timeout_s <= 0:
+            raise ConfigError(
+                f"cluster.placement_timeout_s={self.placement_timeout_s}: use seconds > 0, "
+                "or null to wait without limit"
+            )
+        if self.elastic:
+            raise ConfigError(
+                "cluster.elastic=true: continuing on fewer workers needs the checkpoint "
+                "resharded to a smaller dp on resume, which this version cannot do yet; use "
+                "cluster.elastic=false and start a replacement node when one is lost"
             )
 
 
@@ -72,8 +110,42 @@ def enter_job_directory(cwd: str) -> None:
 
 def _run_worker(loop_config: dict[str, Any]) -> None:
     """A Ray Train worker's entry point."""
+    from neoray.cluster import job_env
+
     enter_job_directory(loop_config["cwd"])
+    job_env.adopt(loop_config["env"])
     loop_config["function"](loop_config["argument"])
+
+
+def placement_error(cluster: ClusterConfig, num_workers: int) -> PlacementError:
+    """Why the run stopped when Ray Train could not place its workers, and what to do."""
+    return PlacementError(
+        f"Ray could not place the run's {num_workers} workers "
+        f"({cluster.cpus_per_worker} CPU{' and 1 GPU' if cluster.use_gpu else ''} each, "
+        f"placement {cluster.placement_strategy}) within cluster.placement_timeout_s="
+        f"{cluster.placement_timeout_s}: the cluster has too few nodes or free resources (a "
+        "node was lost, or never joined). Start a node (`ray start --address=<head>`) and run "
+        "again, or let the run wait longer (cluster.placement_timeout_s); it resumes from its "
+        "last committed checkpoint. Continuing on fewer workers (cluster.elastic=true) needs "
+        "the checkpoint resharded to a smaller dp, which this version cannot do yet."
+    )
+
+
+@contextmanager
+def _start_timeout(seconds: float | None) -> Iterator[None]:
+    """Ray Train's controller waits `seconds` for a worker group's placement (None: its own
+    default, retried without limit); it takes the setting from this process's environment
+    when the run starts."""
+    previous = os.environ.get(START_TIMEOUT_VARIABLE)
+    if seconds is not None:
+        os.environ[START_TIMEOUT_VARIABLE] = str(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT_VARIABLE, None)
+        else:
+            os.environ[START_TIMEOUT_VARIABLE] = previous
 
 
 def run_workers(
@@ -89,8 +161,11 @@ def run_workers(
     """Call `function(argument)` on `num_workers` Ray Train workers forming one process group;
     raise if the run fails after `cluster.max_failures` restarts. `callbacks` are Ray Train
     callbacks (a sweep's trial passes Ray Tune's, which forwards the workers' reports)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from neoray.cluster import job_env
 
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
@@ -99,21 +174,38 @@ def run_workers(
     started_local = connect(cluster, num_workers)
     trainer = TorchTrainer(
         _run_worker,
-        train_loop_config={"function": function, "argument": argument, "cwd": os.getcwd()},
+        train_loop_config={
+            "function": function,
+            "argument": argument,
+            "cwd": os.getcwd(),
+            "env": job_env.share(),  # credentials, as an object: see neoray.cluster.job_env
+        },
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cluster.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(cluster.storage_path or default_storage).resolve()),
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cluster.max_failures,
+                # A placement that timed out is final (retried without limit otherwise).
+                controller_failure_limit=-1 if cluster.placement_timeout_s is None else 0,
+            ),
             worker_runtime_env={"env_vars": env},
             callbacks=list(callbacks),
         ),
     )
     try:
-        trainer.fit()
+        with _start_timeout(cluster.placement_timeout_s):
+            trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise placement_error(cluster, num_workers) from err
+        raise
     finally:
         if started_local:
             import ray

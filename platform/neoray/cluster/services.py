@@ -76,10 +76,14 @@ def start(
     env: Mapping[str, str] | None = None,
     die_with_parent: bool = True,
     append: bool = False,
+    inherit_env: bool = True,
 ) -> subprocess.Popen:
     """Start `command` in its own process group (out of reach of the terminal's ^C), output
-    to `log` (appended to with `append`, as for a restart). With `die_with_parent`, Linux
+    to `log` (appended to with `append`, as for a restart). `env` adds to this process's
+    environment, or with `inherit_env=False` is the whole of it. With `die_with_parent`, Linux
     kills it if the starting process dies first."""
+    if not inherit_env:
+        env = dict(env or {})
     with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(
             command,
@@ -88,7 +92,7 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent() if die_with_parent else None,
-            env=None if env is None else {**os.environ, **env},
+            env=None if env is None else {**(os.environ if inherit_env else {}), **env},
         )
 
 
@@ -417,7 +421,10 @@ def ray_ports() -> dict[str, int]:
 
 
 def ray_head_command(
-    temp_dir: Path, ports: dict[str, int], num_cpus: int | None = None
+    temp_dir: Path,
+    ports: dict[str, int],
+    num_cpus: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[str]:
     """`ray start --head --block` on 127.0.0.1: the command stays in the foreground, so stopping
     its process group stops the whole node (unlike `ray stop`, which stops every Ray node of
@@ -440,9 +447,42 @@ def ray_head_command(
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    if num_cpus is not None:
-        command.append(f"--num-cpus={num_cpus}")
-    return command
+    return command + _node_resources(num_cpus, resources)
+
+
+def _node_resources(num_cpus: int | None, resources: dict[str, float] | None) -> list[str]:
+    options = [] if num_cpus is None else [f"--num-cpus={num_cpus}"]
+    return options + ([f"--resources={json.dumps(resources)}"] if resources else [])
+
+
+RAY_WORKER_PORTS = ("agent", "metrics")
+
+
+def ray_worker_command(
+    head: str,
+    temp_dir: Path,
+    num_cpus: int | None = None,
+    resources: dict[str, float] | None = None,
+) -> list[str]:
+    """`ray start --address=<head> --block`: a worker node joining the head's GCS at `head`
+    (host:port), in the foreground like `ray_head_command`. Its dashboard agent and metrics
+    ports are chosen free here: Ray's defaults are constants that two nodes of one machine
+    would share. `resources` are custom ones, e.g. {"node_a": 1} to name the node."""
+    ports = dict(zip(RAY_WORKER_PORTS, free_ports(len(RAY_WORKER_PORTS)), strict=True))
+    command = [
+        str(BIN / "ray"),
+        "start",
+        f"--address={head}",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={ports['agent']}",
+        f"--metrics-export-port={ports['metrics']}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    return command + _node_resources(num_cpus, resources)
 
 
 def ray_dashboard_ready(url: str, token: str | None = None) -> Callable[[], bool]:

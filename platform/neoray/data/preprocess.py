@@ -6,8 +6,10 @@ shard order, so the output is the same whichever executor ran the shards:
 
 - `local`: shards one after another in this process; `encode_batch` uses every core, and a
   reader thread parses the next batch while the current one is encoded.
-- `ray`: shards as Ray tasks on the cluster (`RAY_ADDRESS`, or a local Ray); the tokenizer
-  travels through the object store, so workers need no shared filesystem for it.
+- `ray`: shards as Ray tasks spread over the cluster's nodes (`RAY_ADDRESS`, or a local Ray);
+  the tokenizer travels through the object store, so workers need no shared filesystem for
+  it, and so do the job's S3 settings and credentials (`neoray.cluster.job_env`), so workers
+  read `s3://` inputs on nodes that have none of their own.
 
 Every document gets `<|endoftext|>` appended. Bad records are skipped and listed with file and
 line in `<prefix>.skipped.jsonl`; totals go to `<prefix>.report.json`. Output is written under
@@ -202,11 +204,14 @@ def _run_ray(
     """Shards as Ray tasks, a bounded number in flight, results taken in shard order."""
     import ray
 
+    from neoray.cluster.job_env import JobTask
     from neoray.cluster.ray_start import start_or_join
 
     start_or_join()
-    task = ray.remote(tokenize_shard).options(
+    task = JobTask(
+        tokenize_shard,
         num_cpus=cfg.cpus_per_task,
+        scheduling_strategy="SPREAD",  # every node reads and tokenizes
         # encode_batch's thread pool would otherwise take every core of the node.
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(cfg.cpus_per_task)}},
     )

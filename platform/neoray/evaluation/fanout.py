@@ -250,14 +250,18 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     dict (with `samples`), plus `failed`: tasks whose worker failed after its retries."""
     import ray
 
+    from neoray.cluster.job_env import JobTask
+
     _quiet_datasets()
     manager = task_manager(cfg.data_dir)
-    remote = ray.remote(
+    remote = JobTask(  # with the job's S3 settings and credentials, on any node
+        run_unit,
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
         max_retries=cfg.max_retries,
         retry_exceptions=True,
-    )(run_unit)
+        scheduling_strategy="SPREAD",  # one unit per node where there are enough nodes
+    )
     hf_dir, manager_ref = os.path.abspath(hf_dir), ray.put(manager)
 
     loaded = manager.load(cfg.tasks)
