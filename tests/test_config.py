@@ -37,7 +37,6 @@ def test_missing_required_field_is_named():
     [
         ({"placement_strategy": "spread"}, "cluster.placement_strategy='spread'"),
         ({"placement_timeout_s": 0}, "cluster.placement_timeout_s=0"),
-        ({"elastic": True}, "cluster.elastic=true"),
         ({"cpus_per_worker": 0}, "cluster.cpus_per_worker=0"),
     ],
 )

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 from mlflow import MlflowClient
 from ray_cluster import RayCluster
 
@@ -83,8 +83,29 @@ def committed(client, bucket: str, run: str) -> list[int]:
     )
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run dir of CONFIG's run under torchrun on this machine, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_command(
+        [
+            *torchrun_launcher(2),
+            "jobs/pretrain.py",
+            "launcher=torchrun",
+            *CONFIG,
+            "checkpoint.enabled=false",
+            "tracking.enabled=false",
+            f"run_dir={run_dir}",
+        ],
+        timeout=400,
+        cwd=ROOT,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
+    return run_dir
+
+
 def test_a_lost_node_is_replaced_and_the_run_resumes_as_if_never_interrupted(
-    cluster, s3_server, tmp_path
+    cluster, s3_server, tmp_path, uninterrupted
 ):
     bucket, client = s3_server.new_bucket(), s3_server.client()
     env = job_env(cluster, s3_server) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"}
@@ -136,23 +157,6 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_as_if_never_interrupted(
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
 
-    uninterrupted = tmp_path / "uninterrupted"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    run_command(
-        [
-            *launcher,
-            "jobs/pretrain.py",
-            "launcher=torchrun",
-            *CONFIG,
-            "checkpoint.enabled=false",
-            "tracking.enabled=false",
-            f"run_dir={uninterrupted}",
-        ],
-        timeout=400,
-        cwd=ROOT,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-    )
     # metrics.jsonl is cut back to the checkpoint on resume: one row per step, as trained last.
     resumed, expected = rows(run_dir), rows(uninterrupted)
     assert [row["step"] for row in resumed] == list(range(STEPS))
@@ -167,6 +171,42 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_as_if_never_interrupted(
     assert len(history) >= STEPS + (logged - newest) and run.info.status == "FINISHED"
     assert newest in committed_before
     assert committed(client, bucket, "spread")[-1] == STEPS
+
+
+def test_an_elastic_run_continues_on_the_nodes_left_resharded_with_the_same_losses(
+    cluster, s3_server, tmp_path, uninterrupted
+):
+    two_worker_nodes(cluster)
+    bucket, client = s3_server.new_bucket(), s3_server.client()
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "jobs/pretrain.py",
+        *CONFIG,
+        "run_name=elastic",
+        "storage=s3",
+        f"storage.bucket={bucket}",
+        "checkpoint.interval=4",
+        f"optim.decay_steps={STEPS}",  # CONFIG's schedule, whatever train.steps says
+        "cluster.placement_strategy=STRICT_SPREAD",  # dp=2 needs two worker nodes
+        "cluster.placement_timeout_s=5",
+        "cluster.elastic=true",
+        "tracking.enabled=false",
+        f"run_dir={run_dir}",
+    ]
+    env = job_env(cluster, s3_server)
+    run_command([*command, "train.steps=4"], timeout=400, cwd=ROOT, env=env)
+    assert committed(client, bucket, "elastic")[-1] == 4
+    cluster.kill(cluster.worker_nodes()[-1])  # no replacement: one worker node is left
+    output = run_command([*command, "train.steps=8"], timeout=400, cwd=ROOT, env=env)
+    assert "continuing with dp=1 and grad_accum_steps=2 (was dp=2, 1)" in output
+    assert "resharded step 4 from tp=1, pp=1, dp=2 to tp=1, pp=1, dp=1" in output
+    resumed, expected = rows(run_dir), rows(uninterrupted)
+    assert [row["step"] for row in resumed] == list(range(8))
+    assert [row["loss"] for row in resumed] == pytest.approx(
+        [row["loss"] for row in expected[:8]], rel=1e-5
+    )
+    assert committed(client, bucket, "elastic")[-1] == 8
 
 
 def test_a_run_the_cluster_cannot_place_stops_naming_the_fix(cluster, s3_server, tmp_path):

@@ -20,7 +20,7 @@ from distributed import free_port, run_command
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 100
+STEPS = 40
 CONFIG = [
     "model=tiny",
     "parallel.dp=2",
@@ -73,7 +73,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
         *CONFIG,
         "run_name=crashed",
         f"storage.root={store}",
-        "checkpoint.interval=25",
+        "checkpoint.interval=10",
         "cluster.max_failures=1",
         f"run_dir={run_dir}",
     ]

@@ -10,10 +10,11 @@ then resumes from the latest committed checkpoint by itself.
 On several nodes the workers are placed by `placement_strategy` (SPREAD / STRICT_SPREAD: one
 worker per node where possible). When a node is lost, its workers die with it and the group is
 restarted at the same size as soon as the cluster can place it again (a replacement node
-joins); if it cannot within `placement_timeout_s`, the run stops with `PlacementError`. It
-never continues on fewer workers: that needs its checkpoint resharded to a smaller dp
-(`cluster.elastic`, not available yet). Credentials reach workers on every node as an object
-(`neoray.cluster.job_env`), never through the runtime environment.
+joins); if it cannot within `placement_timeout_s`, the run stops with `PlacementError`, which
+says how many workers the live nodes can hold (with `cluster.elastic`, the training job then
+continues on fewer data-parallel ranks: `neoray.training.job.run_on_ray`). Credentials reach
+workers on every node as an object (`neoray.cluster.job_env`), never through the runtime
+environment.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 class PlacementError(RuntimeError):
-    """The cluster could not place the run's workers in time (too few nodes or resources)."""
+    """The cluster could not place the run's workers in time (too few nodes or resources);
+    `placeable` is how many workers its live nodes could hold."""
+
+    def __init__(self, message: str, placeable: int) -> None:
+        super().__init__(message)
+        self.placeable = placeable
 
 
 @dataclass
@@ -58,7 +64,7 @@ class ClusterConfig:
     storage_path: str | None = None  # Ray Train's own run state; None: <run_dir>/ray
     placement_strategy: str = "PACK"  # Ray placement group strategy of the worker group
     placement_timeout_s: float | None = 600.0  # wait for room for every worker; None: forever
-    elastic: bool = False  # continue on fewer nodes (needs resharding on resume: not yet)
+    elastic: bool = False  # when the workers cannot be placed, continue with a smaller dp
 
     def __post_init__(self) -> None:
         if self.cpus_per_worker <= 0:
@@ -76,12 +82,6 @@ class ClusterConfig:
             raise ConfigError(
                 f"cluster.placement_timeout_s={self.placement_timeout_s}: use seconds > 0, "
                 "or null to wait without limit"
-            )
-        if self.elastic:
-            raise ConfigError(
-                "cluster.elastic=true: continuing on fewer workers needs the checkpoint "
-                "resharded to a smaller dp on resume, which this version cannot do yet; use "
-                "cluster.elastic=false and start a replacement node when one is lost"
             )
 
 
@@ -117,17 +117,35 @@ def _run_worker(loop_config: dict[str, Any]) -> None:
     loop_config["function"](loop_config["argument"])
 
 
+def placeable_workers(cluster: ClusterConfig) -> int:
+    """How many of the run's workers the live nodes could hold, each node by itself (one per
+    node under STRICT_SPREAD), whatever else runs there now."""
+    import ray
+
+    fits = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            resources = node["Resources"]
+            fit = int(resources.get("CPU", 0) // cluster.cpus_per_worker)
+            if cluster.use_gpu:
+                fit = min(fit, int(resources.get("GPU", 0)))
+            fits.append(min(fit, 1) if cluster.placement_strategy == "STRICT_SPREAD" else fit)
+    return sum(fits)
+
+
 def placement_error(cluster: ClusterConfig, num_workers: int) -> PlacementError:
     """Why the run stopped when Ray Train could not place its workers, and what to do."""
+    placeable = placeable_workers(cluster)
     return PlacementError(
         f"Ray could not place the run's {num_workers} workers "
         f"({cluster.cpus_per_worker} CPU{' and 1 GPU' if cluster.use_gpu else ''} each, "
         f"placement {cluster.placement_strategy}) within cluster.placement_timeout_s="
-        f"{cluster.placement_timeout_s}: the cluster has too few nodes or free resources (a "
-        "node was lost, or never joined). Start a node (`ray start --address=<head>`) and run "
-        "again, or let the run wait longer (cluster.placement_timeout_s); it resumes from its "
-        "last committed checkpoint. Continuing on fewer workers (cluster.elastic=true) needs "
-        "the checkpoint resharded to a smaller dp, which this version cannot do yet."
+        f"{cluster.placement_timeout_s}: the cluster's live nodes hold {placeable} (a node was "
+        "lost, or never joined). Start a node (`ray start --address=<head>`) and run again, or "
+        "let the run wait longer (cluster.placement_timeout_s); it resumes from its last "
+        "committed checkpoint. With cluster.elastic=true the run continues on fewer "
+        "data-parallel ranks instead, its checkpoint resharded.",
+        placeable,
     )
 
 

@@ -9,14 +9,16 @@ global rank 0 logs the run to MLflow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neoray.cluster.ray_train import ClusterConfig
+from neoray.cluster.ray_train import ClusterConfig, PlacementError
 from neoray.cluster.submit import check_durable_locations
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.tracking import TrackingConfig
@@ -24,6 +26,7 @@ from neoray.training.config import PretrainConfig, pretrain_config
 from neoray.training.precision import check_precision
 
 LAUNCHERS = ("ray", "torchrun")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,15 +139,46 @@ def run_on_ray(
     from neoray.cluster.ray_train import run_workers
 
     with run_lease(job.config, owner):
-        run_workers(
-            train,
-            job,
-            num_workers=job.config.parallel.world_size,
-            cluster=cluster,
-            name=job.run_name,
-            default_storage=str(Path(job.config.run_dir) / "ray"),
-            callbacks=callbacks,
-        )
+        while True:
+            try:
+                run_workers(
+                    train,
+                    job,
+                    num_workers=job.config.parallel.world_size,
+                    cluster=cluster,
+                    name=job.run_name,
+                    default_storage=str(Path(job.config.run_dir) / "ray"),
+                    callbacks=callbacks,
+                )
+                return
+            except PlacementError as err:
+                if not cluster.elastic:
+                    raise
+                job = _on_fewer_workers(job, err)
+
+
+def _on_fewer_workers(job: WorkerJob, err: PlacementError) -> WorkerJob:
+    """The job continued with the most data-parallel ranks that `err.placeable` workers hold
+    at the same global batch (it resumes resharded from its last committed checkpoint); the
+    placement error again when there is no such layout."""
+    parallel = job.config.parallel
+    smaller = parallel.shrunk_to(err.placeable)
+    if smaller is None:
+        raise err
+    log.warning(
+        "cluster.elastic: %d workers cannot be placed (%d can); continuing with dp=%d and "
+        "grad_accum_steps=%d (was dp=%d, %d): the same %d sequences a step",
+        parallel.world_size,
+        err.placeable,
+        smaller.dp,
+        smaller.grad_accum_steps,
+        parallel.dp,
+        parallel.grad_accum_steps,
+        smaller.sequences_per_step,
+    )
+    config = dataclasses.replace(job.config, parallel=smaller)
+    tags = job.tags | {"neoray.topology": f"tp={smaller.tp} pp={smaller.pp} dp={smaller.dp}"}
+    return dataclasses.replace(job, config=config, tags=tags)
 
 
 def run_lease(
