@@ -152,14 +152,11 @@ def full_states(
     """{fp32 | exp_avg | exp_avg_sq: {plain name: full tensor}} of the pipeline parameters
     `names`, read from the saved checkpoint's files in `folder`; with the optimizer state of
     one partition and the model-states file of one rank (same schedule and counters on all)."""
-    saved = [r for r in read_saved_ranks(folder, manifest) if _holds(r, names)]
-    files = optimizer_files(manifest, [r.mp_rank for r in saved])
+    holding = holding_ranks(folder, manifest, names)
     by_key: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = defaultdict(dict)
     optimizer = None
-    for rank in saved:
-        shards, optimizer = tensor_rank_shards(
-            rank, [folder / f for f in files[rank.mp_rank]], names
-        )
+    for rank, files in holding:
+        shards, optimizer = tensor_rank_shards(rank, [folder / f for f in files], names)
         for key, tensors in shards.items():
             by_key[key][rank.tp_rank, rank.mp_rank] = tensors
     full = {key: consolidate(shards, config) for key, shards in by_key.items()}
@@ -170,20 +167,26 @@ def full_states(
             f"{sorted(missing)[0]} (and {len(missing) - 1} more): the model differs from the one "
             "it was saved with (model.* must be as saved)"
         )
-    return full, optimizer, saved[0].states
+    return full, optimizer, holding[0][0].states
 
 
 def _holds(rank: SavedRank, names: set[str]) -> bool:
     return any(name in group for group in rank.shapes for name in names)
 
 
-def files_for(manifest: Manifest, folder: Path, names: set[str]) -> list[str]:
-    """The partition files a rank holding pipeline parameters `names` reads, once the
-    model-states files are in `folder`."""
+def holding_ranks(
+    folder: Path, manifest: Manifest, names: set[str]
+) -> list[tuple[SavedRank, list[str]]]:
+    """The saved model-parallel ranks that held any of the pipeline parameters `names`, each
+    with its partition files in data-parallel order (the model-states files are in `folder`)."""
     saved = [r for r in read_saved_ranks(folder, manifest) if _holds(r, names)]
-    return [
-        f for files in optimizer_files(manifest, [r.mp_rank for r in saved]).values() for f in files
-    ]
+    files = optimizer_files(manifest, [r.mp_rank for r in saved])
+    return [(rank, files[rank.mp_rank]) for rank in saved]
+
+
+def files_for(manifest: Manifest, folder: Path, names: set[str]) -> list[str]:
+    """The partition files a rank holding pipeline parameters `names` reads."""
+    return [f for _, files in holding_ranks(folder, manifest, names) for f in files]
 
 
 def load_resharded(
