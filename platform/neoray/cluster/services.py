@@ -440,6 +440,19 @@ def ray_head_command(
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={ports['dashboard']}",
         f"--ray-client-server-port={ports['client']}",
+    ]
+    return command + _node_options(ports, temp_dir, num_cpus, resources)
+
+
+def _node_options(
+    ports: dict[str, int],
+    temp_dir: Path,
+    num_cpus: int | None,
+    resources: dict[str, float] | None,
+) -> list[str]:
+    """What every node of ours is started with: its agent and metrics ports, workers on free
+    ports, the session's temp dir, no usage stats; its CPUs and custom resources if given."""
+    options = [
         f"--dashboard-agent-listen-port={ports['agent']}",
         f"--metrics-export-port={ports['metrics']}",
         "--min-worker-port=0",
@@ -447,11 +460,8 @@ def ray_head_command(
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    return command + _node_resources(num_cpus, resources)
-
-
-def _node_resources(num_cpus: int | None, resources: dict[str, float] | None) -> list[str]:
-    options = [] if num_cpus is None else [f"--num-cpus={num_cpus}"]
+    if num_cpus is not None:
+        options.append(f"--num-cpus={num_cpus}")
     return options + ([f"--resources={json.dumps(resources)}"] if resources else [])
 
 
@@ -475,14 +485,8 @@ def ray_worker_command(
         f"--address={head}",
         "--block",
         "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--metrics-export-port={ports['metrics']}",
-        "--min-worker-port=0",
-        "--max-worker-port=0",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
     ]
-    return command + _node_resources(num_cpus, resources)
+    return command + _node_options(ports, temp_dir, num_cpus, resources)
 
 
 def ray_dashboard_ready(url: str, token: str | None = None) -> Callable[[], bool]:
