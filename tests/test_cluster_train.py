@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,7 @@ def test_ray_train_workers_match_torchrun(tmp_path, env):
         env=env,
     )
     assert "RayTrainWorker" in output  # the ranks ran as Ray Train workers
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    launcher = torchrun_launcher(2)
     run_command(
         [*launcher, "jobs/pretrain.py", "launcher=torchrun", *CONFIG, f"run_dir={torchrun_dir}"],
         timeout=300,

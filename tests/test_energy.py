@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 
 from neoray.config import ConfigError
 from neoray.energy.grid import PAPER_MIX, EnergyConfig, co2_kg, mix_intensity
@@ -87,8 +87,7 @@ def test_a_run_meters_each_node_once_and_logs_energy_and_co2(tmp_path):
     """Two ranks on one CPU node: one meter (local rank 0), RAPL where readable, else the
     estimate, labelled; readings every 2 steps and at the end."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    command += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    command = torchrun_launcher(2)
     command += [
         "jobs/pretrain.py",
         "launcher=torchrun",

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 
 from neoray.data.loader import BatchSchedule, sample_indices
 from neoray.model import GPTNeoX
@@ -100,8 +99,7 @@ def train_layout(tmp_path: Path, init: Path, tp: int, pp: int, dp: int) -> Path:
         "train.peak_tflops=1.0",
         f"run_dir={run_dir}",
     ]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    launcher = torchrun_launcher(world)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run_command(launcher + args, timeout=300, cwd=ROOT, env=env)
     return run_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from distributed import free_port, run_command
+from distributed import run_command, torchrun_launcher
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     uninterrupted = tmp_path / "uninterrupted"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    launcher = torchrun_launcher(2)
     run_command(
         [
             *launcher,

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from distributed import free_port, run_command, run_workers
+from distributed import run_command, run_workers, torchrun_launcher
 from hydra import compose, initialize_config_dir
 
 from neoray.data.gpt_dataset import split_documents
@@ -138,8 +137,7 @@ def test_every_layout_reports_transformers_losses(demo_data, weights, tmp_path, 
 
 
 def pretrain(run_dir: Path, *overrides: str) -> list[dict]:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    args += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    args = torchrun_launcher(2)
     args += ["jobs/pretrain.py", "launcher=torchrun", f"run_dir={run_dir}", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     output = run_command(args, timeout=300, cwd=ROOT, env=env)
