@@ -1,9 +1,10 @@
 """Resuming a run from its latest committed checkpoint that every rank can read intact.
 
-At the layout it was saved with, each rank downloads only what its engine loads: its
-model-parallel rank's model states, its own ZeRO optimizer partition, and the layer files of
-its pipeline stage (for every tensor rank: DeepSpeed's layer loader counts them to choose its
-own). At another layout, each rank downloads the saved optimizer partitions of the parameters
+At the layout it was saved with, each rank downloads only what its engine loads: its own ZeRO
+optimizer partition, the layer files of its pipeline stage (for every tensor rank: DeepSpeed's
+layer loader counts them to choose its own) and every model-parallel rank's small model-states
+file (DeepSpeed's loader counts them against the saved model-parallel size, and reads the
+first besides its own). At another layout, each rank downloads the saved optimizer partitions of the parameters
 its stage holds and re-splits them (`neoray.checkpoint.reshard`). Every file is checked against the
 manifest's size and sha256. If any rank finds a file missing or corrupt, all ranks reject that
 checkpoint together and try the one before; the rejected checkpoints' manifests are deleted,
@@ -51,8 +52,9 @@ INTACT, CORRUPT, UNREACHABLE = 0, 1, 2  # a rank's finding; the ranks act on the
 
 
 def files_of_rank(engine, manifest: Manifest) -> list[str]:
-    """The files of `manifest` that this rank's engine reads in `load_checkpoint`."""
-    own = rank_checkpoint_files(engine, step_tag(manifest.step))
+    """The files of `manifest` that this rank's engine reads in `load_checkpoint` (see the
+    module's docstring)."""
+    own = rank_checkpoint_files(engine, step_tag(manifest.step)) | set(model_state_files(manifest))
     layers = tuple(f"layer_{i:02d}-" for i in local_layers(engine.module))
     listed = [entry.path for entry in manifest.files]
     return [path for path in listed if path in own or path.startswith(layers)] + sorted(
