@@ -141,3 +141,25 @@ def mlflow_tracking_uri(tmp_path_factory):
         del os.environ["MLFLOW_TRACKING_URI"]
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+# Runs of the tiny model at a parallel layout, never interrupted: the reference of the resume
+# tests (tests/layouts.py), each trained once per session, on first use.
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """`reference_runs(layout)`: the uninterrupted run at `layout` (a `layouts.TrainedRun`)."""
+    from layouts import TrainedRun, launch, name
+
+    root = tmp_path_factory.mktemp("reference_runs")
+    trained: dict = {}
+
+    def reference(layout: tuple[int, int, int]) -> TrainedRun:
+        if layout not in trained:
+            run = TrainedRun(root / name(layout) / "run", root / name(layout) / "store")
+            launch(layout, run.run_dir, [f"storage.root={run.store}"])
+            trained[layout] = run
+        return trained[layout]
+
+    return reference

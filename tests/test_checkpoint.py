@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import run_command, torchrun_launcher
+from layouts import copy_checkpoint
 
 from neoray.checkpoint import (
     CheckpointConfig,
@@ -199,12 +200,6 @@ def run_args(tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
     ]
 
 
-def torchrun(tmp_path: Path, world: int, run_name: str, *overrides: str) -> str:
-    args = run_args(tmp_path, run_name, f"parallel.dp={world}", *overrides)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return run_command(torchrun_launcher(world) + args, timeout=240, cwd=ROOT, env=env)
-
-
 def one_process(tmp_path: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *run_args(tmp_path, run_name, *overrides)],
@@ -216,42 +211,36 @@ def one_process(tmp_path: Path, run_name: str, *overrides: str) -> subprocess.Co
     )
 
 
-def metrics(tmp_path: Path, run_name: str) -> list[dict]:
-    text = (tmp_path / "runs" / run_name / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
+# A dp=2 run (tests/layouts.py): 10 steps of 8 sequences (2 per micro batch, 2 micro batches),
+# saving every step and keeping five. Resuming it exactly is tests/test_resume_matrix.py.
+DP2 = (1, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def dp2_runs(tmp_path_factory):
-    """dp=2: one run of 6 steps, and one stopped after 3 steps then rerun with train.steps=6."""
-    tmp_path = tmp_path_factory.mktemp("dp2")
-    torchrun(tmp_path, 2, "whole", "train.steps=6", "checkpoint.enabled=false")
-    torchrun(tmp_path, 2, "split", "train.steps=3", "checkpoint.interval=3")
-    output = torchrun(tmp_path, 2, "split", "train.steps=6", "checkpoint.interval=3")
-    return tmp_path, output
+@pytest.fixture
+def dp2_copy(reference_runs, tmp_path) -> Path:
+    """A copy of the dp=2 run's last checkpoint in `tmp_path/store`, as run `split`."""
+    from layouts import RUN, STEPS
 
-
-def test_resumed_run_matches_the_uninterrupted_one(dp2_runs):
-    tmp_path, output = dp2_runs
-    assert "resumed run 'split' at step 3" in output
-    whole, split = metrics(tmp_path, "whole"), metrics(tmp_path, "split")
-    assert [row["step"] for row in split] == list(range(6))
-    # Same weights, optimizer state, schedule and data order: bit-identical losses.
-    assert [row["loss"] for row in split] == [row["loss"] for row in whole]
-    assert [row["lr"] for row in split] == [row["lr"] for row in whole]
-
-
-def test_manifest_lists_every_rank_file_and_is_written_last(dp2_runs):
-    tmp_path, _ = dp2_runs
+    reference = reference_runs(DP2)
+    manifest = read_manifest(reference.storage, RUN, STEPS)
     storage = LocalStorage(tmp_path / "store")
-    manifests = committed_checkpoints(storage, "split")
-    assert [m.step for m in manifests] == [3, 6]
+    copy = dataclasses.replace(manifest, run_name="split")
+    copy_checkpoint(reference.folder(STEPS), copy, storage)
+    return tmp_path
+
+
+def test_manifest_lists_every_rank_file_and_is_written_last(reference_runs):
+    from layouts import RUN, STEPS
+
+    reference = reference_runs(DP2)
+    manifests = committed_checkpoints(reference.storage, RUN)
+    assert [m.step for m in manifests] == list(range(STEPS - 4, STEPS + 1))  # keep_last=5
     manifest = manifests[-1]
     assert manifest.topology == {"tp": 1, "pp": 1, "dp": 2}
-    assert manifest.tokens_seen == 6 * 2 * 2 * 32  # steps x micro x dp x seq_len
+    assert manifest.tokens_seen == STEPS * 2 * 2 * 2 * 32  # steps x micro x accum x dp x seq
     assert manifest.model["hidden_size"] == 64
-    assert manifest.config["optim.decay_steps"] == 6
-    folder = tmp_path / "store" / "split" / "checkpoints" / "step_00000006"
+    assert manifest.config["train.steps"] == STEPS
+    folder = reference.folder(STEPS)
     names = {entry.path for entry in manifest.files}
     assert {
         "mp_rank_00_model_states.pt",
@@ -265,23 +254,21 @@ def test_manifest_lists_every_rank_file_and_is_written_last(dp2_runs):
         assert entry.sha256 == sha256_file(folder / entry.path)
     last_file = max((folder / name).stat().st_mtime_ns for name in names)
     assert (folder / "manifest.json").stat().st_mtime_ns >= last_file
-    staging = tmp_path / "runs" / "split" / "staging"
+    staging = reference.run_dir / "staging"
     assert not any(staging.rglob("*.pt"))  # uploaded shards are not kept locally
 
 
-def test_resuming_with_another_global_batch_is_refused(dp2_runs):
-    tmp_path, _ = dp2_runs
-    result = one_process(tmp_path, "split", "train.steps=8")  # 2 sequences a step, saved 4
+def test_resuming_with_another_global_batch_is_refused(dp2_copy):
+    result = one_process(dp2_copy, "split", "train.steps=12")  # 2 sequences a step, saved 8
     assert result.returncode != 0, result.stdout[-2000:]
-    assert "trained with a global batch of 4 sequences" in result.stderr
+    assert "trained with a global batch of 8 sequences" in result.stderr
     assert "this run's is 2 (dp=1)" in result.stderr
     assert "resharded" not in result.stderr + result.stdout
 
 
-def test_resuming_another_model_is_refused_naming_the_fields(dp2_runs):
-    tmp_path, _ = dp2_runs
+def test_resuming_another_model_is_refused_naming_the_fields(dp2_copy):
     result = one_process(
-        tmp_path, "split", "train.steps=8", "parallel.grad_accum_steps=2", "model.num_layers=3"
+        dp2_copy, "split", "train.steps=12", "parallel.grad_accum_steps=4", "model.num_layers=3"
     )
     assert result.returncode != 0, result.stdout[-2000:]
     assert "is of another model: model.num_layers=3 (saved: 2)" in result.stderr

@@ -9,124 +9,62 @@ step, gathered from the checkpoints both wrote.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_command, torchrun_launcher
+from layouts import RESUMED_AT, RUN, STEPS, TrainedRun, launch, metrics, name, training_state
 
 from neoray.checkpoint import committed_checkpoints
-from neoray.checkpoint.reshard import FP32, MOMENTS, full_states, read_saved_ranks
-from neoray.model.gpt_neox import NeoXConfig
-from neoray.parallel.convert import consolidate
-from neoray.storage import LocalStorage
+from neoray.checkpoint.reshard import FP32, MOMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = "moved"
 SAVED = (2, 2, 2)
-# (tp, pp, dp) -> gradient accumulation steps giving 8 sequences a step (micro batches of 2)
-LAYOUTS = {SAVED: 2, (1, 2, 4): 1, (2, 1, 2): 2, (1, 1, 1): 4}
-RESUMED_AT, STEPS = 6, 10
+LAYOUTS = [(1, 2, 4), (2, 1, 2), (1, 1, 1)]
 
 
-def name(layout: tuple[int, int, int]) -> str:
-    return "tp{}_pp{}_dp{}".format(*layout)
+def moved_run(root: Path, layout: tuple[int, int, int]) -> TrainedRun:
+    return TrainedRun(root / name(layout) / "run", root / name(layout) / "store")
 
 
-def launch(root: Path, layout: tuple[int, int, int], *overrides: str, check: bool = True):
-    """Train `layout` to step 10 under torchrun; with check=False, the completed process (one
-    process launched: a refused layout is refused before the launch size is checked)."""
-    tp, pp, dp = layout
-    args = [
-        "jobs/pretrain.py",
-        "launcher=torchrun",
-        "model=tiny",
-        "data.seq_len=32",
-        "parallel.micro_batch_size=2",
-        f"parallel.grad_accum_steps={LAYOUTS.get(layout, 1)}",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.dp={dp}",
-        f"train.steps={STEPS}",
-        "train.peak_tflops=1.0",
-        "optim.warmup=0.2",
-        "checkpoint.interval=1",
-        "checkpoint.keep_last=5",
-        f"run_name={RUN}",
-        f"run_dir={root / 'runs' / name(layout)}",
-        f"storage.root={root / name(layout)}",
-        *overrides,
-    ]
-    command = torchrun_launcher(tp * pp * dp if check else 1) + args
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    if check:
-        return run_command(command, timeout=300, cwd=ROOT, env=env)
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def step_folder(root: Path, layout: tuple[int, int, int], step: int) -> Path:
-    return root / name(layout) / RUN / "checkpoints" / f"step_{step:08d}"
+def resume_moved(root: Path, saved: TrainedRun, layout: tuple[int, int, int], check=True):
+    """Copy `saved`'s step-RESUMED_AT checkpoint to a new storage and train `layout` from it."""
+    run = moved_run(root, layout)
+    shutil.copytree(saved.folder(RESUMED_AT), run.folder(RESUMED_AT))
+    return launch(layout, run.run_dir, [f"storage.root={run.store}"], check=check)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, dict]:
+def runs(tmp_path_factory, reference_runs) -> tuple[Path, TrainedRun, dict]:
     root = tmp_path_factory.mktemp("reshard")
-    logs = {SAVED: launch(root, SAVED)}
-    for layout in LAYOUTS:
-        if layout != SAVED:
-            shutil.copytree(
-                step_folder(root, SAVED, RESUMED_AT), step_folder(root, layout, RESUMED_AT)
-            )
-            logs[layout] = launch(root, layout)
-    return root, logs
+    saved = reference_runs(SAVED)
+    logs = {layout: resume_moved(root, saved, layout) for layout in LAYOUTS}
+    return root, saved, logs
 
 
-def losses(root: Path, layout: tuple[int, int, int]) -> dict[int, float]:
-    text = (root / "runs" / name(layout) / "metrics.jsonl").read_text()
-    return {row["step"]: row["loss"] for row in map(json.loads, text.splitlines())}
-
-
-def training_state(folder: Path) -> tuple[dict, dict]:
-    """{fp32 | exp_avg | exp_avg_sq: {plain name: full tensor}} of a checkpoint, and its
-    weights as DeepSpeed's per-layer files hold them, joined across tensor ranks."""
-    manifest = committed_checkpoints(LocalStorage(folder.parents[2]), RUN)
-    manifest = next(m for m in manifest if m.step == int(folder.name[5:]))
-    config = NeoXConfig(**manifest.model)
-    names = {n for r in read_saved_ranks(folder, manifest) for g in r.shapes for n in g}
-    full, _, _ = full_states(folder, manifest, names, config)
-    layers = {}
-    for path in folder.glob("layer_*-model_*-model_states.pt"):
-        index, tp_rank = (int(v) for v in re.findall(r"\d+", path.name)[:2])
-        state = torch.load(path, weights_only=True)
-        layers[tp_rank, index] = {f"{index}.{key}": value for key, value in state.items()}
-    return full, consolidate(layers, config)
+def state_at(run: TrainedRun, step: int) -> tuple[dict, dict]:
+    manifest = next(m for m in committed_checkpoints(run.storage, RUN) if m.step == step)
+    return training_state(run.folder(step), manifest)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != SAVED], ids=name)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=name)
 def test_a_checkpoint_resumes_at_another_layout_with_the_same_losses(runs, layout):
-    root, logs = runs
-    saved, resumed = losses(root, SAVED), losses(root, layout)
+    root, saved, logs = runs
+    original, resumed = metrics(saved.run_dir), metrics(moved_run(root, layout).run_dir)
     assert sorted(resumed) == list(range(RESUMED_AT, STEPS))
-    for step in resumed:
-        assert resumed[step] == pytest.approx(saved[step], rel=1e-5), step
+    for step, row in resumed.items():
+        assert row["loss"] == pytest.approx(original[step]["loss"], rel=1e-5), step
     assert f"resharded step {RESUMED_AT} from tp=2, pp=2, dp=2 to tp={layout[0]}" in logs[layout]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != SAVED], ids=name)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=name)
 def test_the_optimizer_state_after_the_first_resumed_step_is_the_original_layouts(runs, layout):
-    root, _ = runs
+    root, saved, _ = runs
     first = RESUMED_AT + 1
-    original, original_weights = training_state(step_folder(root, SAVED, first))
-    moved, moved_weights = training_state(step_folder(root, layout, first))
+    original, original_weights = state_at(saved, first)
+    moved, moved_weights = state_at(moved_run(root, layout), first)
     # The master weights read from the optimizer partitions are the weights DeepSpeed saved
     # per layer (fp32 training): the partition reading is right on both layouts.
     for weights, state in ((original_weights, original), (moved_weights, moved)):
@@ -155,11 +93,10 @@ def test_the_optimizer_state_after_the_first_resumed_step_is_the_original_layout
 
 @pytest.mark.slow
 def test_a_layout_that_cannot_hold_the_model_is_refused_before_any_weight_is_read(runs):
-    root, _ = runs
+    root, saved, _ = runs
     layout = (3, 1, 1)  # the tiny model's 4 heads do not split over 3 tensor ranks
-    shutil.copytree(step_folder(root, SAVED, RESUMED_AT), step_folder(root, layout, RESUMED_AT))
-    result = launch(root, layout, check=False)
+    result = resume_moved(root, saved, layout, check=False)
     assert result.returncode != 0
     assert "model.num_heads=4 is not divisible by parallel.tp=3" in result.stderr
     assert "resharded" not in result.stdout + result.stderr
-    assert not (root / "runs" / name(layout) / "metrics.jsonl").exists()
+    assert not (moved_run(root, layout).run_dir / "metrics.jsonl").exists()
