@@ -78,6 +78,9 @@ class ServerSwitch:
     def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
         self._event(kind="committed", step=step, uri=uri)
 
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        """The test follows the checkpoints, not the restarts."""
+
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.failed.add(step)
         self._event(kind="failed", step=step, error=error)

@@ -148,6 +148,18 @@ def test_one_run_per_training_run_resumed_by_name(mlflow_server):
     assert not other.resumed and other.run_id != first.run_id
 
 
+def test_a_resumed_run_logs_the_rows_a_crash_kept_from_mlflow(mlflow_server):
+    rows = [{"step": step, "loss": 7.0 - step} for step in range(5)]
+    with tracker(mlflow_server, "crashed", {}) as first:
+        for row in rows[:2]:  # the rows of steps 2 to 4 were still queued at the crash
+            first.on_metrics(row)
+    with tracker(mlflow_server, "crashed", {}) as restarted:
+        restarted.on_resume(4, rows)  # resumed from the step-4 checkpoint
+        restarted.on_metrics({"step": 4, "loss": 3.0})  # trained again
+    history = MlflowClient(mlflow_server.url).get_metric_history(first.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 7.0 - s) for s in range(5)]
+
+
 def test_failed_training_marks_the_run_failed(mlflow_server):
     with pytest.raises(RuntimeError), tracker(mlflow_server, "run-fails", {}) as failing:
         raise RuntimeError("diverged")

@@ -106,6 +106,9 @@ class TrainingExporter:
         self.failures += 1
         self.gauges.set("neoray_checkpoint_failures", self.failures)
 
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        """Nothing to do: the gauges show the latest step, which comes next."""
+
 
 class EvaluationExporter:
     """The scheduled-evaluation watcher's gauges: queue, evaluations in flight, their

@@ -11,6 +11,7 @@ creates a tracker.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -31,6 +32,7 @@ __all__ = [
     "redact",
 ]
 
+log = logging.getLogger(__name__)
 RUN_NAME_TAG = "neoray.run_name"
 PARENT_TAG = "mlflow.parentRunId"  # set on nested (evaluation) runs
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
@@ -128,7 +130,7 @@ def experiment_id(client: Any, name: str) -> str:
 
 class MLflowTracker:
     """The MLflow run of one training run; a TrainingObserver (on_metrics, on_checkpoint,
-    on_checkpoint_failed). Use it as a context manager: leaving the block ends the run as
+    on_checkpoint_failed, on_resume). Use it as a context manager: leaving the block ends the run as
     FINISHED, or FAILED on an exception.
 
     Params already logged (by the first attempt of a resumed run) keep their values, as MLflow
@@ -209,6 +211,23 @@ class MLflowTracker:
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.set_tags({f"checkpoint.failed.step_{step:08d}": error})
+
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        """Log the rows of steps before `step` that this run lacks: a crashed process loses
+        the rows still queued for MLflow, and the steps before its checkpoint are not trained
+        again. Steps from `step` on are trained again and logged as they come."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        missing = [row for row in earlier_rows if row["step"] < step and row["step"] not in logged]
+        for row in missing:
+            self.on_metrics(row)
+        if missing:
+            log.info(
+                "MLflow run %s lacked the metrics of %d steps before step %d (a crash kept them "
+                "from it); logged them from metrics.jsonl",
+                self.run_id,
+                len(missing),
+                step,
+            )
 
     def close(self, failed: bool = False) -> None:
         if self._monitor is not None:

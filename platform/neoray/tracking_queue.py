@@ -87,6 +87,9 @@ class QueuedTracker:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self._put("checkpoint_failed", (step, error))
 
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        self._put("resume", (step, [dict(row) for row in earlier_rows]))
+
     def close(self, failed: bool = False) -> None:
         """End the MLflow run (FINISHED or FAILED) once everything before it is logged; wait at
         most `flush_timeout_s`, then report what was not logged and return."""
@@ -168,6 +171,8 @@ class QueuedTracker:
             tracker.on_checkpoint(*args)
         elif kind == "checkpoint_failed":
             tracker.on_checkpoint_failed(*args)
+        elif kind == "resume":
+            tracker.on_resume(*args)
         else:
             tracker.close(*args)
 

@@ -231,6 +231,8 @@ def pretrain(
         peak=_peak_tflops(cfg, device),
     )
     out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
+    if out is not None and observer is not None and start > 0:
+        observer.on_resume(start, out.kept)
     energy = None
     if cfg.energy.enabled:
         earlier = [row["energy/kwh"] for row in out.kept if "energy/kwh" in row] if out else []

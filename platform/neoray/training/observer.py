@@ -17,6 +17,10 @@ class TrainingObserver(Protocol):
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         """The checkpoint of `step` could not be uploaded; it is retried at the next save."""
 
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        """The run resumed at `step`; `earlier_rows` are metrics.jsonl's rows of the steps
+        before it, so that a tracker can log those a crash kept from reaching it."""
+
 
 class Observers:
     """Several observers as one (an experiment tracker and the live metrics, say)."""
@@ -35,3 +39,7 @@ class Observers:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         for observer in self.observers:
             observer.on_checkpoint_failed(step, error)
+
+    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
+        for observer in self.observers:
+            observer.on_resume(step, earlier_rows)
