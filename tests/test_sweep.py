@@ -17,6 +17,9 @@ import pytest
 import services
 import yaml
 
+from neoray.sweep.config import SweepConfig
+from neoray.sweep.outcome import TrialOutcome, write_best
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -243,3 +246,15 @@ def test_bad_sweeps_are_refused_before_any_trial(tmp_path, settings, overrides, 
     assert result.returncode != 0
     assert re.search(message, result.stderr + result.stdout), result.stderr[-3000:]
     assert not (tmp_path / "sweep" / "tune").exists()  # no trial started
+
+
+def test_best_yaml_and_its_command_show_no_secret(tmp_path):
+    sweep = SweepConfig(name="lr", space={"optim.lr": [1e-3, 1e-4]})
+    best = TrialOutcome("t1", {"optim.lr": 1e-3}, "completed", 2.5, 10)
+    base = ["storage=s3", "storage.secret_key=abc", "tracking.uri=http://u:pw@127.0.0.1:5000"]
+    command = write_best(tmp_path / "best.yaml", best, sweep, base)
+    text = (tmp_path / "best.yaml").read_text()
+    for shown in (command, text):
+        assert "abc" not in shown and ":pw@" not in shown
+        assert "storage.secret_key=***" in shown and "http://u:***@127.0.0.1:5000" in shown
+    assert "optim.lr=0.001" in command

@@ -13,6 +13,7 @@ import pytest
 import services
 from mlflow import MlflowClient
 
+from neoray.config import redact_text
 from neoray.tracking import (
     RUN_NAME_TAG,
     MLflowTracker,
@@ -79,6 +80,41 @@ def test_passwords_inside_url_values_are_redacted():
     assert redact(config)["tracking"]["uri"] == "postgresql://neoray:***@127.0.0.1:5432/mlflow"
     assert redact(config)["data"]["inputs"][0] == "s3://bucket/a.jsonl"
     assert redact(config)["plain"] == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("http://admin:p@ssw0rd@h:5000/x", "http://admin:***@h:5000/x"),
+        ("https://ghp_T0ken@github.com/org/repo", "https://***@github.com/org/repo"),
+        ("http://127.0.0.1:5000/?token=abc&x=1", "http://127.0.0.1:5000/?token=***&x=1"),
+        ("https://b.s3.example.com/k?X-Amz-Credential=AKIA/1&X-Amz-Signature=beef",
+         "https://b.s3.example.com/k?X-Amz-Credential=***&X-Amz-Signature=***"),
+        ("MLflow at http://admin:S3cretPw@127.0.0.1:9 did not answer",
+         "MLflow at http://admin:***@127.0.0.1:9 did not answer"),
+        ("python jobs/pretrain.py storage.secret_key=abc tracking.uri=http://u:pw@h optim.lr=0.1",
+         "python jobs/pretrain.py storage.secret_key=*** tracking.uri=http://u:***@h optim.lr=0.1"),
+        ("tokenizer.path=runs/tok.json tokens_seen=5 s3://bucket/a.jsonl http://127.0.0.1:5000",
+         "tokenizer.path=runs/tok.json tokens_seen=5 s3://bucket/a.jsonl http://127.0.0.1:5000"),
+    ],
+)  # fmt: skip
+def test_redact_text_hides_passwords_tokens_and_secret_assignments(text, shown):
+    assert redact_text(text) == shown
+    assert redact({"value": text}) == {"value": shown}
+
+
+def test_the_mlflow_queue_never_shows_the_tracking_password(capfd):
+    def unreachable():
+        raise ConnectionError("connection refused")
+
+    url = "http://admin:S3cretPw@127.0.0.1:9"
+    queue = QueuedTracker(unreachable, uri=url, buffer_rows=10, flush_timeout_s=0.5, pause_s=0.1)
+    queue.on_metrics({"step": 0, "loss": 1.0})
+    queue.close()
+    printed = capfd.readouterr().out
+    assert "MLflow at http://admin:***@127.0.0.1:9 does not answer" in printed
+    assert "did not answer within tracking.flush_timeout_s" in printed
+    assert "S3cretPw" not in printed
 
 
 def test_flatten_and_metric_names():

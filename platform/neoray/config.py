@@ -55,14 +55,17 @@ def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
 
 
 # A key names a secret when one of its words ("_", "-" or "." separated) is one of these:
-# `aws_secret_access_key`, `api_token`, `credentials`, `basic_auth` are; `tokenizer`,
-# `tokens_seen`, `author` are not.
+# `aws_secret_access_key`, `api_token`, `credentials`, `basic_auth`, `X-Amz-Signature` are;
+# `tokenizer`, `tokens_seen`, `author` are not.
 SECRET_KEY = re.compile(
     r"(^|[._-])(secrets?|passwords?|passwd|token|credentials?|access_key|api_?key|auth|"
-    r"private_key)($|[._-])"
+    r"private_key|signature|sig)($|[._-])"
 )
-# The password of a URL's user info: `http://user:pass@host` -> `http://user:***@host`.
-URL_PASSWORD = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
+# A URL, up to the first character that cannot be part of one in a message or a command line.
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# `name=value` in a query string, a command line or a message; the value is secret when the
+# name is (see SECRET_KEY).
+ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)=(?P<value>[^\s&#'\"]*)")
 REDACTED = "***"
 
 
@@ -95,9 +98,9 @@ def unflatten(flat: Mapping[str, Any], section: str) -> dict[str, Any]:
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `values` (nested or flat) with the value of every key that names a secret
-    (`SECRET_KEY`) replaced by "***", and the password in every URL (`user:pass@host`)
-    as well, at any depth. Used wherever a config leaves the process: checkpoint manifests
-    and experiment tracking."""
+    (`SECRET_KEY`) replaced by "***", and every string value passed through `redact_text`, at
+    any depth. Used wherever a config leaves the process: checkpoint manifests and experiment
+    tracking."""
     redacted: dict[str, Any] = {}
     for key, value in values.items():
         if SECRET_KEY.search(str(key).lower()):
@@ -107,11 +110,37 @@ def redact(values: Mapping[str, Any]) -> dict[str, Any]:
     return redacted
 
 
+def redact_text(text: str) -> str:
+    """`text` with every secret it carries replaced by "***": a URL's password or lone user
+    name (`http://user:***@host`, `https://***@host`; the password may hold "@"), and the value
+    of every `name=value` whose name names a secret (`?token=***`, `storage.secret_key=***`).
+    Used for whatever is printed, logged or written of a value that may hold one."""
+    return ASSIGNMENT.sub(_redact_assignment, URL.sub(_redact_url, text))
+
+
+def _redact_url(match: re.Match) -> str:
+    scheme, rest = match.group(0).split("://", 1)
+    end = min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    return f"{scheme}://{authority}{tail}"
+
+
+def _redact_assignment(match: re.Match) -> str:
+    name = match.group("name")
+    if SECRET_KEY.search(name.lower()) and match.group("value"):
+        return f"{name}={REDACTED}"
+    return match.group(0)
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return redact(value)
     if isinstance(value, str):
-        return URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+        return redact_text(value)
     if isinstance(value, list | tuple):
         return type(value)(_redact_value(item) for item in value)
     return value

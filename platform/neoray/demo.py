@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from neoray.cluster.ray_train import ClusterConfig, connect
-from neoray.config import ConfigError, dataclass_from_config
+from neoray.config import ConfigError, dataclass_from_config, redact_text
 from neoray.console import MetricsFollower, log_to_file
 from neoray.data.prepare import prepare_data
 from neoray.model import GPTNeoX
@@ -148,7 +148,7 @@ def _train_and_evaluate(
     say(f"plots: {out / 'loss.png'}, {out / 'mmlu.png'}; summary: {out / 'summary.json'}")
     say(
         "browse the run, its checkpoints and evaluations in MLflow:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1 --port 5000"
+        f"  .venv/bin/mlflow ui --backend-store-uri {redact_text(cfg.tracking.uri)} --host 127.0.0.1 --port 5000"
         "\n  then open http://127.0.0.1:5000 (experiment 'neoray')"
     )
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")

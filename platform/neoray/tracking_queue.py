@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from neoray.config import redact_text
+
 # MLflow error codes that mean "the server (or something before it) is unwell", not "the
 # request is wrong": connection failures are reported as INTERNAL_ERROR too.
 TRANSIENT_CODES = frozenset(
@@ -51,7 +53,7 @@ class QueuedTracker:
         flush_timeout_s: float,
         pause_s: float = FIRST_PAUSE_S,
     ) -> None:
-        self.uri = uri
+        self.uri = redact_text(uri)  # as messages show it: no password
         self.buffer_rows = buffer_rows
         self.flush_timeout_s = flush_timeout_s
         self.dropped_rows = 0
@@ -185,12 +187,12 @@ class QueuedTracker:
                 result = call()
             except Exception as error:  # sorted by is_transient below
                 if not is_transient(error):
-                    self.refused.append(str(error).splitlines()[0][:500])
+                    self.refused.append(redact_text(str(error).splitlines()[0][:500]))
                     return None
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     print(
-                        f"MLflow at {self.uri} does not answer ({str(error).splitlines()[0][:200]}); "
+                        f"MLflow at {self.uri} does not answer ({redact_text(str(error).splitlines()[0][:200])}); "
                         f"training goes on, metrics wait (up to tracking.buffer_rows="
                         f"{self.buffer_rows} rows) and are logged when it is back",
                         flush=True,

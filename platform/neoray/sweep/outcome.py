@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from neoray.config import redact, redact_text
 from neoray.storage import publish_file
 from neoray.sweep.config import SweepConfig
 from neoray.sweep.space import is_log_scale, override
@@ -62,10 +63,20 @@ def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:
 
 
 def best_command(best: TrialOutcome, sweep: SweepConfig, base_overrides: list[str]) -> str:
-    """The command that trains the best configuration as a run of its own."""
+    """The command that trains the best configuration as a run of its own (secrets given on
+    the sweep's command line shown as "***": they are to be given again, from the environment
+    preferably)."""
     overrides = [override(key, value) for key, value in best.values.items()]
-    return shlex.join(
-        ["python", "jobs/pretrain.py", *base_overrides, *overrides, f"run_name={sweep.name}-best"]
+    return redact_text(
+        shlex.join(
+            [
+                "python",
+                "jobs/pretrain.py",
+                *base_overrides,
+                *overrides,
+                f"run_name={sweep.name}-best",
+            ]
+        )
     )
 
 
@@ -80,8 +91,8 @@ def write_best(
         "metric": sweep.metric,
         "value": best.metric,
         "trained_steps": best.trained_steps,
-        "overrides": best.values,
-        "base_overrides": list(base_overrides),
+        "overrides": redact(best.values),
+        "base_overrides": [redact_text(item) for item in base_overrides],
         "command": command,
     }
     text = yaml.safe_dump(document, sort_keys=False).encode()
