@@ -23,6 +23,7 @@ from distributed import run_workers
 from neoray.checkpoint import Manifest, checkpoint_key
 from neoray.checkpoint.export import (
     ExportConfig,
+    check_output,
     consolidate_checkpoint,
     export_cached,
     export_directory,
@@ -305,3 +306,30 @@ def test_output_that_is_not_an_export_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="is not an export"):
         run_export(ExportConfig(checkpoint="x", step="1", output="."))  # the working directory
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    # An export.json that is not ours, or an export with the user's files beside it: refused,
+    # nothing deleted.
+    (mine / "export.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not an export"):
+        run_export(never)
+    listing = {"files": {"model.safetensors": "0" * 64}, "checkpoint": {"id": "1"}}
+    (mine / "export.json").write_text(json.dumps(listing))
+    (mine / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match=r"files it did not write \(notes.txt\)"):
+        run_export(never)
+    assert sorted(p.name for p in mine.iterdir()) == [
+        "export.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert (mine / "notes.txt").read_text() == "the user's files"
+
+
+def test_an_empty_or_exported_output_folder_is_accepted(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_output(empty) == empty
+    listing = {"files": {"config.json": "0" * 64}, "checkpoint": {"id": "1"}}
+    (empty / "export.json").write_text(json.dumps(listing))
+    (empty / "config.json").write_text("{}")
+    assert check_output(empty) == empty  # an earlier export, replaced

@@ -345,15 +345,43 @@ def resolve_export(cfg: ExportConfig, storage_config=None) -> Export:
 
 
 def check_output(output: str | Path) -> Path:
-    """`output=` of an export: a new directory, or an earlier export (it has an export.json)
-    that is replaced. Anything else is refused: it may be the user's files."""
+    """`output=` of an export: a new or empty directory, or an earlier export, which is
+    replaced: its export.json reads as ours and lists every other file next to it. Anything
+    else is refused before any work: replacing the folder would delete the user's files."""
     out = Path(output).absolute()
-    if out.exists() and not (out / EXPORT_MARKER).is_file():
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ConfigError(f"output={output}: {out} is a file; choose a new or empty directory")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return out
+    listed = _exported_files(out / EXPORT_MARKER)
+    if listed is None:
         raise ConfigError(
-            f"output={output}: {out} exists and is not an export (no {EXPORT_MARKER}); "
-            "choose a new directory (an earlier export there is replaced)"
+            f"output={output}: {out} exists and is not an export (no {EXPORT_MARKER} of ours); "
+            "choose a new or empty directory (an earlier export there is replaced)"
+        )
+    foreign = sorted(present - listed - {EXPORT_MARKER})
+    if foreign:
+        raise ConfigError(
+            f"output={output}: {out} holds an export and files it did not write "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which replacing "
+            "it would delete; move them, or choose a new or empty directory"
         )
     return out
+
+
+def _exported_files(path: Path) -> set[str] | None:
+    """The files an export.json (see `marker`) lists; None when `path` is not one."""
+    try:
+        values = json.loads(path.read_bytes())
+        files, checkpoint = values["files"], values["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict) or not isinstance(checkpoint, dict) or "id" not in checkpoint:
+        return None
+    return set(files)
 
 
 def run_export(cfg: ExportConfig, storage_config=None) -> Path:
