@@ -82,26 +82,66 @@ def test_a_ray_folder_another_user_made_first_is_refused(tmp_path):
     assert not (state_dir / "stack.json").exists()  # nothing was started
 
 
+def recorded_stack(state_dir: Path, processes: dict[str, subprocess.Popen]) -> stack.Stack:
+    """A stack.json in `state_dir` naming `processes` as its services, as `up` records them."""
+    record = stack.Stack(
+        state_dir=str(state_dir),
+        ray_address="127.0.0.1:1",
+        ray_dashboard="http://127.0.0.1:2",
+        ray_temp_dir=str(state_dir / "ray"),
+        token_path=str(state_dir / "auth_token"),
+        mlflow_url="http://127.0.0.1:3",
+        s3_endpoint="http://127.0.0.1:4",
+        bucket="neoray",
+        pids={},
+        weed_ports={},
+    )
+    for name, process in processes.items():
+        record.record(name, process.pid)
+    return record
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+
 def test_a_stack_running_in_part_is_not_reported_as_up(tmp_path):
-    alive = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    dead = subprocess.Popen(["true"], start_new_session=True)
-    dead.wait()
+    alive, dead = sleeper(), subprocess.Popen(["sleep", "0.2"], start_new_session=True)
     try:
-        record = stack.Stack(
-            state_dir=str(tmp_path),
-            ray_address="127.0.0.1:1",
-            ray_dashboard="http://127.0.0.1:2",
-            ray_temp_dir=str(tmp_path / "ray"),
-            token_path=str(tmp_path / "auth_token"),
-            mlflow_url="http://127.0.0.1:3",
-            s3_endpoint="http://127.0.0.1:4",
-            bucket="neoray",
-            pids={"s3": alive.pid, "mlflow": dead.pid},
-            weed_ports={},
-        )
-        (tmp_path / "stack.json").write_text(json.dumps(record.__dict__))
+        recorded_stack(tmp_path, {"s3": alive, "mlflow": dead})
+        dead.wait()
         with pytest.raises(ServiceError, match=r"runs only in part \(mlflow stopped\)"):
             stack.up(tmp_path)
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize("stale", ["another process", "another boot"])
+def test_down_never_signals_a_process_the_stack_did_not_start(tmp_path, stale, capsys):
+    """After a reboot, or once a service has ended, its recorded id may be any process's: a
+    stale stack.json names such a process, which `down` leaves alone."""
+    unrelated = sleeper()
+    try:
+        record = recorded_stack(tmp_path, {"mlflow": unrelated})
+        if stale == "another process":  # the id now belongs to a process started later
+            record.started["mlflow"] += 3600
+        else:
+            record.boot_time -= 3600
+        (tmp_path / "stack.json").write_text(json.dumps(record.__dict__))
+        assert stack.running_stack(tmp_path) is None
+        assert stack.down(tmp_path)
+        assert unrelated.poll() is None, "down signalled a process that is not the stack's"
+        assert f"not stopping process group {unrelated.pid}" in capsys.readouterr().out
+        assert not (tmp_path / "stack.json").exists()
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+def test_down_stops_the_services_it_started(tmp_path):
+    service = sleeper()
+    recorded_stack(tmp_path, {"mlflow": service})
+    assert stack.running_stack(tmp_path) is not None
+    assert stack.down(tmp_path)
+    assert service.wait(timeout=10) is not None

@@ -125,6 +125,36 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def start_time(pid: int) -> float | None:
+    """When process `pid` started (unix time, to the clock tick), or None when none runs."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def boot_time() -> float:
+    import psutil
+
+    return psutil.boot_time()
+
+
+def group_is_ours(pgid: int, started: float | None, booted: float | None) -> bool:
+    """Whether process group `pgid` still runs and is the one whose leader started at
+    `started` during the boot at `booted`. After a reboot, or once that group has ended, its
+    id can be any other process's: it is ours only in the same boot, with its leader still of
+    that start time, or gone while processes of its group remain (Linux reuses no id that a
+    process group still holds)."""
+    if started is None or booted is None or abs(boot_time() - booted) > 1.0:
+        return False
+    leader = start_time(pgid)
+    if leader is not None and abs(leader - started) > 0.05:
+        return False
+    return group_alive(pgid)
+
+
 def stop_group(pgid: int, timeout: float = 5.0, reap: Callable[[], object] | None = None) -> None:
     """SIGTERM to the process group `pgid`, then SIGKILL once `timeout` seconds have passed.
     `reap` collects the leader when it is our child (a zombie still counts as a member)."""

@@ -24,14 +24,16 @@ import shutil
 import stat
 import subprocess
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from neoray.cluster.services import (
     BIN,
     ServiceError,
+    boot_time,
     free_ports,
     group_alive,
+    group_is_ours,
     initdb_command,
     log_tail,
     mlflow_command,
@@ -45,6 +47,7 @@ from neoray.cluster.services import (
     ray_ports,
     remove_weed_sockets,
     start,
+    start_time,
     stop_group,
     wait_ready,
     weed_command,
@@ -75,6 +78,19 @@ class Stack:
     weed_ports: dict[str, int]
     prometheus_url: str | None = None  # with `neoray up --metrics`
     postgres_port: int | None = None
+    # When each service's group leader started, and when the machine booted: a process id in
+    # this file names one of ours only while both still hold (see `group_is_ours`).
+    started: dict[str, float] = field(default_factory=dict)
+    boot_time: float | None = None
+
+    def runs(self, name: str) -> bool:
+        """Whether service `name` still runs as the process group `up` started."""
+        return group_is_ours(self.pids[name], self.started.get(name), self.boot_time)
+
+    def record(self, name: str, pid: int) -> None:
+        """Service `name` runs as process group `pid` (just started: its leader is there)."""
+        self.pids[name], self.started[name], self.boot_time = pid, start_time(pid), boot_time()
+        _stack_file(Path(self.state_dir)).write_text(json.dumps(asdict(self), indent=2))
 
     def client_env(self) -> dict[str, str]:
         """What a Jobs API client needs: the head's address and its token."""
@@ -95,7 +111,7 @@ def running_stack(state_dir: Path = STATE_DIR) -> Stack | None:
     if not path.exists():
         return None
     stack = Stack(**json.loads(path.read_text()))
-    return stack if any(group_alive(pid) for pid in stack.pids.values()) else None
+    return stack if any(stack.runs(name) for name in stack.pids) else None
 
 
 def _private_dir(path: Path) -> None:
@@ -269,7 +285,7 @@ def up(
     """Start the stack (or return the one already running from `state_dir`); with `metrics`,
     Prometheus too, scraping the Ray node's metrics (training, checkpoints, evaluation)."""
     if stack := running_stack(state_dir):
-        dead = sorted(name for name, pid in stack.pids.items() if not group_alive(pid))
+        dead = sorted(name for name in stack.pids if not stack.runs(name))
         if dead:
             raise ServiceError(
                 f"the stack in {state_dir} runs only in part ({', '.join(dead)} stopped): "
@@ -353,8 +369,7 @@ def up(
     try:
         for name, command, env, ready in services:
             processes[name] = start(command, logs / f"{name}.log", env, die_with_parent=False)
-            stack.pids[name] = processes[name].pid
-            _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+            stack.record(name, processes[name].pid)
             if name == "postgres":  # MLflow connects to it as it starts
                 wait_ready(name, processes[name], ready, logs / f"{name}.log", timeout)
                 _create_databases(postgres_port, postgres_password)
@@ -378,8 +393,7 @@ def _start_prometheus(
     log = state_dir / "logs" / "prometheus.log"
     command = prometheus_command(config.resolve(), state_dir / "prometheus", port)
     process = start(command, log, {}, die_with_parent=False)
-    stack.pids["prometheus"] = process.pid
-    _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+    stack.record("prometheus", process.pid)
     wait_ready("prometheus", process, prometheus_ready(stack.prometheus_url), log, timeout)
 
 
@@ -391,6 +405,15 @@ def down(state_dir: Path = STATE_DIR) -> bool:
         return False
     stack = Stack(**json.loads(path.read_text()))
     for name, pid in reversed(stack.pids.items()):  # clients first, PostgreSQL last
+        if not stack.runs(name):
+            if group_alive(pid):
+                print(
+                    f"not stopping process group {pid}, recorded for {name} in {path}: it is "
+                    "not the one `neoray up` started (the machine restarted since, or the id "
+                    "was given to another process)",
+                    flush=True,
+                )
+            continue
         # SeaweedFS's graceful stop waits 15 s for gRPC streams: not worth waiting for.
         stop_group(pid, timeout=2.0 if name == "s3" else 5.0)
     remove_weed_sockets(stack.weed_ports)
