@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +24,17 @@ from neoray.checkpoint import (
     latest_checkpoint,
     read_manifest,
 )
-from neoray.checkpoint.manifest import checkpoint_key, manifest_key, prune, sha256_file
+from neoray.checkpoint.export import committed_manifest
+from neoray.checkpoint.manifest import (
+    MalformedManifestError,
+    checkpoint_key,
+    manifest_key,
+    prune,
+    sha256_file,
+)
 from neoray.config import ConfigError
-from neoray.storage import LocalStorage, join_key
+from neoray.evaluation.testdata import commit_stand_in_checkpoint
+from neoray.storage import LocalStorage, StorageConfig, join_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +111,35 @@ def test_a_manifest_naming_a_path_outside_the_checkpoint_is_rejected(tmp_path, n
     bad_run = json.loads(manifest.to_json()) | {"run_name": "../other"}
     with pytest.raises(ValueError, match="not a plain name"):
         Manifest.from_json(json.dumps(bad_run))
+
+
+def cut_short(storage, run_name: str, step: int) -> str:
+    """Truncate a committed checkpoint's manifest, as an interrupted write would; its URI."""
+    key = manifest_key(run_name, step)
+    storage.put_bytes(key, storage.get_bytes(key)[:40])
+    return storage.uri(key)
+
+
+def test_a_malformed_manifest_is_skipped_with_a_warning_and_named_when_asked_for(storage, caplog):
+    """Cut-short manifests of an old step (1) and of the newest (4) next to a good one (3):
+    listings, the latest checkpoint and `step=latest` take the good one, warning with each bad
+    file's URI; asking for a malformed step by number fails naming its file."""
+    for step in (1, 3, 4):
+        commit_stand_in_checkpoint(storage, "run", step, created=0, final_step=4)
+    old, newest = cut_short(storage, "run", 1), cut_short(storage, "run", 4)
+    with caplog.at_level(logging.WARNING, logger="neoray.checkpoint.manifest"):
+        assert [m.step for m in committed_checkpoints(storage, "run")] == [3]
+        assert latest_checkpoint(storage, "run").step == 3
+    assert old in caplog.text and newest in caplog.text
+    config = getattr(storage, "config", None) or StorageConfig(root=storage.uri(""))
+    assert committed_manifest("run", "latest", config)[1].step == 3
+    with pytest.raises(MalformedManifestError, match=re.escape(old) + ": not a readable manifest"):
+        committed_manifest("run", 1, config)
+    with pytest.raises(MalformedManifestError, match=re.escape(newest)):
+        checkpoint_from_uri(storage.uri(checkpoint_key("run", 4)))
+    storage.put_bytes(manifest_key("run", 1), storage.get_bytes(manifest_key("run", 3)))
+    with pytest.raises(MalformedManifestError, match="at step 3, not of this checkpoint"):
+        read_manifest(storage, "run", 1)
 
 
 class RecordingStorage(LocalStorage):
@@ -305,3 +344,23 @@ def test_diverged_weights_are_not_saved(tmp_path):
     assert "not saving step 2: its loss is not finite" in result.stdout + result.stderr
     storage = LocalStorage(tmp_path / "store")
     assert [m.step for m in committed_checkpoints(storage, "diverge")] == [1]
+
+
+def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path):
+    """Steps 1-3 committed, then the manifests of step 1 (old) and step 3 (the newest) cut
+    short. The next start warns naming both, resumes from step 2, deletes step 3's manifest
+    (training saves that step again), and retention later deletes step 1 like any old one."""
+    settings = ("checkpoint.interval=1", "checkpoint.keep_last=3")
+    first = one_process(tmp_path, "cut", "train.steps=3", *settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = LocalStorage(tmp_path / "store")
+    old, newest = cut_short(storage, "cut", 1), cut_short(storage, "cut", 3)
+    result = one_process(tmp_path, "cut", "train.steps=4", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert f"{old}: not a readable manifest" in output
+    assert f"{newest}: not a readable manifest" in output
+    assert "resumed run 'cut' at step 2" in output
+    assert f"deleted {newest}: its checkpoint is corrupt" in output
+    assert [m.step for m in committed_checkpoints(storage, "cut")] == [2, 3, 4]
+    assert not (tmp_path / "store" / "cut" / "checkpoints" / "step_00000001").exists()

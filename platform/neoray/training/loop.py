@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neoray.checkpoint.manifest import FileEntry, Manifest
+from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.code_version import code_version
@@ -196,10 +196,16 @@ def pretrain(
     placement = place_rank(cfg.parallel)
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
-    manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
+    manifests, malformed = committed_on_rank0(storage, cfg.run_name) if storage else ([], [])
     snapshots = _snapshots(cfg, storage, staging, observer) if storage else None
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
-        manifests = committed_on_rank0(storage, cfg.run_name)  # with what was just committed
+        manifests, malformed = committed_on_rank0(storage, cfg.run_name)  # with the new ones
+    if malformed and not manifests:
+        raise CorruptCheckpointError(
+            f"run_name={cfg.run_name!r}: the manifests of its checkpoints at steps {malformed} "
+            "cannot be read (see the warnings above); starting over would overwrite them: use "
+            "another run_name, or delete the run's checkpoints to start it afresh"
+        )
     schedule = batch_schedule(cfg)
     layout = Layout(_topology(cfg), placement.tp_rank, schedule.global_batch_size, cfg.model)
     if manifests:
@@ -210,7 +216,7 @@ def pretrain(
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
-    resumed = resume(engine, storage, manifests, layout, staging) if manifests else None
+    resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
     if start >= cfg.train.steps:
         log.info(
