@@ -364,3 +364,62 @@ def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path):
     assert f"deleted {newest}: its checkpoint is corrupt" in output
     assert [m.step for m in committed_checkpoints(storage, "cut")] == [2, 3, 4]
     assert not (tmp_path / "store" / "cut" / "checkpoints" / "step_00000001").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own at tmp_path/disk (mounting one needs root), for a real full disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)])
+    if mount.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def resize(disk: Path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def used_bytes(disk: Path) -> int:
+    stat = os.statvfs(disk)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_save_that_fills_the_disk_keeps_the_staged_checkpoint_it_would_supersede(
+    tmp_path, small_disk
+):
+    """Storage is down (a file stands where the run's checkpoints go), so step 1 stays staged;
+    the staging disk (a tmpfs) has room for one checkpoint and a half, so step 2's save fails
+    for real (ENOSPC). The run stops saying so, step 1 stays staged intact, and the next start,
+    with storage back and room on the disk, commits exactly those files and resumes from them."""
+    settings = (f"checkpoint.staging_dir={small_disk}", "checkpoint.interval=1")
+    down = tmp_path / "store" / "disk" / "checkpoints"
+    down.parent.mkdir(parents=True)
+    down.write_text("storage is down")
+    sizing = one_process(tmp_path, "disk", "train.steps=1", *settings)
+    assert "are not committed" in sizing.stderr, sizing.stderr[-3000:]
+    one_checkpoint = used_bytes(small_disk)
+    subprocess.run(["rm", "-rf", str(small_disk / "disk")], check=True)
+    resize(small_disk, one_checkpoint * 3 // 2)
+
+    full = one_process(tmp_path, "disk", "train.steps=2", *settings)
+    assert full.returncode != 0
+    assert "saving checkpoint step 2 of run 'disk' to" in full.stderr, full.stderr[-3000:]
+    assert "MB free there" in full.stderr and "steps [1] stay staged" in full.stderr
+    staging = small_disk / "disk" / "rank_00000"
+    assert not (staging / "step_00000002").exists()  # what was written of it is deleted
+    marker = json.loads((staging / "step_00000001.staged.json").read_text())
+    staged = {p.name: p for p in (staging / "step_00000001").iterdir()}
+    assert {name: path.stat().st_size for name, path in staged.items()} == marker["files"]
+    digests = {name: sha256_file(path) for name, path in staged.items()}
+
+    down.unlink()
+    resize(small_disk, 64 << 20)
+    again = one_process(tmp_path, "disk", "train.steps=2", *settings)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed run 'disk' at step 1" in again.stdout + again.stderr
+    storage = LocalStorage(tmp_path / "store")
+    assert [m.step for m in committed_checkpoints(storage, "disk")] == [1, 2]
+    assert {e.path: e.sha256 for e in read_manifest(storage, "disk", 1).files} == digests
