@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import run_command, torchrun_launcher
 
@@ -33,6 +34,7 @@ from neoray.checkpoint.manifest import (
     sha256_file,
 )
 from neoray.config import ConfigError
+from neoray.data.indexed import IndexedDatasetWriter, fingerprint, publish
 from neoray.evaluation.testdata import commit_stand_in_checkpoint
 from neoray.storage import LocalStorage, StorageConfig, join_key
 
@@ -364,6 +366,57 @@ def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path):
     assert f"deleted {newest}: its checkpoint is corrupt" in output
     assert [m.step for m in committed_checkpoints(storage, "cut")] == [2, 3, 4]
     assert not (tmp_path / "store" / "cut" / "checkpoints" / "step_00000001").exists()
+
+
+def write_tokens(prefix: Path, seed: int, documents: int = 100) -> None:
+    """Token files of random documents (ids within the tiny model's vocabulary)."""
+    rng = np.random.default_rng(seed)
+    writer = IndexedDatasetWriter(str(prefix), np.uint16)
+    for _ in range(documents):
+        writer.add_document(np.append(rng.integers(2, 1000, int(rng.integers(20, 80))), 0))
+    writer.finish()
+    publish(str(prefix))
+
+
+def test_resuming_on_changed_token_files_is_refused_unless_accepted(tmp_path):
+    """A run on a mixture of two components' token files commits step 2; `prose` is then
+    re-tokenized into the same prefix. Resuming is refused before any weight is read, naming
+    the component and both fingerprints; with data.accept_changed_data=[prose] it resumes,
+    says so, and its next checkpoint records the new fingerprint."""
+    root = tmp_path / "data"
+    root.mkdir()
+    write_tokens(root / "code", seed=0)
+    write_tokens(root / "prose", seed=1)
+    data = (
+        "data=demo",
+        f"data.root={root}",
+        "data.tokenizer_training.vocab_size=1000",
+        "train.eval_interval=0",
+        "checkpoint.interval=2",
+    )
+    torchrun(tmp_path, 1, "mix", "train.steps=2", *data)
+    saved = fingerprint(str(root / "prose"))
+    write_tokens(root / "prose", seed=2)
+    now = fingerprint(str(root / "prose"))
+
+    refused = one_process(tmp_path, "mix", "train.steps=4", *data)
+    assert refused.returncode != 0
+    changed = (
+        f"data.components.prose ({root / 'prose'}.bin/.idx: fingerprint saved {saved}, now {now})"
+    )
+    assert changed in refused.stderr, refused.stderr[-3000:]
+    assert "data.accept_changed_data=[prose]" in refused.stderr
+    assert "resumed" not in refused.stdout + refused.stderr
+    storage = LocalStorage(tmp_path / "store")
+    assert latest_checkpoint(storage, "mix").step == 2
+
+    accepted = "data.accept_changed_data=[prose]"
+    output = torchrun(tmp_path, 1, "mix", "train.steps=4", *data, accepted)
+    assert "data.components.prose: token files changed since step 2" in output
+    assert "resumed run 'mix' at step 2" in output
+    manifest = latest_checkpoint(storage, "mix")
+    assert manifest.step == 4
+    assert manifest.data_fingerprint == {"code": fingerprint(str(root / "code")), "prose": now}
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manife
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.code_version import code_version
-from neoray.config import flatten, redact
+from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
-from neoray.data.mixture import BlendedDataset, data_fingerprint
+from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
 from neoray.energy.run import RunEnergy
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
@@ -118,6 +118,43 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
             cfg.optim.decay_steps,
             cfg.train.steps,
         )
+
+
+def _check_data(cfg: PretrainConfig, manifest: Manifest) -> None:
+    """Refuse (on every rank, before any weight is read) to resume on token files other than
+    those `manifest` was trained on, unless `data.accept_changed_data` names the component:
+    the run would otherwise go on with other samples than its data order says, unnoticed.
+    Rank 0 alone reads the files, as it alone fingerprints them for the manifests."""
+    if not isinstance(cfg.data, DataConfig) or not manifest.data_fingerprint:
+        return  # synthetic data, or a checkpoint from before fingerprints were recorded
+    refusal: list = [None]
+    if dist.get_rank() == 0:
+        changed = changed_components(cfg.data, manifest.data_fingerprint)
+        refused = sorted(set(changed) - set(cfg.data.accept_changed_data))
+        if refused:
+            refusal[0] = (
+                f"run_name={cfg.run_name!r}: the token files of "
+                + "; ".join(
+                    f"data.components.{name} ({cfg.data.components[name].prefix}.bin/.idx: "
+                    f"fingerprint saved {changed[name][0]}, now {changed[name][1]})"
+                    for name in refused
+                )
+                + f" changed since its checkpoint at step {manifest.step} was saved. Restore "
+                "the files it trained on, or, to continue on the new ones, set "
+                f"data.accept_changed_data=[{','.join(refused)}]"
+            )
+        for name in sorted(changed.keys() - set(refused)):
+            log.warning(
+                "data.components.%s: token files changed since step %d (fingerprint saved %s, "
+                "now %s); continuing on them as data.accept_changed_data allows, and the next "
+                "checkpoint records the new fingerprint",
+                name,
+                manifest.step,
+                *changed[name],
+            )
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ConfigError(refusal[0])
 
 
 def epochs_seen(data, samples: int) -> dict[str, float]:
@@ -210,6 +247,7 @@ def pretrain(
     layout = Layout(_topology(cfg), placement.tp_rank, schedule.global_batch_size, cfg.model)
     if manifests:
         layout.check(manifests[-1])  # before any weights are allocated
+        _check_data(cfg, manifests[-1])
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
     if cfg.train.init_from:
