@@ -10,7 +10,8 @@ checkpoint together and try the one before; the rejected checkpoints' manifests 
 so that when training saves those steps again no reader takes the old manifest for the new
 files. So are malformed manifests (unreadable: corrupt checkpoints) of steps after the one
 resumed from, which training saves again and which retention would otherwise count as kept
-checkpoints; older ones stay, named in a warning at every listing, until retention deletes them. Storage that fails (after the storage's own retries: timeouts, 5xx, refused
+checkpoints; older ones stay, named in a warning at every listing, until retention deletes
+them. Storage that fails (after the storage's own retries: timeouts, 5xx, refused
 connections) is not corruption: resume stops with an error rather than fall back.
 """
 

@@ -216,19 +216,22 @@ class Snapshots:
             marker = Staged(self.run_name, step, self.rank, self.topology, files)
             publish_file(self._marker(step), lambda f: f.write(json.dumps(asdict(marker)).encode()))
         except Exception as err:  # on a full disk torch.save raises a bare RuntimeError
-            free = shutil.disk_usage(self.staging).free / 1e6
-            error = f"rank {self.rank}: {type(err).__name__}: {err}; {free:.1f} MB free there"
+            error = f"rank {self.rank}: {type(err).__name__}: {err}{_free_space(self.staging)}"
         errors: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         if any(errors):
             self._discard(step)
-            kept = f"steps {self.pending} stay staged" if self.pending else "nothing was staged"
+            kept = (
+                f"; the uncommitted checkpoints of steps {self.pending} stay staged, and the "
+                "next start of the same job commits them before resuming"
+                if self.pending
+                else ""
+            )
             raise CheckpointSaveError(
                 f"saving checkpoint step {step} of run {self.run_name!r} to "
-                f"{self.staging.parent} failed ({'; '.join(e for e in errors if e)}); its "
-                f"partial files are deleted and the uncommitted {kept}: free space there (or "
-                "set checkpoint.staging_dir), then run the same job again, and it commits "
-                "them before resuming"
+                f"{self.staging.parent} failed ({'; '.join(e for e in errors if e)}); what it "
+                f"wrote of it is deleted{kept}. Free space there, or set "
+                "checkpoint.staging_dir to a larger disk"
             )
 
     def _check_staging_size(self) -> None:
@@ -362,6 +365,15 @@ class Snapshots:
             "checkpoint step %d not committed (tried again at the next save): %s", step, error
         )
         _notify(self.on_failure, step, error)
+
+
+def _free_space(folder: Path) -> str:
+    """ "; <n> MB free there", which tells a full disk from other failures (torch.save reports
+    it as a bare RuntimeError); empty when `folder` cannot be examined."""
+    try:
+        return f"; {shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+    except OSError:
+        return ""
 
 
 def _yield_cpu_to_training() -> None:

@@ -2,8 +2,9 @@
 the policy selects exactly once, across restarts and next to other watchers.
 
 Each poll lists the run's step folders (one listing; a folder is read only when it is new or
-still uncommitted, or its manifest was malformed: skipped, said once), asks the policy which steps it wants, and claims pairs that the ledger
-(`neoray.evaluation.ledger`) does not show as settled, newest first, up to `max_concurrent`.
+still uncommitted, or its manifest was malformed: skipped, and said once), asks the policy
+which steps it wants, and claims pairs that the ledger (`neoray.evaluation.ledger`) does not
+show as settled, newest first, up to `max_concurrent`.
 A claimed pair is evaluated on a thread of this process (the evaluation itself fans out over
 Ray), logged to MLflow while the claim is still ours, and recorded in the ledger. A heartbeat
 thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
