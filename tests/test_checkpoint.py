@@ -29,6 +29,7 @@ from neoray.checkpoint.export import committed_manifest
 from neoray.checkpoint.manifest import (
     MalformedManifestError,
     checkpoint_key,
+    files_by_step,
     manifest_key,
     prune,
     sha256_file,
@@ -36,7 +37,7 @@ from neoray.checkpoint.manifest import (
 from neoray.config import ConfigError
 from neoray.data.indexed import IndexedDatasetWriter, fingerprint, publish
 from neoray.evaluation.testdata import commit_stand_in_checkpoint
-from neoray.storage import LocalStorage, StorageConfig, join_key
+from neoray.storage import LocalStorage, StorageConfig, join_key, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -348,14 +349,19 @@ def test_diverged_weights_are_not_saved(tmp_path):
     assert [m.step for m in committed_checkpoints(storage, "diverge")] == [1]
 
 
-def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path):
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path, kind, request):
     """Steps 1-3 committed, then the manifests of step 1 (old) and step 3 (the newest) cut
     short. The next start warns naming both, resumes from step 2, deletes step 3's manifest
     (training saves that step again), and retention later deletes step 1 like any old one."""
-    settings = ("checkpoint.interval=1", "checkpoint.keep_last=3")
+    settings = ["checkpoint.interval=1", "checkpoint.keep_last=3"]
+    storage = LocalStorage(tmp_path / "store")
+    if kind == "s3":
+        bucket = request.getfixturevalue("s3_bucket")  # its environment reaches the job
+        settings += ["storage=s3", f"storage.bucket={bucket}"]
+        storage = open_storage(StorageConfig(kind="s3", bucket=bucket))
     first = one_process(tmp_path, "cut", "train.steps=3", *settings)
     assert first.returncode == 0, first.stderr[-3000:]
-    storage = LocalStorage(tmp_path / "store")
     old, newest = cut_short(storage, "cut", 1), cut_short(storage, "cut", 3)
     result = one_process(tmp_path, "cut", "train.steps=4", *settings)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -365,7 +371,7 @@ def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path):
     assert "resumed run 'cut' at step 2" in output
     assert f"deleted {newest}: its checkpoint is corrupt" in output
     assert [m.step for m in committed_checkpoints(storage, "cut")] == [2, 3, 4]
-    assert not (tmp_path / "store" / "cut" / "checkpoints" / "step_00000001").exists()
+    assert 1 not in files_by_step(storage, "cut")
 
 
 def write_tokens(prefix: Path, seed: int, documents: int = 100) -> None:
