@@ -374,6 +374,18 @@ def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path, kind, requ
     assert 1 not in files_by_step(storage, "cut")
 
 
+def test_a_run_whose_every_manifest_is_malformed_is_refused_not_started_over(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    commit_stand_in_checkpoint(storage, "lost", 2, created=0, final_step=4)
+    bad = cut_short(storage, "lost", 2)
+    result = one_process(tmp_path, "lost", "train.steps=4")
+    assert result.returncode != 0
+    assert f"{bad}: not a readable manifest" in result.stdout + result.stderr
+    assert "the manifests of its checkpoints at steps [2] cannot be read" in result.stderr
+    assert storage.get_bytes(manifest_key("lost", 2)) == Path(bad).read_bytes()  # kept
+    assert list(files_by_step(storage, "lost")) == [2]
+
+
 def write_tokens(prefix: Path, seed: int, documents: int = 100) -> None:
     """Token files of random documents (ids within the tiny model's vocabulary)."""
     rng = np.random.default_rng(seed)
