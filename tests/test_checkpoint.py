@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from layouts import copy_checkpoint
 
@@ -23,9 +26,19 @@ from neoray.checkpoint import (
     latest_checkpoint,
     read_manifest,
 )
-from neoray.checkpoint.manifest import checkpoint_key, manifest_key, prune, sha256_file
+from neoray.checkpoint.export import committed_manifest
+from neoray.checkpoint.manifest import (
+    MalformedManifestError,
+    checkpoint_key,
+    files_by_step,
+    manifest_key,
+    prune,
+    sha256_file,
+)
 from neoray.config import ConfigError
-from neoray.storage import LocalStorage, join_key
+from neoray.data.indexed import IndexedDatasetWriter, fingerprint, publish
+from neoray.evaluation.testdata import commit_stand_in_checkpoint
+from neoray.storage import LocalStorage, StorageConfig, join_key, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +115,35 @@ def test_a_manifest_naming_a_path_outside_the_checkpoint_is_rejected(tmp_path, n
     bad_run = json.loads(manifest.to_json()) | {"run_name": "../other"}
     with pytest.raises(ValueError, match="not a plain name"):
         Manifest.from_json(json.dumps(bad_run))
+
+
+def cut_short(storage, run_name: str, step: int) -> str:
+    """Truncate a committed checkpoint's manifest, as an interrupted write would; its URI."""
+    key = manifest_key(run_name, step)
+    storage.put_bytes(key, storage.get_bytes(key)[:40])
+    return storage.uri(key)
+
+
+def test_a_malformed_manifest_is_skipped_with_a_warning_and_named_when_asked_for(storage, caplog):
+    """Cut-short manifests of an old step (1) and of the newest (4) next to a good one (3):
+    listings, the latest checkpoint and `step=latest` take the good one, warning with each bad
+    file's URI; asking for a malformed step by number fails naming its file."""
+    for step in (1, 3, 4):
+        commit_stand_in_checkpoint(storage, "run", step, created=0, final_step=4)
+    old, newest = cut_short(storage, "run", 1), cut_short(storage, "run", 4)
+    with caplog.at_level(logging.WARNING, logger="neoray.checkpoint.manifest"):
+        assert [m.step for m in committed_checkpoints(storage, "run")] == [3]
+        assert latest_checkpoint(storage, "run").step == 3
+    assert old in caplog.text and newest in caplog.text
+    config = getattr(storage, "config", None) or StorageConfig(root=storage.uri(""))
+    assert committed_manifest("run", "latest", config)[1].step == 3
+    with pytest.raises(MalformedManifestError, match=re.escape(old) + ": not a readable manifest"):
+        committed_manifest("run", 1, config)
+    with pytest.raises(MalformedManifestError, match=re.escape(newest)):
+        checkpoint_from_uri(storage.uri(checkpoint_key("run", 4)))
+    storage.put_bytes(manifest_key("run", 1), storage.get_bytes(manifest_key("run", 3)))
+    with pytest.raises(MalformedManifestError, match="at step 3, not of this checkpoint"):
+        read_manifest(storage, "run", 1)
 
 
 class RecordingStorage(LocalStorage):
@@ -292,3 +334,150 @@ def test_diverged_weights_are_not_saved(tmp_path):
     assert "not saving step 2: its loss is not finite" in result.stdout + result.stderr
     storage = LocalStorage(tmp_path / "store")
     assert [m.step for m in committed_checkpoints(storage, "diverge")] == [1]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_run_resumes_past_malformed_manifests_naming_them(tmp_path, kind, request):
+    """Steps 1-3 committed, then the manifests of step 1 (old) and step 3 (the newest) cut
+    short. The next start warns naming both, resumes from step 2, deletes step 3's manifest
+    (training saves that step again), and retention later deletes step 1 like any old one."""
+    settings = ["checkpoint.interval=1", "checkpoint.keep_last=3"]
+    storage = LocalStorage(tmp_path / "store")
+    if kind == "s3":
+        bucket = request.getfixturevalue("s3_bucket")  # its environment reaches the job
+        settings += ["storage=s3", f"storage.bucket={bucket}"]
+        storage = open_storage(StorageConfig(kind="s3", bucket=bucket))
+    first = one_process(tmp_path, "cut", "train.steps=3", *settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    old, newest = cut_short(storage, "cut", 1), cut_short(storage, "cut", 3)
+    result = one_process(tmp_path, "cut", "train.steps=4", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert f"{old}: not a readable manifest" in output
+    assert f"{newest}: not a readable manifest" in output
+    assert "resumed run 'cut' at step 2" in output
+    assert f"deleted {newest}: its checkpoint is corrupt" in output
+    assert [m.step for m in committed_checkpoints(storage, "cut")] == [2, 3, 4]
+    assert 1 not in files_by_step(storage, "cut")
+
+
+def test_a_run_whose_every_manifest_is_malformed_is_refused_not_started_over(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    commit_stand_in_checkpoint(storage, "lost", 2, created=0, final_step=4)
+    bad = cut_short(storage, "lost", 2)
+    result = one_process(tmp_path, "lost", "train.steps=4")
+    assert result.returncode != 0
+    assert f"{bad}: not a readable manifest" in result.stdout + result.stderr
+    assert "the manifests of its checkpoints at steps [2] cannot be read" in result.stderr
+    assert storage.get_bytes(manifest_key("lost", 2)) == Path(bad).read_bytes()  # kept
+    assert list(files_by_step(storage, "lost")) == [2]
+
+
+def write_tokens(prefix: Path, seed: int, documents: int = 100) -> None:
+    """Token files of random documents (ids within the tiny model's vocabulary)."""
+    rng = np.random.default_rng(seed)
+    writer = IndexedDatasetWriter(str(prefix), np.uint16)
+    for _ in range(documents):
+        writer.add_document(np.append(rng.integers(2, 1000, int(rng.integers(20, 80))), 0))
+    writer.finish()
+    publish(str(prefix))
+
+
+def test_resuming_on_changed_token_files_is_refused_unless_accepted(tmp_path):
+    """A run on a mixture of two components' token files commits step 2; `prose` is then
+    re-tokenized into the same prefix. Resuming is refused before any weight is read, naming
+    the component and both fingerprints; with data.accept_changed_data=[prose] it resumes,
+    says so, and its next checkpoint records the new fingerprint."""
+    root = tmp_path / "data"
+    root.mkdir()
+    write_tokens(root / "code", seed=0)
+    write_tokens(root / "prose", seed=1)
+    data = (
+        "data=demo",
+        f"data.root={root}",
+        "data.tokenizer_training.vocab_size=1000",
+        "train.eval_interval=0",
+        "checkpoint.interval=2",
+    )
+    torchrun(tmp_path, 1, "mix", "train.steps=2", *data)
+    saved = fingerprint(str(root / "prose"))
+    write_tokens(root / "prose", seed=2)
+    now = fingerprint(str(root / "prose"))
+
+    refused = one_process(tmp_path, "mix", "train.steps=4", *data)
+    assert refused.returncode != 0
+    changed = (
+        f"data.components.prose ({root / 'prose'}.bin/.idx: fingerprint saved {saved}, now {now})"
+    )
+    assert changed in refused.stderr, refused.stderr[-3000:]
+    assert "data.accept_changed_data=[prose]" in refused.stderr
+    assert "resumed" not in refused.stdout + refused.stderr
+    storage = LocalStorage(tmp_path / "store")
+    assert latest_checkpoint(storage, "mix").step == 2
+
+    accepted = "data.accept_changed_data=[prose]"
+    output = torchrun(tmp_path, 1, "mix", "train.steps=4", *data, accepted)
+    assert "data.components.prose: token files changed since step 2" in output
+    assert "resumed run 'mix' at step 2" in output
+    manifest = latest_checkpoint(storage, "mix")
+    assert manifest.step == 4
+    assert manifest.data_fingerprint == {"code": fingerprint(str(root / "code")), "prose": now}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own at tmp_path/disk (mounting one needs root), for a real full disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)])
+    if mount.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def resize(disk: Path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def used_bytes(disk: Path) -> int:
+    stat = os.statvfs(disk)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_save_that_fills_the_disk_keeps_the_staged_checkpoint_it_would_supersede(
+    tmp_path, small_disk
+):
+    """Storage is down (a file stands where the run's checkpoints go), so step 1 stays staged;
+    the staging disk (a tmpfs) has room for one checkpoint and a half, so step 2's save fails
+    for real (ENOSPC). The run stops saying so, step 1 stays staged intact, and the next start,
+    with storage back and room on the disk, commits exactly those files and resumes from them."""
+    settings = (f"checkpoint.staging_dir={small_disk}", "checkpoint.interval=1")
+    down = tmp_path / "store" / "disk" / "checkpoints"
+    down.parent.mkdir(parents=True)
+    down.write_text("storage is down")
+    sizing = one_process(tmp_path, "disk", "train.steps=1", *settings)
+    assert "are not committed" in sizing.stderr, sizing.stderr[-3000:]
+    one_checkpoint = used_bytes(small_disk)
+    subprocess.run(["rm", "-rf", str(small_disk / "disk")], check=True)
+    resize(small_disk, one_checkpoint * 3 // 2)
+
+    full = one_process(tmp_path, "disk", "train.steps=2", *settings)
+    assert full.returncode != 0
+    assert "saving checkpoint step 2 of run 'disk' to" in full.stderr, full.stderr[-3000:]
+    assert "MB free there" in full.stderr and "steps [1] stay staged" in full.stderr
+    staging = small_disk / "disk" / "rank_00000"
+    assert not (staging / "step_00000002").exists()  # what was written of it is deleted
+    marker = json.loads((staging / "step_00000001.staged.json").read_text())
+    staged = {p.name: p for p in (staging / "step_00000001").iterdir()}
+    assert {name: path.stat().st_size for name, path in staged.items()} == marker["files"]
+    digests = {name: sha256_file(path) for name, path in staged.items()}
+
+    down.unlink()
+    resize(small_disk, 64 << 20)
+    again = one_process(tmp_path, "disk", "train.steps=2", *settings)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed run 'disk' at step 1" in again.stdout + again.stderr
+    storage = LocalStorage(tmp_path / "store")
+    assert [m.step for m in committed_checkpoints(storage, "disk")] == [1, 2]
+    assert {e.path: e.sha256 for e in read_manifest(storage, "disk", 1).files} == digests

@@ -230,6 +230,19 @@ def test_a_checkpoint_deleted_before_its_turn_is_skipped_with_the_reason(storage
     assert all(settled[step, s].state == "done" for step in (2, 3) for s in "ab")
 
 
+def test_a_malformed_manifest_is_named_once_and_the_other_checkpoints_are_evaluated(storage):
+    for step in (1, 2, 3):
+        commit(storage, "R", step, final=3)
+    key = manifest_key("R", 1)
+    storage.put_bytes(key, storage.get_bytes(key)[:40])  # cut short
+    evaluate, lines = Recorder(), []
+    settled = watch(storage, evaluate, lines=lines)
+    assert sorted(evaluate.calls) == [(2, "a"), (2, "b"), (3, "a"), (3, "b")]
+    assert set(settled) == set(evaluate.calls)
+    named = [line for line in lines if storage.uri(key) in line]
+    assert len(named) == 1 and named[0].startswith("skipping checkpoint step 1: ")
+
+
 def test_no_checkpoint_yet_it_waits_saying_so(storage):
     lines = []
     watcher = Watcher(storage, "R", SUITES, ScheduleConfig(), Recorder(), say=lines.append)

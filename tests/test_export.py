@@ -99,8 +99,17 @@ def train_and_save(rank: int, tp: int, pp: int, dp: int, out: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(engine.module.state_dict(), path)
     if rank == 0:
-        manifest = {"format": 1, "step": STEPS, "model": vars(config), "config": {}}
-        (Path(out) / TAG / "manifest.json").write_text(json.dumps(manifest))
+        manifest = Manifest(
+            run_name="local",
+            step=STEPS,
+            tokens_seen=0,
+            topology={"tp": tp, "pp": pp, "dp": dp},
+            model=vars(config),
+            config={},
+            code_version="test",
+            created="2026-01-01T00:00:00Z",
+        )
+        (Path(out) / TAG / "manifest.json").write_text(manifest.to_json())
         (Path(out) / "engine_loss.json").write_text(json.dumps(loss))
 
 

@@ -47,6 +47,11 @@ def compose_pretrain(*overrides: str):
             ["data=demo", "data.root=/nonexistent/demo", "data.seq_len=64"],
             r"has 8,000 token ids but model\.vocab_size=1,024: set model\.vocab_size=8000",
         ),
+        (
+            ["data=demo", "data.accept_changed_data=[code,poetry]"],
+            r"data\.accept_changed_data=\['code', 'poetry'\]: give a list of component names "
+            r"\(code, prose\)",
+        ),
     ],
 )
 def test_bad_configs_name_the_field_and_fix(overrides, expected):

@@ -70,11 +70,15 @@ def layer_files(step_dir: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def read_model_config(step_dir: Path) -> NeoXConfig:
-    manifest = step_dir / MANIFEST
-    if not manifest.is_file():
+def local_manifest(step_dir: Path) -> Manifest:
+    """The manifest of a local checkpoint directory; MalformedManifestError naming the file
+    when it cannot be read."""
+    from neoray.checkpoint.manifest import parse_manifest
+
+    path = step_dir / MANIFEST
+    if not path.is_file():
         raise FileNotFoundError(f"{step_dir}: no {MANIFEST}; it is not a committed checkpoint")
-    return NeoXConfig(**json.loads(manifest.read_text())["model"])
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 def consolidate_checkpoint(step_dir: str | Path, config: NeoXConfig) -> dict[str, torch.Tensor]:
@@ -110,10 +114,10 @@ def export_directory(
     Without `tokenizer`, the run's `data.tokenizer` (from the manifest's config) is shipped.
     """
     step_dir = Path(step_dir)
-    config = read_model_config(step_dir)
+    manifest = local_manifest(step_dir)
+    config = NeoXConfig(**manifest.model)
     if tokenizer is None:
-        run_config = json.loads((step_dir / MANIFEST).read_text()).get("config", {})
-        tokenizer = run_config.get("data.tokenizer")
+        tokenizer = manifest.config.get("data.tokenizer")
     full = consolidate_checkpoint(step_dir, config)
     with torch.device("meta"):
         model = GPTNeoX(config)
@@ -227,10 +231,8 @@ def export_cached(
 ) -> Export:
     """The export of a local checkpoint directory `step_dir`, written once into the cache (see
     `cache_path`) and reused while the checkpoint is the same."""
-    from neoray.checkpoint.manifest import Manifest
-
     step_dir = Path(step_dir)
-    manifest = Manifest.from_json((step_dir / MANIFEST).read_text())
+    manifest = local_manifest(step_dir)
     out = cache_path(cache_dir, manifest, dtype)
     if not is_export_of(_read(out / EXPORT_MARKER), manifest):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,11 +322,9 @@ def resolve_checkpoint(
 ) -> Checkpoint:
     """The checkpoint named by a local step directory, a checkpoint URI, or a run + step, with
     only its manifest read: what it is can be checked before any weights are touched."""
-    from neoray.checkpoint.manifest import Manifest
-
     local = Path(checkpoint)
     if (local / MANIFEST).is_file() and "/checkpoints/step_" not in checkpoint:
-        return Checkpoint(Manifest.from_json((local / MANIFEST).read_text()), step_dir=local)
+        return Checkpoint(local_manifest(local), step_dir=local)
     storage, manifest = committed_manifest(checkpoint, step, storage_config)
     return Checkpoint(manifest, storage=storage)
 

@@ -3,7 +3,9 @@
 A checkpoint of run R at step N is the folder `<storage root>/R/checkpoints/step_<N:08d>/`.
 Its `manifest.json` is written last, once every file is uploaded, so a folder without one is
 an unfinished (or failed) upload that no reader considers. The manifest lists every file with
-its size and sha256, which downloads verify.
+its size and sha256, which downloads verify. A manifest that cannot be read (cut short, not
+JSON, fields missing, another step's) makes its checkpoint corrupt: listings skip it with a
+warning naming it, and reading it by its step raises MalformedManifestError naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is missing, or its size or sha256 differs from the manifest, or the
     manifest names a file that could not be one."""
+
+
+class MalformedManifestError(CorruptCheckpointError):
+    """A `manifest.json` that cannot be read as the manifest of its step."""
 
 
 def safe_name(name: str, where: str) -> str:
@@ -101,8 +107,28 @@ def manifest_key(run_name: str, step: int) -> str:
     return join_key(checkpoint_key(run_name, step), MANIFEST)
 
 
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The manifest in `data`; MalformedManifestError naming `where` it was read otherwise."""
+    try:
+        return Manifest.from_json(data.decode())
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # UnicodeError is a ValueError
+        raise MalformedManifestError(
+            f"{where}: not a readable manifest ({type(err).__name__}: {err}); the checkpoint "
+            "is treated as corrupt"
+        ) from err
+
+
 def read_manifest(storage: Storage, run_name: str, step: int) -> Manifest:
-    return Manifest.from_json(storage.get_bytes(manifest_key(run_name, step)).decode())
+    """The manifest of `run_name`'s checkpoint at `step`; MalformedManifestError, naming its
+    URI, when it cannot be read or is not that checkpoint's."""
+    key = manifest_key(run_name, step)
+    manifest = parse_manifest(storage.get_bytes(key), storage.uri(key))
+    if (manifest.run_name, manifest.step) != (run_name, step):
+        raise MalformedManifestError(
+            f"{storage.uri(key)}: the manifest of run {manifest.run_name!r} at step "
+            f"{manifest.step}, not of this checkpoint; it is treated as corrupt"
+        )
+    return manifest
 
 
 def files_by_step(storage: Storage, run_name: str) -> dict[int, list[str]]:
@@ -125,14 +151,40 @@ def committed_steps(storage: Storage, run_name: str) -> list[int]:
     return _committed(run_name, files_by_step(storage, run_name))
 
 
+def readable_manifest(storage: Storage, run_name: str, step: int) -> Manifest | None:
+    """The manifest of a committed step, or None (with a warning naming it) when it is
+    malformed: one corrupt checkpoint, even an old one, must not stop every reader."""
+    try:
+        return read_manifest(storage, run_name, step)
+    except MalformedManifestError as err:
+        log.warning("skipping a corrupt checkpoint: %s", err)
+        return None
+
+
+def scan_checkpoints(storage: Storage, run_name: str) -> tuple[list[Manifest], list[int]]:
+    """The readable manifests of `run_name`'s committed checkpoints, ascending by step, and the
+    steps whose manifest is malformed (each warned about)."""
+    manifests, malformed = [], []
+    for step in committed_steps(storage, run_name):
+        if (manifest := readable_manifest(storage, run_name, step)) is None:
+            malformed.append(step)
+        else:
+            manifests.append(manifest)
+    return manifests, malformed
+
+
 def committed_checkpoints(storage: Storage, run_name: str) -> list[Manifest]:
-    """Manifests of the committed checkpoints of `run_name`, ascending by step."""
-    return [read_manifest(storage, run_name, step) for step in committed_steps(storage, run_name)]
+    """Manifests of the committed checkpoints of `run_name`, ascending by step; malformed ones
+    are skipped with a warning naming them."""
+    return scan_checkpoints(storage, run_name)[0]
 
 
 def latest_checkpoint(storage: Storage, run_name: str) -> Manifest | None:
-    steps = committed_steps(storage, run_name)
-    return read_manifest(storage, run_name, steps[-1]) if steps else None
+    """The newest committed checkpoint of `run_name` whose manifest is readable."""
+    for step in reversed(committed_steps(storage, run_name)):
+        if (manifest := readable_manifest(storage, run_name, step)) is not None:
+            return manifest
+    return None
 
 
 def checkpoint_from_uri(uri: str) -> tuple[Storage, Manifest]:

@@ -9,7 +9,10 @@ its stage holds and re-splits them (`neoray.checkpoint.reshard`). Every file is 
 manifest's size and sha256. If any rank finds a file missing or corrupt, all ranks reject that
 checkpoint together and try the one before; the rejected checkpoints' manifests are deleted,
 so that when training saves those steps again no reader takes the old manifest for the new
-files. Storage that fails (after the storage's own retries: timeouts, 5xx, refused
+files. So are malformed manifests (unreadable: corrupt checkpoints) of steps after the one
+resumed from, which training saves again and which retention would otherwise count as kept
+checkpoints; older ones stay, named in a warning at every listing, until retention deletes
+them. Storage that fails (after the storage's own retries: timeouts, 5xx, refused
 connections) is not corruption: resume stops with an error rather than fall back.
 """
 
@@ -28,9 +31,9 @@ from neoray.checkpoint.manifest import (
     CorruptCheckpointError,
     Manifest,
     checkpoint_key,
-    committed_checkpoints,
     download,
     manifest_key,
+    scan_checkpoints,
     step_tag,
 )
 from neoray.checkpoint.reshard import (
@@ -120,12 +123,13 @@ def _describe(topology: dict[str, int]) -> str:
     return ", ".join(f"{axis}={topology.get(axis)}" for axis in AXES)
 
 
-def committed_on_rank0(storage: Storage, run_name: str) -> list[Manifest]:
-    """The committed checkpoints, as rank 0 sees them (all ranks act on the same list)."""
+def committed_on_rank0(storage: Storage, run_name: str) -> tuple[list[Manifest], list[int]]:
+    """The committed checkpoints with a readable manifest, and the steps whose manifest is
+    malformed, as rank 0 sees them (all ranks act on the same lists)."""
     found: list = [None]
     if dist.get_rank() == 0:
         try:
-            found[0] = committed_checkpoints(storage, run_name)
+            found[0] = scan_checkpoints(storage, run_name)
         except Exception as err:  # every rank raises it, rather than wait for rank 0 forever
             found[0] = f"listing the checkpoints of run {run_name!r} failed: {err}"
     dist.broadcast_object_list(found, src=0)
@@ -140,10 +144,12 @@ def resume(
     manifests: list[Manifest],
     layout: Layout,
     staging: Path,
+    malformed: list[int],
 ) -> Manifest:
     """Load the newest checkpoint of `manifests` that all ranks read intact into `engine`
     (collective), re-split when it was saved at another layout. A checkpoint the layout cannot
-    continue is refused (ConfigError); when no checkpoint is intact, CorruptCheckpointError."""
+    continue is refused (ConfigError); when no checkpoint is intact, CorruptCheckpointError.
+    The `malformed` manifests of later steps are deleted with those of rejected checkpoints."""
     local = staging / f"rank_{dist.get_rank():05d}" / "resume"
     rejected: list[Manifest] = []
     for manifest in reversed(manifests):
@@ -173,7 +179,9 @@ def resume(
             _load(engine, manifest, local / tag, layout)
             shutil.rmtree(local, ignore_errors=True)
             if dist.get_rank() == 0:
-                _forget(storage, rejected)
+                later = [s for s in malformed if s > manifest.step]
+                steps = [m.step for m in rejected] + later
+                _forget(storage, [manifest_key(manifest.run_name, s) for s in steps])
                 log.info(
                     "resumed run %r at step %d from %s",
                     manifest.run_name,
@@ -198,11 +206,10 @@ def resume(
     )
 
 
-def _forget(storage: Storage, rejected: list[Manifest]) -> None:
-    """Delete the manifests of checkpoints rejected as corrupt (their files are overwritten
-    when training saves those steps again)."""
-    for manifest in rejected:
-        key = manifest_key(manifest.run_name, manifest.step)
+def _forget(storage: Storage, keys: list[str]) -> None:
+    """Delete the manifests `keys` of corrupt checkpoints (their files are overwritten when
+    training saves those steps again)."""
+    for key in keys:
         try:
             storage.delete(key)
         except Exception as err:  # the next resume rejects it again; saving it replaces it

@@ -9,7 +9,8 @@ save point arrives while the previous upload is still running.
 
 While storage fails, nothing staged is lost and the staging folder stays bounded: an upload
 that failed is reported and tried again at the next save point, where a newer checkpoint
-supersedes it (only the newest uncommitted checkpoint and milestones are kept), and a run whose
+supersedes it once it is staged itself (only the newest uncommitted checkpoint and milestones
+are kept; a save that fails, on a full disk, stops the run and loses nothing), and a run whose
 staged checkpoints outgrow `checkpoint.max_staging_gb` stops. A run that ends with checkpoints
 still uncommitted ends with an error, and its next start uploads and commits the staged
 checkpoints newer than the latest committed one (`recover`) before it resumes.
@@ -51,6 +52,10 @@ GB = 10**9
 
 class UncommittedCheckpointError(StorageError):
     """Checkpoints are staged locally but not committed to storage (it is failing)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written to the local staging folder (a full disk)."""
 
 
 @dataclass
@@ -178,8 +183,11 @@ class Snapshots:
 
     def save(self, engine, step: int) -> None:
         """Commit what finished uploading, write `engine`'s checkpoint `step` and upload it in
-        the background, with any milestone whose upload failed (it supersedes the others)."""
+        the background, with any milestone whose upload failed (it supersedes the others).
+        A superseded checkpoint is deleted only once the new one is staged: a disk that fills
+        during the save keeps it, and the run stops with CheckpointSaveError."""
         self.settle()
+        self._stage(engine, step)
         for old in [s for s in self.pending if not self.config.is_milestone(s)]:
             self._discard(old)
             self.pending.remove(old)
@@ -190,16 +198,41 @@ class Snapshots:
                     old,
                     step,
                 )
-        tag = step_tag(step)
-        self._discard(step)
-        engine.save_checkpoint(str(self.staging), tag=tag)
-        (self.staging / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; ours is manifests
-        files = file_sizes(self.staging / tag)
-        marker = Staged(self.run_name, step, self.rank, self.topology, files)
-        publish_file(self._marker(step), lambda out: out.write(json.dumps(asdict(marker)).encode()))
         self.pending.append(step)
         self._check_staging_size()
         self._start_upload()
+
+    def _stage(self, engine, step: int) -> None:
+        """Write `engine`'s checkpoint `step` and its marker to the staging folder (collective).
+        When that fails on any rank (a full disk), every rank deletes what it wrote of it and
+        raises CheckpointSaveError; what was staged before is kept."""
+        tag = step_tag(step)
+        self._discard(step)
+        error = ""
+        try:
+            engine.save_checkpoint(str(self.staging), tag=tag)
+            (self.staging / "latest").unlink(missing_ok=True)  # DeepSpeed's; ours is manifests
+            files = file_sizes(self.staging / tag)
+            marker = Staged(self.run_name, step, self.rank, self.topology, files)
+            publish_file(self._marker(step), lambda f: f.write(json.dumps(asdict(marker)).encode()))
+        except Exception as err:  # on a full disk torch.save raises a bare RuntimeError
+            error = f"rank {self.rank}: {type(err).__name__}: {err}{_free_space(self.staging)}"
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            self._discard(step)
+            kept = (
+                f"; the uncommitted checkpoints of steps {self.pending} stay staged, and the "
+                "next start of the same job commits them before resuming"
+                if self.pending
+                else ""
+            )
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step} of run {self.run_name!r} to "
+                f"{self.staging.parent} failed ({'; '.join(e for e in errors if e)}); what it "
+                f"wrote of it is deleted{kept}. Free space there, or set "
+                "checkpoint.staging_dir to a larger disk"
+            )
 
     def _check_staging_size(self) -> None:
         """Stop (collectively) when a rank's uncommitted checkpoints exceed the limit."""
@@ -332,6 +365,15 @@ class Snapshots:
             "checkpoint step %d not committed (tried again at the next save): %s", step, error
         )
         _notify(self.on_failure, step, error)
+
+
+def _free_space(folder: Path) -> str:
+    """ "; <n> MB free there", which tells a full disk from other failures (torch.save reports
+    it as a bare RuntimeError); empty when `folder` cannot be examined."""
+    try:
+        return f"; {shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+    except OSError:
+        return ""
 
 
 def _yield_cpu_to_training() -> None:

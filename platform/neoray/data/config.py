@@ -34,6 +34,9 @@ class DataConfig:
     `demo_corpus` (optional) is a folder where the demo corpus from this Python installation is
     written before preprocessing; `tokenizer_training` (optional) holds train_tokenizer fields
     used to train `tokenizer` from the components' inputs when the file does not exist yet.
+    `accept_changed_data` names the components whose token files may differ from those the
+    checkpoint being resumed was trained on (a deliberate re-tokenization); any other change is
+    refused, since training would silently continue on other data.
     """
 
     components: dict[str, ComponentConfig]
@@ -46,6 +49,7 @@ class DataConfig:
     cache_dir: str | None = None
     demo_corpus: str | None = None
     tokenizer_training: dict[str, Any] | None = field(default=None)
+    accept_changed_data: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.components:
@@ -58,6 +62,12 @@ class DataConfig:
             raise ConfigError("data.seq_len must be at least 1")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed={self.seed}: give a whole number in [0, 2**32)")
+        unknown = [name for name in self.accept_changed_data if name not in self.components]
+        if isinstance(self.accept_changed_data, str) or unknown:
+            raise ConfigError(
+                f"data.accept_changed_data={self.accept_changed_data!r}: give a list of "
+                f"component names ({', '.join(self.components)})"
+            )
 
 
 def data_config(section: Any, where: str = "data") -> DataConfig:

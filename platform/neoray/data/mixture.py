@@ -215,3 +215,14 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
     """Each component's token-file `fingerprint`, recorded in every checkpoint's manifest so
     that whoever rebuilds the training order later can tell the files are still the same."""
     return {name: fingerprint(c.prefix) for name, c in cfg.components.items()}
+
+
+def changed_components(cfg: DataConfig, recorded: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """component -> (recorded, current) fingerprint of each component of `cfg` whose token
+    files differ from those `recorded` (a manifest's `data_fingerprint`). Components added or
+    removed since are not compared: they change the mixture, not a component's files."""
+    changed = {}
+    for name, component in cfg.components.items():
+        if name in recorded and (now := fingerprint(component.prefix)) != recorded[name]:
+            changed[name] = (recorded[name], now)
+    return changed

@@ -2,8 +2,9 @@
 the policy selects exactly once, across restarts and next to other watchers.
 
 Each poll lists the run's step folders (one listing; a folder is read only when it is new or
-still uncommitted), asks the policy which steps it wants, and claims pairs that the ledger
-(`neoray.evaluation.ledger`) does not show as settled, newest first, up to `max_concurrent`.
+still uncommitted, or its manifest was malformed: skipped, and said once), asks the policy
+which steps it wants, and claims pairs that the ledger (`neoray.evaluation.ledger`) does not
+show as settled, newest first, up to `max_concurrent`.
 A claimed pair is evaluated on a thread of this process (the evaluation itself fans out over
 Ray), logged to MLflow while the claim is still ours, and recorded in the ledger. A heartbeat
 thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
@@ -23,6 +24,7 @@ from typing import Any
 
 from neoray.checkpoint.manifest import (
     STEP_DIR,
+    MalformedManifestError,
     Manifest,
     checkpoints_key,
     manifest_key,
@@ -83,6 +85,7 @@ class Watcher:
         self.policy = Policy(schedule)
         self.manifests: dict[int, Manifest] = {}  # committed checkpoints seen
         self.deleted: set[int] = set()  # committed checkpoints seen, then gone
+        self.malformed: set[int] = set()  # steps whose manifest could not be read (said once)
         self.wanted: set[int] = set()  # every step the policy has selected so far
         self.final_step: int | None = None
         self.settled: dict[Pair, Entry] = {}  # pairs whose ledger state is final
@@ -101,7 +104,14 @@ class Watcher:
         for step in sorted(present - set(self.manifests) - self.deleted):
             if not self.storage.exists(manifest_key(self.run_name, step)):
                 continue  # still uploading: looked at again next poll
-            manifest = read_manifest(self.storage, self.run_name, step)
+            try:
+                manifest = read_manifest(self.storage, self.run_name, step)
+            except MalformedManifestError as err:  # said once; training may save it afresh
+                if step not in self.malformed:
+                    self.malformed.add(step)
+                    self.say(f"skipping checkpoint step {step}: {err}")
+                continue
+            self.malformed.discard(step)
             self.manifests[step] = manifest
             self.final_step = final_step(manifest) or self.final_step
             self.say(f"found checkpoint step {step} (committed {manifest.created})")

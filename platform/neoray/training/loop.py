@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neoray.checkpoint.manifest import FileEntry, Manifest
+from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
 from neoray.code_version import code_version
-from neoray.config import flatten, redact
+from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
-from neoray.data.mixture import BlendedDataset, data_fingerprint
+from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
 from neoray.energy.run import RunEnergy
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
@@ -120,6 +120,43 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
         )
 
 
+def _check_data(cfg: PretrainConfig, manifest: Manifest) -> None:
+    """Refuse (on every rank, before any weight is read) to resume on token files other than
+    those `manifest` was trained on, unless `data.accept_changed_data` names the component:
+    the run would otherwise go on with other samples than its data order says, unnoticed.
+    Rank 0 alone reads the files, as it alone fingerprints them for the manifests."""
+    if not isinstance(cfg.data, DataConfig) or not manifest.data_fingerprint:
+        return  # synthetic data, or a checkpoint from before fingerprints were recorded
+    refusal: list = [None]
+    if dist.get_rank() == 0:
+        changed = changed_components(cfg.data, manifest.data_fingerprint)
+        refused = sorted(set(changed) - set(cfg.data.accept_changed_data))
+        if refused:
+            refusal[0] = (
+                f"run_name={cfg.run_name!r}: the token files of "
+                + "; ".join(
+                    f"data.components.{name} ({cfg.data.components[name].prefix}.bin/.idx: "
+                    f"fingerprint saved {changed[name][0]}, now {changed[name][1]})"
+                    for name in refused
+                )
+                + f" changed since its checkpoint at step {manifest.step} was saved. Restore "
+                "the files it trained on, or, to continue on the new ones, set "
+                f"data.accept_changed_data=[{','.join(refused)}]"
+            )
+        for name in sorted(changed.keys() - set(refused)):
+            log.warning(
+                "data.components.%s: token files changed since step %d (fingerprint saved %s, "
+                "now %s); continuing on them as data.accept_changed_data allows, and the next "
+                "checkpoint records the new fingerprint",
+                name,
+                manifest.step,
+                *changed[name],
+            )
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ConfigError(refusal[0])
+
+
 def epochs_seen(data, samples: int) -> dict[str, float]:
     """`epochs/<component>` after `samples` training samples (a mixture's components only)."""
     if not isinstance(data, BlendedDataset):
@@ -196,21 +233,28 @@ def pretrain(
     placement = place_rank(cfg.parallel)
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
-    manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
+    manifests, malformed = committed_on_rank0(storage, cfg.run_name) if storage else ([], [])
     snapshots = _snapshots(cfg, storage, staging, observer) if storage else None
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
-        manifests = committed_on_rank0(storage, cfg.run_name)  # with what was just committed
+        manifests, malformed = committed_on_rank0(storage, cfg.run_name)  # with the new ones
+    if malformed and not manifests:
+        raise CorruptCheckpointError(
+            f"run_name={cfg.run_name!r}: the manifests of its checkpoints at steps {malformed} "
+            "cannot be read (see the warnings above); starting over would overwrite them: use "
+            "another run_name, or delete the run's checkpoints to start it afresh"
+        )
     schedule = batch_schedule(cfg)
     layout = Layout(_topology(cfg), placement.tp_rank, schedule.global_batch_size, cfg.model)
     if manifests:
         layout.check(manifests[-1])  # before any weights are allocated
+        _check_data(cfg, manifests[-1])
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
     if cfg.train.init_from:
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
-    resumed = resume(engine, storage, manifests, layout, staging) if manifests else None
+    resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
     if start >= cfg.train.steps:
         log.info(
