@@ -253,6 +253,13 @@ def one_process(tmp_path: Path, run_name: str, *overrides: str) -> subprocess.Co
     )
 
 
+def trained(tmp_path: Path, run_name: str, *overrides: str) -> str:
+    """The output of `one_process`, which must succeed."""
+    result = one_process(tmp_path, run_name, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
 # A dp=2 run (tests/layouts.py): 10 steps of 8 sequences (2 per micro batch, 2 micro batches),
 # saving every step and keeping five. Resuming it exactly is tests/test_resume_matrix.py.
 DP2 = (1, 1, 2)
@@ -399,7 +406,7 @@ def test_resuming_on_changed_token_files_is_refused_unless_accepted(tmp_path):
         "train.eval_interval=0",
         "checkpoint.interval=2",
     )
-    torchrun(tmp_path, 1, "mix", "train.steps=2", *data)
+    trained(tmp_path, "mix", "train.steps=2", *data)
     saved = fingerprint(str(root / "prose"))
     write_tokens(root / "prose", seed=2)
     now = fingerprint(str(root / "prose"))
@@ -416,7 +423,7 @@ def test_resuming_on_changed_token_files_is_refused_unless_accepted(tmp_path):
     assert latest_checkpoint(storage, "mix").step == 2
 
     accepted = "data.accept_changed_data=[prose]"
-    output = torchrun(tmp_path, 1, "mix", "train.steps=4", *data, accepted)
+    output = trained(tmp_path, "mix", "train.steps=4", *data, accepted)
     assert "data.components.prose: token files changed since step 2" in output
     assert "resumed run 'mix' at step 2" in output
     manifest = latest_checkpoint(storage, "mix")
