@@ -81,6 +81,9 @@ class TrainingExporter:
         for name in (*TRAINING_TOTALS, "neoray_checkpoint_failures"):
             self.gauges.set(name, 0)
 
+    def on_start(self, resumed_from: int | None) -> None:
+        """Nothing to show: the step gauge moves with the first row."""
+
     def on_metrics(self, row: dict[str, Any]) -> None:
         self.done = row["step"] + 1
         self.finished_at[self.done] = time.monotonic()

@@ -1,7 +1,10 @@
 """Training's MLflow logging on a thread of its own, so that MLflow being down costs no steps.
 
 Rank 0 hands every row, checkpoint tag and the run's end to a queue; one thread opens the
-MLflow run and logs the queue in order. While MLflow does not answer (connection refused,
+MLflow run and logs the queue in order. The run is opened once training says where it starts
+(`on_start`): from a checkpoint it continues the run of that name, from scratch it gets a new
+one (see `neoray.tracking`); a run that ends before it starts (a failure while resuming)
+continues the run of that name, as a resume would. While MLflow does not answer (connection refused,
 timeouts, 5xx), the thread keeps the queue and tries again with a growing pause; training
 goes on, and a run that starts while MLflow is down starts anyway, saying so. The queue is
 bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped (every row is
@@ -40,12 +43,13 @@ def is_transient(error: BaseException) -> bool:
 
 
 class QueuedTracker:
-    """A TrainingObserver that logs to the tracker `open_tracker` returns (an MLflowTracker),
-    from a thread, in order, surviving MLflow outages. Use it as a context manager."""
+    """A TrainingObserver that logs to the tracker `open_tracker(fresh=...)` returns (an
+    MLflowTracker), from a thread, in order, surviving MLflow outages. Use it as a context
+    manager."""
 
     def __init__(
         self,
-        open_tracker: Callable[[], Any],
+        open_tracker: Callable[..., Any],
         uri: str,
         buffer_rows: int,
         flush_timeout_s: float,
@@ -70,6 +74,9 @@ class QueuedTracker:
         self._thread.start()
 
     # The observer side: called by the training loop, never blocks on MLflow.
+
+    def on_start(self, resumed_from: int | None) -> None:
+        self._put("start", (resumed_from is None,))
 
     def on_metrics(self, row: dict) -> None:
         with self._changed:
@@ -134,7 +141,14 @@ class QueuedTracker:
     # The logging thread.
 
     def _run(self) -> None:
-        tracker = self._retry(self._open_tracker)
+        with self._changed:
+            while not self._queue:
+                self._changed.wait()
+            kind, args = self._queue[0]
+            if kind == "start":
+                self._queue.popleft()
+        fresh = args[0] if kind == "start" else False
+        tracker = self._retry(functools.partial(self._open_tracker, fresh=fresh))
         if tracker is None:
             with self._changed:
                 self._gave_up = True

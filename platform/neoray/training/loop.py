@@ -212,6 +212,8 @@ def pretrain(
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
     resumed = resume(engine, storage, manifests, layout, staging) if manifests else None
     start = resumed.step if resumed is not None else 0
+    if observer is not None:
+        observer.on_start(resumed.step if resumed is not None else None)
     if start >= cfg.train.steps:
         log.info(
             "run %r already trained %d steps (train.steps=%d)", cfg.run_name, start, cfg.train.steps

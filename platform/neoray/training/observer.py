@@ -8,6 +8,10 @@ from typing import Protocol
 class TrainingObserver(Protocol):
     """Called on global rank 0 only."""
 
+    def on_start(self, resumed_from: int | None) -> None:
+        """Training starts: resumed from the checkpoint of step `resumed_from`, or from scratch
+        (None), which an experiment tracker records as a new run."""
+
     def on_metrics(self, row: dict) -> None:
         """After every step: the row also written to metrics.jsonl."""
 
@@ -23,6 +27,10 @@ class Observers:
 
     def __init__(self, *observers: TrainingObserver) -> None:
         self.observers = observers
+
+    def on_start(self, resumed_from: int | None) -> None:
+        for observer in self.observers:
+            observer.on_start(resumed_from)
 
     def on_metrics(self, row: dict) -> None:
         for observer in self.observers:
