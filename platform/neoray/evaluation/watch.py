@@ -29,7 +29,7 @@ from neoray.checkpoint.manifest import (
     read_manifest,
 )
 from neoray.evaluation.config import EvalConfig
-from neoray.evaluation.ledger import Claim, Entry, Ledger
+from neoray.evaluation.ledger import Claim, Entry, Ledger, is_final
 from neoray.evaluation.report import flat_metrics, headline, suite_metrics
 from neoray.evaluation.schedule import Policy, ScheduleConfig, created_time
 from neoray.live_metrics import EvaluationExporter
@@ -182,11 +182,7 @@ class Watcher:
             self.settled[step, suite] = entry
 
     def _is_final(self, entry: Entry | None) -> bool:
-        """Whether the pair of this ledger entry will not be evaluated (again)."""
-        return entry is not None and (
-            entry.state in ("done", "skipped")
-            or (entry.state == "failed" and entry.attempts >= self.schedule.max_attempts)
-        )
+        return is_final(entry, self.schedule.max_attempts)
 
     def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
         step, suite = pair

@@ -32,6 +32,7 @@ from neoray.config import flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, data_fingerprint
 from neoray.energy.run import RunEnergy
+from neoray.evaluation.hold import EvaluationHold
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
@@ -167,6 +168,9 @@ def _snapshots(
         if observer is not None:
             observer.on_checkpoint_failed(step, error)
 
+    hold = None
+    if cfg.checkpoint.hold_for_eval:
+        hold = EvaluationHold(storage, cfg.run_name, cfg.checkpoint)
     return Snapshots(
         storage,
         cfg.run_name,
@@ -176,6 +180,7 @@ def _snapshots(
         manifest_factory(cfg),
         on_commit,
         on_failure,
+        hold,
     )
 
 
