@@ -5,8 +5,9 @@ run that resumes from a checkpoint (a restart under the same name, Ray Train rep
 worker) keeps logging into the run it started. A run that starts from no checkpoint under a
 name already used (its checkpoints were deleted to start it afresh) gets a new MLflow run, so
 that old and new metrics never share a step; the old one is kept, tagged
-`neoray.superseded_by=<new run id>`, and lookups by name skip it. Its params are the flattened job config with secrets
-redacted (`redact`, from `neoray.config`); its metrics are the engine's per-step rows; each
+`neoray.superseded_by=<new run id>`, and lookups by name skip it. Its params are the flattened
+job config with secrets redacted (`redact`, from `neoray.config`); its metrics are the
+engine's per-step rows; each
 committed checkpoint is a tag `checkpoint.step_<step:08d> = <uri>` plus a metric
 `checkpoint_step` at that step, which is how evaluation finds checkpoints. Only global rank 0
 creates a tracker.
@@ -159,18 +160,17 @@ class MLflowTracker:
 
         self.client = MlflowClient(tracking_uri=config.uri)
         experiment = experiment_id(self.client, config.experiment)
-        run = find_run(self.client, experiment, run_name)
-        self.superseded: str | None = None  # the run id a fresh start replaced
-        if run is not None and fresh:
-            self.superseded = run.info.run_id
-            run = None
-        self.resumed = run is not None
-        if run is None:
+        found = find_run(self.client, experiment, run_name)
+        self.resumed = found is not None and not fresh
+        # the run id a fresh start replaced
+        self.superseded: str | None = found.info.run_id if found and fresh else None
+        if self.resumed:
+            run = found
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
             run = self.client.create_run(
                 experiment, run_name=run_name, tags={RUN_NAME_TAG: run_name}
             )
-        else:
-            self.client.update_run(run.info.run_id, status="RUNNING")
         if self.superseded is not None:  # tagged once its successor exists, so it names one
             self.client.set_tag(self.superseded, SUPERSEDED_BY_TAG, run.info.run_id)
         self.run_id: str = run.info.run_id

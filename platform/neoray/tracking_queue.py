@@ -4,11 +4,11 @@ Rank 0 hands every row, checkpoint tag and the run's end to a queue; one thread 
 MLflow run and logs the queue in order. The run is opened once training says where it starts
 (`on_start`): from a checkpoint it continues the run of that name, from scratch it gets a new
 one (see `neoray.tracking`); a run that ends before it starts (a failure while resuming)
-continues the run of that name, as a resume would. While MLflow does not answer (connection refused,
-timeouts, 5xx), the thread keeps the queue and tries again with a growing pause; training
-goes on, and a run that starts while MLflow is down starts anyway, saying so. The queue is
-bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped (every row is
-also in the run's `metrics.jsonl`), counted, printed and recorded on the run as tag
+continues the run of that name, as a resume would. While MLflow does not answer
+(connection refused, timeouts, 5xx), the thread keeps the queue and tries again with a growing
+pause; training goes on, and a run that starts while MLflow is down starts anyway, saying so.
+The queue is bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped
+(every row is also in the run's `metrics.jsonl`), counted, printed and recorded on the run as tag
 `neoray.tracking.dropped_rows` once MLflow answers. Checkpoint tags and the run's end are
 never dropped. A request MLflow refuses for good (a 4xx: a bad value) is skipped and
 reported instead of retried. At the end of the run, `close` waits up to
