@@ -59,6 +59,9 @@ class ServerSwitch:
                 raise TimeoutError(f"the test did not {action} the server")
             time.sleep(0.05)
 
+    def on_start(self, resumed_from: int | None) -> None:
+        """Nothing to do: the switch acts on rows and checkpoints."""
+
     def on_metrics(self, row: dict) -> None:
         from neoray.checkpoint.manifest import committed_steps, manifest_key
 
