@@ -14,7 +14,9 @@ import pytest
 import services
 from mlflow import MlflowClient
 
+from neoray.evaluation.ledger import Ledger
 from neoray.evaluation.tracking import EvalTracker
+from neoray.storage import StorageConfig, open_storage
 from neoray.tracking import (
     RUN_NAME_TAG,
     SUPERSEDED_BY_TAG,
@@ -330,7 +332,8 @@ def wait_for(condition, job: subprocess.Popen, log: Path, timeout: float = 180) 
 
 def test_a_run_restarted_from_scratch_logs_into_a_new_mlflow_run(mlflow_server, tmp_path):
     """A tiny run, resumed (the same MLflow run), then its checkpoints deleted and started
-    again: a second MLflow run with only the new metrics, the first tagged superseded."""
+    again: a second MLflow run with only the new metrics, the first tagged superseded, and
+    the evaluation ledger of the deleted checkpoints gone."""
 
     def pretrain(steps: int) -> None:
         command = [
@@ -370,7 +373,10 @@ def test_a_run_restarted_from_scratch_logs_into_a_new_mlflow_run(mlflow_server, 
     pretrain(4)  # resumes from step 2
     assert live_run_id() == first and losses(first) == [0, 1, 2, 3]
     shutil.rmtree(tmp_path / "store" / "reused" / "checkpoints")
+    ledger = Ledger(open_storage(StorageConfig(root=str(tmp_path / "store"))), "reused")
+    assert ledger.record(2, "mmlu_0shot", None, "done")  # the old step 2, evaluated
     pretrain(2)
+    assert ledger.entries() == []
     second = live_run_id()
     assert second != first
     assert client.get_run(first).data.tags[SUPERSEDED_BY_TAG] == second

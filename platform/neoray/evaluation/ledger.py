@@ -132,6 +132,15 @@ class Ledger:
                 found.append(entry)
         return sorted(found, key=lambda e: (e.step, e.suite))
 
+    def clear(self) -> int:
+        """Delete every entry: at a fresh start of the run (its checkpoints deleted) they
+        describe checkpoints that are gone, and would pass the new ones of the same steps off
+        as evaluated. Returns how many there were."""
+        keys = self.storage.list(evals_key(self.run_name) + "/")
+        for key in keys:
+            self.storage.delete(key)
+        return len(keys)
+
     def _write(self, entry: Entry, version: str | None) -> str | None:
         """Write `entry` if its file is still at `version`; the new version, or None if lost."""
         entry.updated = self.clock()

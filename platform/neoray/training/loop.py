@@ -33,6 +33,7 @@ from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, data_fingerprint
 from neoray.energy.run import RunEnergy
 from neoray.evaluation.hold import EvaluationHold
+from neoray.evaluation.ledger import Ledger
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
@@ -184,6 +185,19 @@ def _snapshots(
     )
 
 
+def _forget_evaluations(storage: Storage, run_name: str) -> None:
+    """A run that starts from no checkpoint under a used name deletes the evaluation ledger of
+    the checkpoints it had, so that a watcher evaluates the new checkpoints of the same steps
+    (the results stay in MLflow, on the superseded run)."""
+    if forgotten := Ledger(storage, run_name).clear():
+        log.info(
+            "run %r starts from no checkpoint: deleted %d evaluation ledger entries of its "
+            "earlier checkpoints",
+            run_name,
+            forgotten,
+        )
+
+
 def pretrain(
     cfg: PretrainConfig,
     observer: TrainingObserver | None = None,
@@ -219,6 +233,8 @@ def pretrain(
     start = resumed.step if resumed is not None else 0
     if observer is not None:
         observer.on_start(resumed.step if resumed is not None else None)
+    if storage is not None and resumed is None and dist.get_rank() == 0:
+        _forget_evaluations(storage, cfg.run_name)
     if start >= cfg.train.steps:
         log.info(
             "run %r already trained %d steps (train.steps=%d)", cfg.run_name, start, cfg.train.steps
