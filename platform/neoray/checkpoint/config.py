@@ -49,7 +49,6 @@ class CheckpointConfig:
                 f"checkpoint.max_staging_gb={self.max_staging_gb} must be positive (or null: "
                 "no limit)"
             )
-
         if self.hold_for_eval_every is not None and self.hold_for_eval_every < 1:
             raise ConfigError(
                 f"checkpoint.hold_for_eval_every={self.hold_for_eval_every} must be at least 1 "

@@ -6,8 +6,8 @@ holds `<run>/checkpoints/`. Its state is one of
 - `running`: claimed by `owner`, who refreshes `heartbeat` while it works;
 - `done`: with the `metrics` (and which one is the suite's `headline`) and the MLflow run id;
 - `failed`: with the `reason`; retried until `attempts` reaches the watcher's maximum;
-- `skipped`: with the reason (the checkpoint was deleted before its turn, by retention past
-  its evaluation hold, see `neoray.evaluation.hold`).
+- `skipped`: with the reason (the checkpoint was deleted before its turn; by retention past
+  the cap of its evaluation hold, see `neoray.evaluation.hold`).
 
 The ledger is the one truth that watchers share. Every write is conditional on the version
 the writer read (S3's If-Match / If-None-Match, a folder lock locally), so of two watchers
