@@ -59,6 +59,9 @@ class ServerSwitch:
                 raise TimeoutError(f"the test did not {action} the server")
             time.sleep(0.05)
 
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        """Nothing to do: the switch acts on rows and checkpoints."""
+
     def on_metrics(self, row: dict) -> None:
         from neoray.checkpoint.manifest import committed_steps, manifest_key
 
@@ -77,9 +80,6 @@ class ServerSwitch:
 
     def on_checkpoint(self, step: int, uri: str, size_bytes: int) -> None:
         self._event(kind="committed", step=step, uri=uri)
-
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        """The test follows the checkpoints, not the restarts."""
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.failed.add(step)

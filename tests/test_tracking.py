@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +15,12 @@ import services
 from mlflow import MlflowClient
 
 from neoray.config import redact_text
+from neoray.evaluation.ledger import Ledger
+from neoray.evaluation.tracking import EvalTracker
+from neoray.storage import StorageConfig, open_storage
 from neoray.tracking import (
     RUN_NAME_TAG,
+    SUPERSEDED_BY_TAG,
     MLflowTracker,
     TrackingConfig,
     experiment_id,
@@ -190,10 +195,38 @@ def test_a_resumed_run_logs_the_rows_a_crash_kept_from_mlflow(mlflow_server):
         for row in rows[:2]:  # the rows of steps 2 to 4 were still queued at the crash
             first.on_metrics(row)
     with tracker(mlflow_server, "crashed", {}) as restarted:
-        restarted.on_resume(4, rows)  # resumed from the step-4 checkpoint
+        restarted.on_start(4, rows)  # resumed from the step-4 checkpoint
         restarted.on_metrics({"step": 4, "loss": 3.0})  # trained again
     history = MlflowClient(mlflow_server.url).get_metric_history(first.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 7.0 - s) for s in range(5)]
+
+
+def test_a_fresh_start_under_a_used_name_supersedes_its_run(mlflow_server, tmp_path):
+    """Started from no checkpoint, a run of a used name gets a new MLflow run; the old one is
+    kept, tagged with its successor, and lookups by name (training, evaluation) skip it."""
+    with tracker(mlflow_server, "run-again", {}) as old:
+        old.on_metrics({"step": 0, "loss": 9.0})
+    evaluations = EvalTracker(mlflow_server.url, "tests")
+    (tmp_path / "study.txt").write_text("x")
+    old_eval = evaluations.log_study("run-again", 0, "s", {"m": 1.0}, {}, tmp_path, "test")
+    with MLflowTracker(
+        TrackingConfig(uri=mlflow_server.url, experiment="tests"), "run-again", fresh=True
+    ) as new:
+        new.on_metrics({"step": 0, "loss": 5.0})
+    assert not new.resumed and new.superseded == old.run_id != new.run_id
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(old.run_id).data.tags[SUPERSEDED_BY_TAG] == new.run_id
+    assert [m.value for m in client.get_metric_history(old.run_id, "loss")] == [9.0]
+    assert [m.value for m in client.get_metric_history(new.run_id, "loss")] == [5.0]
+    assert find_run(client, evaluations.experiment_id, "run-again").info.run_id == new.run_id
+    assert evaluations.training_run_id("run-again") == new.run_id
+    assert evaluations.evaluation_runs("run-again", 0) == []  # the old run's stays its own
+    new_eval = evaluations.log_study("run-again", 0, "s", {"m": 2.0}, {}, tmp_path, "test")
+    assert [r.info.run_id for r in evaluations.evaluation_runs("run-again", 0)] == [new_eval]
+    assert client.get_run(old_eval).info.lifecycle_stage == "active"
+    with tracker(mlflow_server, "run-again", {}) as resumed:
+        pass
+    assert resumed.run_id == new.run_id
 
 
 def test_failed_training_marks_the_run_failed(mlflow_server):
@@ -343,3 +376,56 @@ def wait_for(condition, job: subprocess.Popen, log: Path, timeout: float = 180) 
         assert job.poll() is None or condition(), log.read_text()[-3000:]
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
+
+
+def test_a_run_restarted_from_scratch_logs_into_a_new_mlflow_run(mlflow_server, tmp_path):
+    """A tiny run, resumed (the same MLflow run), then its checkpoints deleted and started
+    again: a second MLflow run with only the new metrics, the first tagged superseded, and
+    the evaluation ledger of the deleted checkpoints gone."""
+
+    def pretrain(steps: int) -> None:
+        command = [
+            sys.executable,
+            "jobs/pretrain.py",
+            "launcher=torchrun",
+            "model=tiny",
+            "data.seq_len=32",
+            "parallel.micro_batch_size=2",
+            "train.peak_tflops=1.0",
+            f"train.steps={steps}",
+            "checkpoint.interval=2",
+            "run_name=reused",
+            f"run_dir={tmp_path / 'run'}",
+            f"storage.root={tmp_path / 'store'}",
+            "tracking=server",
+            f"tracking.uri={mlflow_server.url}",
+            "tracking.experiment=restarts",
+            "tracking.system_metrics=false",
+        ]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    client = MlflowClient(mlflow_server.url)
+
+    def live_run_id() -> str:
+        return find_run(client, experiment_id(client, "restarts"), "reused").info.run_id
+
+    def losses(run_id: str) -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, "loss")]
+
+    pretrain(2)
+    first = live_run_id()
+    pretrain(4)  # resumes from step 2
+    assert live_run_id() == first and losses(first) == [0, 1, 2, 3]
+    shutil.rmtree(tmp_path / "store" / "reused" / "checkpoints")
+    ledger = Ledger(open_storage(StorageConfig(root=str(tmp_path / "store"))), "reused")
+    assert ledger.record(2, "mmlu_0shot", None, "done")  # the old step 2, evaluated
+    pretrain(2)
+    assert ledger.entries() == []
+    second = live_run_id()
+    assert second != first
+    assert client.get_run(first).data.tags[SUPERSEDED_BY_TAG] == second
+    assert losses(first) == [0, 1, 2, 3] and losses(second) == [0, 1]

@@ -81,6 +81,9 @@ class TrainingExporter:
         for name in (*TRAINING_TOTALS, "neoray_checkpoint_failures"):
             self.gauges.set(name, 0)
 
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        """Nothing to show: the step gauge moves with the first row."""
+
     def on_metrics(self, row: dict[str, Any]) -> None:
         self.done = row["step"] + 1
         self.finished_at[self.done] = time.monotonic()
@@ -105,9 +108,6 @@ class TrainingExporter:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.failures += 1
         self.gauges.set("neoray_checkpoint_failures", self.failures)
-
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        """Nothing to do: the gauges show the latest step, which comes next."""
 
 
 class EvaluationExporter:

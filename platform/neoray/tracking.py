@@ -1,9 +1,13 @@
 """Experiment tracking in MLflow: one run per training run, found again by its name.
 
 A run is identified by the tag `neoray.run_name` in the configured experiment, so a training
-run that resumes (a restart under the same name, Ray Train replacing a failed worker) keeps
-logging into the run it started. Its params are the flattened job config with secrets
-redacted (`redact`, from `neoray.config`); its metrics are the engine's per-step rows; each
+run that resumes from a checkpoint (a restart under the same name, Ray Train replacing a failed
+worker) keeps logging into the run it started. A run that starts from no checkpoint under a
+name already used (its checkpoints were deleted to start it afresh) gets a new MLflow run, so
+that old and new metrics never share a step; the old one is kept, tagged
+`neoray.superseded_by=<new run id>`, and lookups by name skip it. Its params are the flattened
+job config with secrets redacted (`redact`, from `neoray.config`); its metrics are the
+engine's per-step rows; each
 committed checkpoint is a tag `checkpoint.step_<step:08d> = <uri>` plus a metric
 `checkpoint_step` at that step, which is how evaluation finds checkpoints. Only global rank 0
 creates a tracker.
@@ -23,6 +27,7 @@ from neoray.config import ConfigError, flatten, redact
 
 __all__ = [
     "RUN_NAME_TAG",
+    "SUPERSEDED_BY_TAG",
     "MLflowTracker",
     "TrackingConfig",
     "find_run",
@@ -34,6 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "neoray.run_name"
+SUPERSEDED_BY_TAG = "neoray.superseded_by"  # on a training run replaced by a fresh one
 PARENT_TAG = "mlflow.parentRunId"  # set on nested (evaluation) runs
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 TAG_VALUE_LIMIT = 8000  # MLflow's limit on a tag value
@@ -102,10 +108,10 @@ def _quoted(value: str) -> str:
 
 
 def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
-    """The training run of `run_name`: the first run of the experiment tagged
-    `neoray.run_name=<run_name>` that is not nested under another run of that name (evaluation
-    runs carry their training run's name; a sweep's trial runs are nested under the sweep's
-    run, of another name); None if there is none yet."""
+    """The live training run of `run_name`: the newest run of the experiment tagged
+    `neoray.run_name=<run_name>` that is neither superseded by a fresh start nor nested under
+    another run of that name (evaluation runs carry their training run's name; a sweep's trial
+    runs are nested under the sweep's run, of another name); None if there is none yet."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = {_quoted(run_name)}",
@@ -113,7 +119,12 @@ def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
         max_results=SEARCH_LIMIT,
     )
     same_name = {run.info.run_id for run in runs}
-    return next((run for run in runs if run.data.tags.get(PARENT_TAG) not in same_name), None)
+    live = [
+        run
+        for run in runs
+        if run.data.tags.get(PARENT_TAG) not in same_name and SUPERSEDED_BY_TAG not in run.data.tags
+    ]
+    return live[-1] if live else None
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -130,12 +141,13 @@ def experiment_id(client: Any, name: str) -> str:
 
 class MLflowTracker:
     """The MLflow run of one training run; a TrainingObserver (on_metrics, on_checkpoint,
-    on_checkpoint_failed, on_resume). Use it as a context manager: leaving the block ends the run as
+    on_checkpoint_failed, on_start). Use it as a context manager: leaving the block ends the run as
     FINISHED, or FAILED on an exception.
 
-    Params already logged (by the first attempt of a resumed run) keep their values, as MLflow
-    wants; a param whose value changed on resume (say, a longer `train.steps`) is recorded as
-    tag `neoray.param.<key>` instead.
+    `fresh`: the training run starts from no checkpoint, so an existing run of that name is
+    superseded by a new one rather than continued. Params already logged (by the first attempt
+    of a resumed run) keep their values, as MLflow wants; a param whose value changed on resume
+    (say, a longer `train.steps`) is recorded as tag `neoray.param.<key>` instead.
     """
 
     def __init__(
@@ -144,19 +156,25 @@ class MLflowTracker:
         run_name: str,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
+        fresh: bool = False,
     ) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=config.uri)
         experiment = experiment_id(self.client, config.experiment)
-        run = find_run(self.client, experiment, run_name)
-        self.resumed = run is not None
-        if run is None:
+        found = find_run(self.client, experiment, run_name)
+        self.resumed = found is not None and not fresh
+        # the run id a fresh start replaced
+        self.superseded: str | None = found.info.run_id if found and fresh else None
+        if self.resumed:
+            run = found
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
             run = self.client.create_run(
                 experiment, run_name=run_name, tags={RUN_NAME_TAG: run_name}
             )
-        else:
-            self.client.update_run(run.info.run_id, status="RUNNING")
+        if self.superseded is not None:  # tagged once its successor exists, so it names one
+            self.client.set_tag(self.superseded, SUPERSEDED_BY_TAG, run.info.run_id)
         self.run_id: str = run.info.run_id
         self._log_params(redact(flatten(params or {})), run.data.params)
         self.set_tags(tags or {})
@@ -212,12 +230,17 @@ class MLflowTracker:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.set_tags({f"checkpoint.failed.step_{step:08d}": error})
 
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        """Log the rows of steps before `step` that this run lacks: a crashed process loses
-        the rows still queued for MLflow, and the steps before its checkpoint are not trained
-        again. Steps from `step` on are trained again and logged as they come."""
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        """A resumed run logs the rows of steps before `resumed_from` that this run lacks: a
+        crashed process loses the rows still queued for MLflow, and the steps before its
+        checkpoint are not trained again. Steps from `resumed_from` on are trained again and
+        logged as they come. (Whether the run is new was decided when it was opened.)"""
+        if resumed_from is None:
+            return
         logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
-        missing = [row for row in earlier_rows if row["step"] < step and row["step"] not in logged]
+        missing = [
+            row for row in earlier_rows if row["step"] < resumed_from and row["step"] not in logged
+        ]
         for row in missing:
             self.on_metrics(row)
         if missing:
@@ -226,7 +249,7 @@ class MLflowTracker:
                 "from it); logged them from metrics.jsonl",
                 self.run_id,
                 len(missing),
-                step,
+                resumed_from,
             )
 
     def close(self, failed: bool = False) -> None:

@@ -1,11 +1,14 @@
 """Training's MLflow logging on a thread of its own, so that MLflow being down costs no steps.
 
 Rank 0 hands every row, checkpoint tag and the run's end to a queue; one thread opens the
-MLflow run and logs the queue in order. While MLflow does not answer (connection refused,
-timeouts, 5xx), the thread keeps the queue and tries again with a growing pause; training
-goes on, and a run that starts while MLflow is down starts anyway, saying so. The queue is
-bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped (every row is
-also in the run's `metrics.jsonl`), counted, printed and recorded on the run as tag
+MLflow run and logs the queue in order. The run is opened once training says where it starts
+(`on_start`): from a checkpoint it continues the run of that name, from scratch it gets a new
+one (see `neoray.tracking`); a run that ends before it starts (a failure while resuming)
+continues the run of that name, as a resume would. While MLflow does not answer
+(connection refused, timeouts, 5xx), the thread keeps the queue and tries again with a growing
+pause; training goes on, and a run that starts while MLflow is down starts anyway, saying so.
+The queue is bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped
+(every row is also in the run's `metrics.jsonl`), counted, printed and recorded on the run as tag
 `neoray.tracking.dropped_rows` once MLflow answers. Checkpoint tags and the run's end are
 never dropped. A request MLflow refuses for good (a 4xx: a bad value) is skipped and
 reported instead of retried. At the end of the run, `close` waits up to
@@ -42,12 +45,13 @@ def is_transient(error: BaseException) -> bool:
 
 
 class QueuedTracker:
-    """A TrainingObserver that logs to the tracker `open_tracker` returns (an MLflowTracker),
-    from a thread, in order, surviving MLflow outages. Use it as a context manager."""
+    """A TrainingObserver that logs to the tracker `open_tracker(fresh=...)` returns (an
+    MLflowTracker), from a thread, in order, surviving MLflow outages. Use it as a context
+    manager."""
 
     def __init__(
         self,
-        open_tracker: Callable[[], Any],
+        open_tracker: Callable[..., Any],
         uri: str,
         buffer_rows: int,
         flush_timeout_s: float,
@@ -73,6 +77,9 @@ class QueuedTracker:
 
     # The observer side: called by the training loop, never blocks on MLflow.
 
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        self._put("start", (resumed_from, [dict(row) for row in earlier_rows]))
+
     def on_metrics(self, row: dict) -> None:
         with self._changed:
             if self._gave_up:
@@ -88,9 +95,6 @@ class QueuedTracker:
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self._put("checkpoint_failed", (step, error))
-
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        self._put("resume", (step, [dict(row) for row in earlier_rows]))
 
     def close(self, failed: bool = False) -> None:
         """End the MLflow run (FINISHED or FAILED) once everything before it is logged; wait at
@@ -139,7 +143,12 @@ class QueuedTracker:
     # The logging thread.
 
     def _run(self) -> None:
-        tracker = self._retry(self._open_tracker)
+        with self._changed:
+            while not self._queue:
+                self._changed.wait()
+            kind, args = self._queue[0]  # logged (`_send`) once the run is open
+        fresh = kind == "start" and args[0] is None
+        tracker = self._retry(functools.partial(self._open_tracker, fresh=fresh))
         if tracker is None:
             with self._changed:
                 self._gave_up = True
@@ -173,8 +182,8 @@ class QueuedTracker:
             tracker.on_checkpoint(*args)
         elif kind == "checkpoint_failed":
             tracker.on_checkpoint_failed(*args)
-        elif kind == "resume":
-            tracker.on_resume(*args)
+        elif kind == "start":
+            tracker.on_start(*args)
         else:
             tracker.close(*args)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neoray.config import ConfigError
 
@@ -23,6 +23,14 @@ class CheckpointConfig:
     # one live job per run: a job's lease (<run_name>/lease.json) is taken over by another once
     # its heartbeat (every lease_timeout_s / 4) is this old
     lease_timeout_s: float = 120.0
+    # Scheduled evaluation (conf/eval_watch.yaml) of this run on these suites: a checkpoint past
+    # keep_last is kept until the evaluation ledger settles it for each suite (done, skipped,
+    # failed for good), since a watcher may start after the run or fall behind it
+    hold_for_eval: list[str] = field(default_factory=list)
+    hold_for_eval_every: int | None = None  # the schedule's `every`: hold only its multiples
+    # held checkpoints past this total are deleted anyway, oldest first, and the ledger says so
+    # (skipped); None: no cap
+    hold_for_eval_max_gb: float | None = 1000.0
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -40,6 +48,16 @@ class CheckpointConfig:
             raise ConfigError(
                 f"checkpoint.max_staging_gb={self.max_staging_gb} must be positive (or null: "
                 "no limit)"
+            )
+        if self.hold_for_eval_every is not None and self.hold_for_eval_every < 1:
+            raise ConfigError(
+                f"checkpoint.hold_for_eval_every={self.hold_for_eval_every} must be at least 1 "
+                "(or null: every checkpoint)"
+            )
+        if self.hold_for_eval_max_gb is not None and self.hold_for_eval_max_gb <= 0:
+            raise ConfigError(
+                f"checkpoint.hold_for_eval_max_gb={self.hold_for_eval_max_gb} must be positive "
+                "(or null: no cap)"
             )
 
     def is_milestone(self, step: int) -> bool:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,16 +244,26 @@ def download(
     return dest
 
 
-def prune(storage: Storage, run_name: str, keep_last: int, is_milestone: Any) -> list[int]:
-    """Delete committed checkpoints older than the last `keep_last`, except milestones; each
-    one's manifest first, then its files, so no reader sees a manifest whose files are gone.
-    Also delete orphans older than the newest committed checkpoint: files of a step with no
-    manifest (an upload that never committed, or a deletion cut short), which no reader uses
-    and nothing uploads again. Newer ones may be an upload in flight, and stay. Returns the
-    deleted committed steps."""
+def prune(
+    storage: Storage,
+    run_name: str,
+    keep_last: int,
+    is_milestone: Callable[[int], bool],
+    hold: Callable[[list[int]], set[int]] | None = None,
+) -> list[int]:
+    """Delete committed checkpoints older than the last `keep_last`, except milestones and those
+    `hold` keeps (given the steps about to go, ascending: the ones to keep, e.g. for an
+    evaluation still to come); each one's manifest first, then its files, so no reader sees a
+    manifest whose files are gone. Also delete orphans older than the newest committed
+    checkpoint: files of a step with no manifest (an upload that never committed, or a deletion
+    cut short), which no reader uses and nothing uploads again. Newer ones may be an upload in
+    flight, and stay. Returns the deleted committed steps."""
     files = files_by_step(storage, run_name)
     committed = _committed(run_name, files)
     doomed = [step for step in committed[:-keep_last] if not is_milestone(step)]
+    if hold is not None and doomed:
+        held = hold(doomed)
+        doomed = [step for step in doomed if step not in held]
     for step in doomed:
         storage.delete(manifest_key(run_name, step))
         for key in files[step]:

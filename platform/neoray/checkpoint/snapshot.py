@@ -88,7 +88,8 @@ ManifestFactory = Callable[[int, list[FileEntry]], Manifest]
 class Snapshots:
     """The save points of one training process (every rank has one; all calls are collective).
 
-    `on_commit(step, uri, size_bytes)` and `on_failure(step, error)` are called on global rank 0.
+    `on_commit(step, uri, size_bytes)` and `on_failure(step, error)` are called on global rank 0,
+    which also applies retention after a commit, keeping what `hold` says.
     """
 
     def __init__(
@@ -101,8 +102,10 @@ class Snapshots:
         make_manifest: ManifestFactory,
         on_commit: Callable[[int, str, int], None],
         on_failure: Callable[[int, str], None],
+        hold: Callable[[list[int]], set[int]] | None = None,
     ) -> None:
         self.storage, self.run_name, self.config = storage, run_name, config
+        self.hold = hold  # what retention keeps past keep_last (see `prune`)
         self.rank = dist.get_rank()
         self.staging = staging / f"rank_{self.rank:05d}"
         self.topology = topology
@@ -355,7 +358,13 @@ class Snapshots:
             _notify(self.on_commit, step, folder, sum(e.size for e in files))
         if committed:
             try:
-                prune(self.storage, self.run_name, self.config.keep_last, self.config.is_milestone)
+                prune(
+                    self.storage,
+                    self.run_name,
+                    self.config.keep_last,
+                    self.config.is_milestone,
+                    self.hold,
+                )
             except Exception as err:  # old checkpoints stay until the next try
                 log.warning("retention: deleting old checkpoints failed: %s", err)
         return committed, errors

@@ -6,7 +6,8 @@ holds `<run>/checkpoints/`. Its state is one of
 - `running`: claimed by `owner`, who refreshes `heartbeat` while it works;
 - `done`: with the `metrics` (and which one is the suite's `headline`) and the MLflow run id;
 - `failed`: with the `reason`; retried until `attempts` reaches the watcher's maximum;
-- `skipped`: with the reason (the checkpoint was deleted before its turn).
+- `skipped`: with the reason (the checkpoint was deleted before its turn; by retention past
+  the cap of its evaluation hold, see `neoray.evaluation.hold`).
 
 The ledger is the one truth that watchers share. Every write is conditional on the version
 the writer read (S3's If-Match / If-None-Match, a folder lock locally), so of two watchers
@@ -59,6 +60,15 @@ class Entry:
     @classmethod
     def from_bytes(cls, data: bytes) -> Entry:
         return cls(**json.loads(data))
+
+
+def is_final(entry: Entry | None, max_attempts: int) -> bool:
+    """Whether the pair of this ledger entry will not be evaluated (again): done, skipped, or
+    failed `max_attempts` times."""
+    return entry is not None and (
+        entry.state in ("done", "skipped")
+        or (entry.state == "failed" and entry.attempts >= max_attempts)
+    )
 
 
 def evals_key(run_name: str) -> str:
@@ -121,6 +131,15 @@ class Ledger:
             elif entry is not None:
                 found.append(entry)
         return sorted(found, key=lambda e: (e.step, e.suite))
+
+    def clear(self) -> int:
+        """Delete every entry: at a fresh start of the run (its checkpoints deleted) they
+        describe checkpoints that are gone, and would pass the new ones of the same steps off
+        as evaluated. Returns how many there were."""
+        keys = self.storage.list(evals_key(self.run_name) + "/")
+        for key in keys:
+            self.storage.delete(key)
+        return len(keys)
 
     def _write(self, entry: Entry, version: str | None) -> str | None:
         """Write `entry` if its file is still at `version`; the new version, or None if lost."""

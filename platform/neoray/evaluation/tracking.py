@@ -1,6 +1,7 @@
 """Evaluation runs in MLflow, nested under the training run they evaluate.
 
-The training run is the run of experiment `neoray` tagged `neoray.run_name=<run name>`; it is
+The training run is the live run of experiment `neoray` tagged `neoray.run_name=<run name>`
+(not one superseded by a fresh start of that name, see `neoray.tracking.find_run`); it is
 created (with that tag) when evaluation comes first. Each (checkpoint step, suite) gets one
 child run tagged `neoray.eval.suite`, `neoray.eval.step`, `neoray.run_name` and
 `mlflow.parentRunId`; evaluating the same pair again replaces it, so nothing is duplicated.
@@ -45,7 +46,15 @@ class EvalTracker:
         return run.info.run_id
 
     def evaluation_runs(self, run_name: str, step: int, suite: str | None = None) -> list:
-        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STEP_TAG}` = '{step}'"
+        """The evaluation runs of `step` (of one suite) under the live training run: those of
+        a run superseded by a fresh start of the same name are its own, and stay."""
+        training = find_run(self.client, self.experiment_id, run_name)
+        if training is None:
+            return []
+        query = (
+            f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STEP_TAG}` = '{step}' "
+            f"and tags.`{PARENT_TAG}` = '{training.info.run_id}'"
+        )
         if suite is not None:
             query += f" and tags.`{SUITE_TAG}` = '{suite}'"
         return self._search(query)

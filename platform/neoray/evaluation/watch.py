@@ -31,7 +31,7 @@ from neoray.checkpoint.manifest import (
     read_manifest,
 )
 from neoray.evaluation.config import EvalConfig
-from neoray.evaluation.ledger import Claim, Entry, Ledger
+from neoray.evaluation.ledger import Claim, Entry, Ledger, is_final
 from neoray.evaluation.report import flat_metrics, headline, suite_metrics
 from neoray.evaluation.schedule import Policy, ScheduleConfig, created_time
 from neoray.live_metrics import EvaluationExporter
@@ -94,6 +94,7 @@ class Watcher:
         self.woken = threading.Event()  # set when an evaluation ends: start the next now
         self.stopped = threading.Event()
         self.said_waiting = False
+        self.checked_hold = False  # whether the run was checked for an evaluation hold
 
     # -- what the run has committed
 
@@ -101,6 +102,7 @@ class Watcher:
         """Read manifests of new step folders; note committed checkpoints that disappeared."""
         folders = self.storage.folders(checkpoints_key(self.run_name))
         present = {int(m.group(1)) for name in folders if (m := STEP_DIR.match(name))}
+        manifest = None
         for step in sorted(present - set(self.manifests) - self.deleted):
             if not self.storage.exists(manifest_key(self.run_name, step)):
                 continue  # still uploading: looked at again next poll
@@ -115,6 +117,8 @@ class Watcher:
             self.manifests[step] = manifest
             self.final_step = final_step(manifest) or self.final_step
             self.say(f"found checkpoint step {step} (committed {manifest.created})")
+        if manifest is not None and not self.checked_hold:
+            self._check_hold(manifest)
         # A step is gone when its folder is, or (object stores may keep empty folders, and
         # retention deletes the manifest first) when a step still to evaluate lost its manifest.
         pending = {
@@ -131,6 +135,17 @@ class Watcher:
             self.deleted.add(step)
             del self.manifests[step]
             self.say(f"checkpoint step {step} was deleted (retention)")
+
+    def _check_hold(self, manifest: Manifest) -> None:
+        """Say once if the run (as of its newest checkpoint found) does not keep checkpoints
+        for these suites until they are evaluated: retention may delete some first."""
+        self.checked_hold = True
+        held = manifest.config.get("checkpoint.hold_for_eval") or []
+        if missing := [suite for suite in self.suites if suite not in held]:
+            self.say(
+                f"run {self.run_name} does not hold its checkpoints for {', '.join(missing)} "
+                "(checkpoint.hold_for_eval): retention may delete some before they are evaluated"
+            )
 
     def selected(self) -> set[int]:
         committed = {step: created_time(m.created) for step, m in self.manifests.items()}
@@ -192,11 +207,7 @@ class Watcher:
             self.settled[step, suite] = entry
 
     def _is_final(self, entry: Entry | None) -> bool:
-        """Whether the pair of this ledger entry will not be evaluated (again)."""
-        return entry is not None and (
-            entry.state in ("done", "skipped")
-            or (entry.state == "failed" and entry.attempts >= self.schedule.max_attempts)
-        )
+        return is_final(entry, self.schedule.max_attempts)
 
     def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
         step, suite = pair

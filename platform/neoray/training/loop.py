@@ -32,6 +32,8 @@ from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
 from neoray.energy.run import RunEnergy
+from neoray.evaluation.hold import EvaluationHold
+from neoray.evaluation.ledger import Ledger
 from neoray.parallel.config import validate_layout
 from neoray.parallel.convert import load_full_state_dict, shard_path
 from neoray.parallel.pipeline import build_pipeline
@@ -204,6 +206,9 @@ def _snapshots(
         if observer is not None:
             observer.on_checkpoint_failed(step, error)
 
+    hold = None
+    if cfg.checkpoint.hold_for_eval:
+        hold = EvaluationHold(storage, cfg.run_name, cfg.checkpoint)
     return Snapshots(
         storage,
         cfg.run_name,
@@ -213,7 +218,21 @@ def _snapshots(
         manifest_factory(cfg),
         on_commit,
         on_failure,
+        hold,
     )
+
+
+def _forget_evaluations(storage: Storage, run_name: str) -> None:
+    """A run that starts from no checkpoint under a used name deletes the evaluation ledger of
+    the checkpoints it had, so that a watcher evaluates the new checkpoints of the same steps
+    (the results stay in MLflow, on the superseded run)."""
+    if forgotten := Ledger(storage, run_name).clear():
+        log.info(
+            "run %r starts from no checkpoint: deleted %d evaluation ledger entries of its "
+            "earlier checkpoints",
+            run_name,
+            forgotten,
+        )
 
 
 def pretrain(
@@ -256,6 +275,11 @@ def pretrain(
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
     resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
+    out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
+    if observer is not None:
+        observer.on_start(None if resumed is None else start, out.kept if out else [])
+    if storage is not None and resumed is None and dist.get_rank() == 0:
+        _forget_evaluations(storage, cfg.run_name)
     if start >= cfg.train.steps:
         log.info(
             "run %r already trained %d steps (train.steps=%d)", cfg.run_name, start, cfg.train.steps
@@ -264,6 +288,8 @@ def pretrain(
             # Started again after it finished (a sweep whose driver died before recording
             # this trial's end): whoever waits on its validation gets the final one again.
             on_validation({"step": start - 1, **Validation(cfg, engine, placement).run()})
+        if out is not None:
+            out.close()
         dist.barrier()
         return
 
@@ -274,9 +300,6 @@ def pretrain(
         devices=cfg.parallel.world_size,
         peak=_peak_tflops(cfg, device),
     )
-    out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
-    if out is not None and observer is not None and start > 0:
-        observer.on_resume(start, out.kept)
     energy = None
     if cfg.energy.enabled:
         earlier = [row["energy/kwh"] for row in out.kept if "energy/kwh" in row] if out else []

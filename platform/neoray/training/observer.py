@@ -8,6 +8,12 @@ from typing import Protocol
 class TrainingObserver(Protocol):
     """Called on global rank 0 only."""
 
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        """Training starts: resumed from the checkpoint of step `resumed_from`, or from scratch
+        (None), which an experiment tracker records as a new run. `earlier_rows` are
+        metrics.jsonl's rows of the steps before it, so that a tracker can log those that a
+        crash kept from reaching it."""
+
     def on_metrics(self, row: dict) -> None:
         """After every step: the row also written to metrics.jsonl."""
 
@@ -17,16 +23,16 @@ class TrainingObserver(Protocol):
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         """The checkpoint of `step` could not be uploaded; it is retried at the next save."""
 
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        """The run resumed at `step`; `earlier_rows` are metrics.jsonl's rows of the steps
-        before it, so that a tracker can log those a crash kept from reaching it."""
-
 
 class Observers:
     """Several observers as one (an experiment tracker and the live metrics, say)."""
 
     def __init__(self, *observers: TrainingObserver) -> None:
         self.observers = observers
+
+    def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
+        for observer in self.observers:
+            observer.on_start(resumed_from, earlier_rows)
 
     def on_metrics(self, row: dict) -> None:
         for observer in self.observers:
@@ -39,7 +45,3 @@ class Observers:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         for observer in self.observers:
             observer.on_checkpoint_failed(step, error)
-
-    def on_resume(self, step: int, earlier_rows: list[dict]) -> None:
-        for observer in self.observers:
-            observer.on_resume(step, earlier_rows)
