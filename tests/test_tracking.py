@@ -109,7 +109,7 @@ def test_redact_text_hides_passwords_tokens_and_secret_assignments(text, shown):
 
 
 def test_the_mlflow_queue_never_shows_the_tracking_password(capfd):
-    def unreachable():
+    def unreachable(fresh: bool):
         raise ConnectionError("connection refused")
 
     url = "http://admin:S3cretPw@127.0.0.1:9"
