@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from neoray.checkpoint.lease import Holder, RunLease, RunLeaseHeld, lease_key
+from neoray.checkpoint.lease import (
+    Holder,
+    LeaseCheck,
+    LeaseLostError,
+    RunLease,
+    RunLeaseHeld,
+    lease_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def holder(storage, run_name: str) -> Holder:
@@ -30,40 +29,62 @@ def holder(storage, run_name: str) -> Holder:
     return Holder.from_bytes(data)
 
 
-def test_a_live_lease_is_refused_naming_its_holder_and_a_stale_one_taken_over(storage):
-    clock = Clock()
-    first = RunLease(storage, "run", "ray job first", stale_after_s=60, clock=clock)
-    first.acquire()
-    second = RunLease(storage, "run", "ray job second", stale_after_s=60, clock=clock)
-    clock.now += 30
-    assert first.heartbeat()
-    clock.now += 59  # 59 s after the first's last heartbeat: still live
-    with pytest.raises(RunLeaseHeld, match=r"run_name=run is being trained by ray job first"):
-        second.acquire()
-    assert holder(storage, "run").owner == "ray job first"
+def skewed(seconds: float):
+    """The wall clock of a machine `seconds` ahead of this one (behind, when negative)."""
+    return lambda: time.time() + seconds
 
-    clock.now += 2  # 61 s of silence: the first job is taken for dead
-    second.acquire()
+
+def test_a_live_lease_is_refused_whatever_the_clocks_and_a_silent_one_taken_over(storage):
+    # A live holder whose clock lags 200 s, seen by a job whose clock is 200 s ahead: its
+    # heartbeat looks 400 s old, yet the lease changes while the second job watches it.
+    with RunLease(storage, "run", "ray job first", stale_after_s=1, clock=skewed(-200)):
+        second = RunLease(storage, "run", "ray job second", stale_after_s=1, clock=skewed(200))
+        with pytest.raises(RunLeaseHeld, match=r"run_name=run is being trained by ray job first"):
+            second.acquire()
+    assert holder(storage, "run").released
+    second.acquire()  # a released lease is free at once
     assert holder(storage, "run").owner == "ray job second"
-    assert not first.heartbeat() and first.lost  # the first learns it lost the run
-    first.release()  # and releasing leaves the new holder alone
-    assert holder(storage, "run").owner == "ray job second"
+
+    # A holder that stopped heartbeating (no thread beats for it) is taken over, by a job
+    # whose clock is 200 s behind, after watching it unchanged for stale_after_s.
+    third = RunLease(storage, "run", "ray job third", stale_after_s=1, clock=skewed(-200))
+    began = time.monotonic()
+    third.acquire()
+    assert time.monotonic() - began >= 1
+    assert holder(storage, "run").owner == "ray job third"
+    assert not second.heartbeat() and second.lost  # the second learns it lost the run
+    second.release()  # and releasing leaves the new holder alone
+    assert holder(storage, "run").owner == "ray job third"
     assert not holder(storage, "run").released
 
-    second.release()
-    assert holder(storage, "run").released
-    third = RunLease(storage, "run", "ray job third", stale_after_s=60, clock=clock)
-    third.acquire()  # a released lease is free at once
-    assert holder(storage, "run").owner == "ray job third"
+
+@pytest.mark.parametrize("content", [b"", b'{"owner": "ray job fi'])
+def test_an_unreadable_lease_is_named_and_taken_over_once_it_stays_unchanged(storage, content):
+    storage.put_bytes(lease_key("run"), content)
+    with pytest.raises(LeaseLostError, match=r"lease.json is not a lease"):
+        LeaseCheck(storage, "run", "ray job first", stale_after_s=1).verify()
+    began = time.monotonic()
+    RunLease(storage, "run", "ray job first", stale_after_s=1).acquire()
+    assert time.monotonic() - began >= 1
+    assert holder(storage, "run").owner == "ray job first"
+
+
+def test_a_job_whose_lease_was_taken_over_is_told_the_new_holder(storage):
+    first = RunLease(storage, "run", "ray job first", stale_after_s=1)
+    first.acquire()
+    check = LeaseCheck(storage, "run", "ray job first", stale_after_s=1)
+    check.verify()
+    # The first job stalls (no heartbeat); a second job, its clock 200 s ahead, takes over.
+    RunLease(storage, "run", "ray job second", stale_after_s=1, clock=skewed(200)).acquire()
+    with pytest.raises(LeaseLostError, match=r"another job took the run over: .* ray job second"):
+        check.verify()
 
 
 def test_the_same_owner_takes_its_lease_back_after_a_restart(storage):
-    clock = Clock()
-    RunLease(storage, "run", "tune trial sweep/abc", stale_after_s=60, clock=clock).acquire()
-    clock.now += 5
-    again = RunLease(storage, "run", "tune trial sweep/abc", stale_after_s=60, clock=clock)
-    again.acquire()
-    assert holder(storage, "run").heartbeat == clock.now
+    RunLease(storage, "run", "tune trial sweep/abc", stale_after_s=60).acquire()
+    again = RunLease(storage, "run", "tune trial sweep/abc", stale_after_s=60, clock=lambda: 5.0)
+    again.acquire()  # at once, not after watching it for 60 s
+    assert holder(storage, "run").heartbeat == 5.0
 
 
 def test_of_jobs_starting_together_exactly_one_gets_the_lease(storage):
@@ -114,11 +135,12 @@ def test_a_second_training_job_on_a_held_run_is_refused_before_it_writes(tmp_pat
         "data.seq_len=32",
         "tracking.enabled=false",
         "run_name=shared",
+        "checkpoint.lease_timeout_s=2",
         f"storage.root={store}",
         f"run_dir={tmp_path / 'run'}",
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    with RunLease(storage, "shared", "ray job raysubmit_first", stale_after_s=60):
+    with RunLease(storage, "shared", "ray job raysubmit_first", stale_after_s=2):
         refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode != 0
     assert "run_name=shared is being trained by ray job raysubmit_first" in refused.stderr
