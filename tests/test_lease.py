@@ -3,6 +3,7 @@ training job refused while the first holds it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -152,3 +153,84 @@ def test_a_second_training_job_on_a_held_run_is_refused_before_it_writes(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert (store / "shared" / "checkpoints" / "step_00000003" / "manifest.json").exists()
     assert holder(storage, "shared").released
+
+
+def test_a_training_job_that_lost_its_lease_stops_before_its_next_write(s3_bucket, tmp_path):
+    """A dp=2 job checkpointing to S3 stalls (SIGSTOP to every process, as in a frozen VM) for
+    longer than its lease timeout, and a job on a machine whose clock is 200 s ahead takes the
+    run over. Resumed, the first job writes no manifest, deletes nothing, logs no metrics row,
+    and fails naming the new holder."""
+    import signal
+
+    import psutil
+    from distributed import torchrun_launcher
+
+    from neoray.storage import StorageConfig, open_storage
+
+    storage = open_storage(StorageConfig(kind="s3", bucket=s3_bucket))
+    run_dir = tmp_path / "run"
+    command = [
+        *torchrun_launcher(2),
+        "jobs/pretrain.py",
+        "launcher=torchrun",
+        "model=tiny",
+        "parallel.dp=2",
+        "data.seq_len=32",
+        "train.steps=100000",
+        "train.peak_tflops=1.0",
+        "tracking.enabled=false",
+        "run_name=stalled",
+        "checkpoint.interval=3",
+        "checkpoint.keep_last=1",
+        "checkpoint.lease_timeout_s=3",
+        "storage=s3",
+        f"storage.bucket={s3_bucket}",
+        f"run_dir={run_dir}",
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    launcher = psutil.Process(job.pid)
+    workers: list[psutil.Process] = []  # torchrun starts each in a session of its own
+
+    def written() -> dict[str, bytes]:
+        return {key: storage.get_bytes(key) for key in storage.list("stalled/")}
+
+    def committed_after_step_6() -> bool:
+        keys = storage.list("stalled/checkpoints/")
+        return any(
+            k.endswith("manifest.json") and k > "stalled/checkpoints/step_00000006" for k in keys
+        )
+
+    try:
+        deadline = time.monotonic() + 180
+        while not committed_after_step_6():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint of step 6"
+            time.sleep(0.2)
+        workers = launcher.children(recursive=True)
+        for process in [launcher, *workers]:
+            process.send_signal(signal.SIGSTOP)
+        RunLease(storage, "stalled", "ray job raysubmit_second", 3, skewed(200)).acquire()
+        before = written()
+        rows = (run_dir / "metrics.jsonl").read_text().count("\n")
+        for process in [launcher, *workers]:
+            process.send_signal(signal.SIGCONT)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers = workers or launcher.children(recursive=True)
+        for process in [launcher, *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        print(job.communicate()[0][-5000:])
+
+    assert job.returncode != 0
+    assert "LeaseLostError" in output
+    assert "another job took the run over" in output and "ray job raysubmit_second" in output
+    after = written()
+    manifests = [key for key in after if key.endswith("manifest.json")]
+    assert manifests == [key for key in before if key.endswith("manifest.json")]
+    assert all(after[key] == before[key] for key in before)  # nothing deleted or rewritten
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == rows
+    assert holder(storage, "stalled").owner == "ray job raysubmit_second"

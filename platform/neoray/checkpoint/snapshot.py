@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from neoray.checkpoint.config import CheckpointConfig
+from neoray.checkpoint.lease import LeaseCheck, LeaseLostError
 from neoray.checkpoint.manifest import (
     FileEntry,
     Manifest,
@@ -84,6 +85,8 @@ class Snapshots:
     """The save points of one training process (every rank has one; all calls are collective).
 
     `on_commit(step, uri, size_bytes)` and `on_failure(step, error)` are called on global rank 0.
+    With a `lease` (rank 0's), rank 0 verifies that the run is still this job's before it
+    commits or prunes, and every rank raises LeaseLostError when it is not.
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class Snapshots:
         make_manifest: ManifestFactory,
         on_commit: Callable[[int, str, int], None],
         on_failure: Callable[[int, str], None],
+        lease: LeaseCheck | None = None,
     ) -> None:
         self.storage, self.run_name, self.config = storage, run_name, config
+        self.lease = lease
         self.rank = dist.get_rank()
         self.staging = staging / f"rank_{self.rank:05d}"
         self.topology = topology
@@ -251,7 +256,8 @@ class Snapshots:
 
     def settle(self) -> None:
         """Wait for the upload in flight, then commit each pending checkpoint that every rank
-        uploaded; report the others, which stay pending (collective)."""
+        uploaded; report the others, which stay pending (collective). Raises LeaseLostError
+        on every rank, with nothing committed or pruned, once the run is another job's."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
@@ -265,10 +271,17 @@ class Snapshots:
         dist.all_gather_object(
             outcomes, {s: self.results.get(s, "not uploaded") for s in self.pending}
         )
-        decided: list = [None]  # (committed steps, {step: why not}) from rank 0
+        decided: list = [None]  # (committed steps, {step: why not}), or the lost lease
         if self.rank == 0:
-            decided[0] = self._commit_or_report(uploaded.tolist(), outcomes)
+            try:
+                if self.lease is not None:
+                    self.lease.verify(fresh=True)
+                decided[0] = self._commit_or_report(uploaded.tolist(), outcomes)
+            except LeaseLostError as err:
+                decided[0] = err
         dist.broadcast_object_list(decided, src=0)
+        if isinstance(decided[0], LeaseLostError):
+            raise decided[0]
         committed, self.errors = decided[0]
         for step in committed:
             self._discard(step)
