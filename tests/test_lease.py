@@ -234,3 +234,53 @@ def test_a_training_job_that_lost_its_lease_stops_before_its_next_write(s3_bucke
     assert all(after[key] == before[key] for key in before)  # nothing deleted or rewritten
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == rows
     assert holder(storage, "stalled").owner == "ray job raysubmit_second"
+
+
+def _commit_after_takeover(rank: int, root: str) -> None:
+    """One rank of a dp=2 job that finds a checkpoint staged by its earlier start, its lease
+    meanwhile taken over: recovering it must upload but not commit, on every rank."""
+    import json
+    from dataclasses import asdict
+
+    from neoray.checkpoint.config import CheckpointConfig
+    from neoray.checkpoint.snapshot import Snapshots, Staged
+    from neoray.storage import StorageConfig, open_storage
+
+    storage = open_storage(StorageConfig(root=root))
+    topology = {"tp": 1, "pp": 1, "dp": 2}
+    lease = LeaseCheck(storage, "run", "ray job first", stale_after_s=60) if rank == 0 else None
+
+    def no_manifest(step: int, files: list) -> None:
+        raise AssertionError(f"step {step} committed after the lease was lost")
+
+    snapshots = Snapshots(
+        storage,
+        "run",
+        CheckpointConfig(),
+        Path(root).parent / "staging",
+        topology,
+        no_manifest,
+        on_commit=lambda *_: None,
+        on_failure=lambda *_: None,
+        lease=lease,
+    )
+    folder = snapshots.staging / "step_00000003"
+    folder.mkdir(parents=True)
+    (folder / f"rank_{rank}.pt").write_bytes(b"weights")
+    staged = Staged("run", 3, rank, topology, {f"rank_{rank}.pt": 7})
+    (snapshots.staging / "step_00000003.staged.json").write_text(json.dumps(asdict(staged)))
+    with pytest.raises(LeaseLostError, match=r"another job took the run over: .* ray job second"):
+        snapshots.recover(None)
+
+
+def test_every_rank_stops_at_a_commit_once_the_lease_is_lost(tmp_path):
+    from distributed import run_workers
+
+    from neoray.storage import StorageConfig, open_storage
+
+    root = tmp_path / "store"
+    storage = open_storage(StorageConfig(root=str(root)))
+    RunLease(storage, "run", "ray job first", stale_after_s=1).acquire()
+    RunLease(storage, "run", "ray job second", stale_after_s=1, clock=skewed(200)).acquire()
+    run_workers(_commit_after_takeover, 2, str(root), timeout=120)
+    assert [key for key in storage.list("run/") if key.endswith("manifest.json")] == []
