@@ -122,6 +122,34 @@ def test_heartbeats_keep_a_held_lease_fresh(storage):
     assert holder(storage, "run").released
 
 
+def test_a_heartbeat_reported_failed_that_was_written_keeps_the_lease(s3_bucket):
+    """The server stores a heartbeat, but the job is told the write failed (the connection
+    closed as the response came back): its next heartbeat, refused against the version it
+    knew, finds its own lease and goes on holding it."""
+    from botocore.exceptions import ConnectionClosedError
+
+    from neoray.storage import StorageConfig, StorageError, open_storage
+
+    storage = open_storage(StorageConfig(kind="s3", bucket=s3_bucket))
+    lease = RunLease(storage, "run", "ray job first", stale_after_s=60)
+    lease.acquire()
+
+    def close_connection(http_response, **_):
+        if http_response.status_code == 200:
+            raise ConnectionClosedError(endpoint_url=storage.uri("run/lease.json"))
+
+    events = storage.client.meta.events
+    events.register_first("after-call.s3.PutObject", close_connection, unique_id="close")
+    try:
+        with pytest.raises(StorageError, match=r"ConnectionClosedError"):
+            lease.heartbeat()
+    finally:
+        events.unregister("after-call.s3.PutObject", unique_id="close")
+    assert holder(storage, "run").beats == 1  # written, though reported failed
+    assert lease.heartbeat() and not lease.lost
+    assert holder(storage, "run").beats == 2
+
+
 def test_a_second_training_job_on_a_held_run_is_refused_before_it_writes(tmp_path):
     store = tmp_path / "store"
     from neoray.storage import StorageConfig, open_storage

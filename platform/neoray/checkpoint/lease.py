@@ -61,6 +61,10 @@ class Holder:
     def from_bytes(cls, data: bytes) -> Holder:
         return cls(**json.loads(data))
 
+    def taking(self) -> tuple[str, str, int, float]:
+        """What tells one taking of the lease from any other, whatever its heartbeats."""
+        return self.owner, self.host, self.pid, self.started
+
     def describe(self) -> str:
         beat = datetime.fromtimestamp(self.heartbeat, timezone.utc).isoformat(timespec="seconds")
         return (
@@ -163,6 +167,11 @@ class RunLease:
         self._holder.heartbeat = self.clock()
         self._holder.beats += 1
         written = self.storage.put_if(self.key, self._holder.to_bytes(), self._version)
+        if written is None:
+            holder, version, _ = read_holder(self.storage, self.key)
+            if holder is not None and holder.taking() == self._holder.taking():
+                # a heartbeat that was reported failed had been written after all
+                written = self.storage.put_if(self.key, self._holder.to_bytes(), version)
         if written is None:
             self.lost = True
             holder, _, problem = read_holder(self.storage, self.key)
