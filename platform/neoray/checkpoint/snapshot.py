@@ -271,21 +271,28 @@ class Snapshots:
         dist.all_gather_object(
             outcomes, {s: self.results.get(s, "not uploaded") for s in self.pending}
         )
-        decided: list = [None]  # (committed steps, {step: why not}), or the lost lease
+        self.check_lease()
+        decided: list = [None]  # (committed steps, {step: why not}) from rank 0
         if self.rank == 0:
-            try:
-                if self.lease is not None:
-                    self.lease.verify(fresh=True)
-                decided[0] = self._commit_or_report(uploaded.tolist(), outcomes)
-            except LeaseLostError as err:
-                decided[0] = err
+            decided[0] = self._commit_or_report(uploaded.tolist(), outcomes)
         dist.broadcast_object_list(decided, src=0)
-        if isinstance(decided[0], LeaseLostError):
-            raise decided[0]
         committed, self.errors = decided[0]
         for step in committed:
             self._discard(step)
             self.pending.remove(step)
+
+    def check_lease(self) -> None:
+        """Raise LeaseLostError on every rank when rank 0 reads that the run's lease is no
+        longer this job's (collective; rank 0 reads it afresh)."""
+        verdict: list[LeaseLostError | None] = [None]
+        if self.lease is not None:
+            try:
+                self.lease.verify(fresh=True)
+            except LeaseLostError as err:
+                verdict[0] = err
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise verdict[0]
 
     def finish(self) -> None:
         """At the end of training: commit what is uploaded; upload what failed once more.

@@ -209,6 +209,8 @@ def pretrain(
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
     manifests = committed_on_rank0(storage, cfg.run_name) if storage is not None else []
     snapshots = _snapshots(cfg, storage, staging, observer, lease) if storage else None
+    if snapshots is not None:
+        snapshots.check_lease()  # a worker group restarted after its job lost the run stops here
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
         manifests = committed_on_rank0(storage, cfg.run_name)  # with what was just committed
     schedule = batch_schedule(cfg)
