@@ -224,8 +224,8 @@ class RunLease:
     def _held(self, holder: Holder | None, problem: str) -> RunLeaseHeld:
         if holder is None:
             return RunLeaseHeld(
-                f"run_name={self.run_name}: {problem or 'its lease appeared while taking it'}, "
-                "and it changed while this job watched it: another job is writing it"
+                f"run_name={self.run_name}: {problem or 'its lease is gone'}, and it changed "
+                "while this job watched or took it: another job is writing it"
             )
         return RunLeaseHeld(
             f"run_name={self.run_name} is being trained by {holder.describe()}: its lease is "
