@@ -175,3 +175,39 @@ def test_redact_hides_secrets_at_any_depth():
         "data.tokenizer": "runs/tok.json",
         "tokens_seen": 10,
     }
+
+
+def test_a_conditional_write_whose_response_was_lost_is_recognised_as_ours(s3_bucket):
+    """The server applies a conditional PutObject, its response is lost, and botocore sends the
+    request again, which now fails its condition (412): the lease and the ledger claim taken
+    by that write are still this writer's."""
+    from neoray.checkpoint.lease import Holder, RunLease, lease_key
+    from neoray.evaluation.ledger import Ledger
+
+    storage = open_storage(StorageConfig(kind="s3", bucket=s3_bucket))
+    lost = []
+
+    def lose_first_response(response, request_dict, **_):
+        conditional = {"If-Match", "If-None-Match"} & set(request_dict["headers"])
+        if conditional and response is not None and response[0].status_code == 200 and not lost:
+            lost.append(request_dict["url"])
+            return 0  # retry at once, as after a connection dropped before the response
+        return None
+
+    events = storage.client.meta.events
+    events.register_first("needs-retry.s3.PutObject", lose_first_response, unique_id="lose")
+    try:
+        RunLease(storage, "run", "ray job first", stale_after_s=60).acquire()
+        assert len(lost) == 1
+        assert Holder.from_bytes(storage.get_bytes(lease_key("run"))).owner == "ray job first"
+
+        lost.clear()
+        claim = Ledger(storage, "run").claim(10, "mmlu", "watcher a", version=None, attempts=1)
+        assert len(lost) == 1
+        assert claim is not None
+        assert storage.read_versioned("run/evals/step_00000010/mmlu.json")[1] == claim.version
+    finally:
+        events.unregister("needs-retry.s3.PutObject", unique_id="lose")
+
+    # Another writer's bytes in the object still make a refused write a lost race.
+    assert storage.put_if(lease_key("run"), b"someone else", None) is None

@@ -450,7 +450,13 @@ class S3Storage:
     def put_if(self, key: str, data: bytes, version: str | None) -> str | None:
         """Write `data` only if the object still has ETag `version` (None: only if absent),
         with S3's conditional writes (If-Match / If-None-Match); the new ETag, or None when
-        another writer changed it first."""
+        another writer changed it first.
+
+        A refused condition is not always a lost race: when the response to a write that
+        succeeded is lost, botocore sends it again and the retry finds the object changed by
+        that very write. So a refusal is judged by what the object holds: exactly `data`
+        means the write was ours. Lease and ledger files name their writer and the time, so
+        another writer's bytes are never equal to ours."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
@@ -462,7 +468,8 @@ class S3Storage:
             code = str(err.response.get("Error", {}).get("Code", ""))
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _LOST_RACE or status in (409, 412):
-                return None
+                current = self.read_versioned(key)
+                return current[1] if current is not None and current[0] == data else None
             raise self._fail(key, "conditional upload to", err) from err
         except BotoCoreError as err:
             raise self._fail(key, "conditional upload to", err) from err

@@ -20,8 +20,8 @@ class CheckpointConfig:
     staging_dir: str | None = None
     # stop when one rank's uncommitted checkpoints (storage failing) take more; None: no limit
     max_staging_gb: float | None = None
-    # one live job per run: a job's lease (<run_name>/lease.json) is taken over by another once
-    # its heartbeat (every lease_timeout_s / 4) is this old
+    # one live job per run: a job's lease (<run_name>/lease.json), refreshed every
+    # lease_timeout_s / 4, is taken over by another job that has seen it unchanged this long
     lease_timeout_s: float = 120.0
     # Scheduled evaluation (conf/eval_watch.yaml) of this run on these suites: a checkpoint past
     # keep_last is kept until the evaluation ledger settles it for each suite (done, skipped,

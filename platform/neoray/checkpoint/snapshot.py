@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from neoray.checkpoint.config import CheckpointConfig
+from neoray.checkpoint.lease import LeaseCheck, LeaseLostError
 from neoray.checkpoint.manifest import (
     FileEntry,
     Manifest,
@@ -89,7 +90,9 @@ class Snapshots:
     """The save points of one training process (every rank has one; all calls are collective).
 
     `on_commit(step, uri, size_bytes)` and `on_failure(step, error)` are called on global rank 0,
-    which also applies retention after a commit, keeping what `hold` says.
+    which also applies retention after a commit, keeping what `hold` says. With a `lease`
+    (rank 0's), rank 0 verifies that the run is still this job's before it commits or prunes,
+    and every rank raises LeaseLostError when it is not.
     """
 
     def __init__(
@@ -103,9 +106,11 @@ class Snapshots:
         on_commit: Callable[[int, str, int], None],
         on_failure: Callable[[int, str], None],
         hold: Callable[[list[int]], set[int]] | None = None,
+        lease: LeaseCheck | None = None,
     ) -> None:
         self.storage, self.run_name, self.config = storage, run_name, config
         self.hold = hold  # what retention keeps past keep_last (see `prune`)
+        self.lease = lease
         self.rank = dist.get_rank()
         self.staging = staging / f"rank_{self.rank:05d}"
         self.topology = topology
@@ -287,7 +292,8 @@ class Snapshots:
 
     def settle(self) -> None:
         """Wait for the upload in flight, then commit each pending checkpoint that every rank
-        uploaded; report the others, which stay pending (collective)."""
+        uploaded; report the others, which stay pending (collective). Raises LeaseLostError
+        on every rank, with nothing committed or pruned, once the run is another job's."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
@@ -301,6 +307,7 @@ class Snapshots:
         dist.all_gather_object(
             outcomes, {s: self.results.get(s, "not uploaded") for s in self.pending}
         )
+        self.check_lease()
         decided: list = [None]  # (committed steps, {step: why not}) from rank 0
         if self.rank == 0:
             decided[0] = self._commit_or_report(uploaded.tolist(), outcomes)
@@ -309,6 +316,19 @@ class Snapshots:
         for step in committed:
             self._discard(step)
             self.pending.remove(step)
+
+    def check_lease(self) -> None:
+        """Raise LeaseLostError on every rank when rank 0 reads that the run's lease is no
+        longer this job's (collective; rank 0 reads it afresh)."""
+        verdict: list[LeaseLostError | None] = [None]
+        if self.lease is not None:
+            try:
+                self.lease.verify(fresh=True)
+            except LeaseLostError as err:
+                verdict[0] = err
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise verdict[0]
 
     def finish(self) -> None:
         """At the end of training: commit what is uploaded; upload what failed once more.

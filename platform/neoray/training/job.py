@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neoray.cluster.ray_train import ClusterConfig, PlacementError
 from neoray.cluster.submit import check_durable_locations
@@ -24,6 +24,9 @@ from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.tracking import TrackingConfig
 from neoray.training.config import PretrainConfig, pretrain_config
 from neoray.training.precision import check_precision
+
+if TYPE_CHECKING:
+    from neoray.checkpoint.lease import RunLease
 
 LAUNCHERS = ("ray", "torchrun")
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class WorkerJob:
     params: dict[str, Any] = field(default_factory=dict)  # the job config, for MLflow
     tags: dict[str, str] = field(default_factory=dict)
     report_validation: bool = False  # pass validation rows to Ray Train (a sweep's trial)
+    lease_owner: str | None = None  # who holds the run's lease, checked before rank 0 writes
 
 
 def run_tags(config: PretrainConfig, launcher: str) -> dict[str, str]:
@@ -84,7 +88,8 @@ def train(job: WorkerJob) -> None:
                 flush_timeout_s=job.tracking.flush_timeout_s,
             )
             observers.append(stack.enter_context(tracker))
-        pretrain(job.config, Observers(*observers) if observers else None, on_validation)
+        observer = Observers(*observers) if observers else None
+        pretrain(job.config, observer, on_validation, job.lease_owner)
 
 
 def report_to_ray_train(row: dict, steps: int) -> None:
@@ -138,7 +143,8 @@ def run_on_ray(
     `run_lease`); `callbacks` are Ray Train's."""
     from neoray.cluster.ray_train import run_workers
 
-    with run_lease(job.config, owner):
+    with run_lease(job.config, owner) as lease:
+        job = holding(job, lease)
         while True:
             try:
                 run_workers(
@@ -181,6 +187,11 @@ def _on_fewer_workers(job: WorkerJob, err: PlacementError) -> WorkerJob:
     return dataclasses.replace(job, config=config, tags=tags)
 
 
+def holding(job: WorkerJob, lease: RunLease | None) -> WorkerJob:
+    """`job` told which owner holds its run's lease (None: no lease is held)."""
+    return job if lease is None else dataclasses.replace(job, lease_owner=lease.owner)
+
+
 def run_lease(
     config: PretrainConfig, owner: str | None = None
 ) -> contextlib.AbstractContextManager:
@@ -218,5 +229,5 @@ def run_pretrain(cfg: Any) -> None:
         run_on_ray(job, cluster)
     else:
         _single_process_environment()
-        with run_lease(config):
-            train(job)
+        with run_lease(config) as lease:
+            train(holding(job, lease))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from neoray.checkpoint.lease import LeaseCheck
 from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
@@ -196,7 +197,11 @@ def manifest_factory(cfg: PretrainConfig):
 
 
 def _snapshots(
-    cfg: PretrainConfig, storage: Storage, staging: Path, observer: TrainingObserver | None
+    cfg: PretrainConfig,
+    storage: Storage,
+    staging: Path,
+    observer: TrainingObserver | None,
+    lease: LeaseCheck | None,
 ) -> Snapshots:
     def on_commit(step: int, uri: str, size_bytes: int) -> None:
         if observer is not None:
@@ -219,6 +224,7 @@ def _snapshots(
         on_commit,
         on_failure,
         hold,
+        lease,
     )
 
 
@@ -239,21 +245,28 @@ def pretrain(
     cfg: PretrainConfig,
     observer: TrainingObserver | None = None,
     on_validation: Callable[[dict], None] | None = None,
+    lease_owner: str | None = None,
 ) -> None:
     """Train run `cfg.run_name` up to `cfg.train.steps` steps, resuming from its latest
     committed checkpoint; rank 0 writes `<run_dir>/metrics.jsonl` and reports each step's
     metrics and each checkpoint (committed or failed) to `observer`. Every rank passes the
     row of each step that ended with validation to `on_validation` (Ray Tune needs all of a
-    Ray Train run's workers to report)."""
+    Ray Train run's workers to report). With the `lease_owner` of the job that holds the run's
+    lease, rank 0 stops with LeaseLostError before any write once another job holds it."""
     validate_layout(cfg.model, cfg.parallel, int(os.environ["WORLD_SIZE"]))
     check_precision(cfg.train.precision)  # a worker on a remote node may have another device
     device = _device()
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     placement = place_rank(cfg.parallel)
     storage = open_storage(cfg.storage) if cfg.checkpoint.enabled else None
+    lease = None
+    if storage is not None and lease_owner is not None and dist.get_rank() == 0:
+        lease = LeaseCheck(storage, cfg.run_name, lease_owner, cfg.checkpoint.lease_timeout_s)
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
     manifests, malformed = committed_on_rank0(storage, cfg.run_name) if storage else ([], [])
-    snapshots = _snapshots(cfg, storage, staging, observer) if storage else None
+    snapshots = _snapshots(cfg, storage, staging, observer, lease) if storage else None
+    if snapshots is not None:
+        snapshots.check_lease()  # a worker group restarted after its job lost the run stops here
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
         manifests, malformed = committed_on_rank0(storage, cfg.run_name)  # with the new ones
     if malformed and not manifests:
@@ -340,6 +353,8 @@ def pretrain(
         if energy is not None and (done % cfg.energy.interval == 0 or done == cfg.train.steps):
             row.update(energy.read())
         if out is not None:
+            if lease is not None:
+                lease.verify()
             out.write(row)
             if observer is not None:
                 observer.on_metrics(row)
