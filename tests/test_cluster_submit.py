@@ -265,6 +265,7 @@ def test_a_job_submitted_without_waiting_can_be_stopped(stack, tmp_path):
         *TINY,
         "train.steps=100000",
         "checkpoint.enabled=false",
+        f"run_dir={tmp_path / 'stopped'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     submission = re.search(r"submitted (raysubmit_\w+)", result.stdout).group(1)
@@ -386,6 +387,55 @@ def test_submitted_jobs_refuse_locations_inside_rays_job_folder(monkeypatch):
     check_durable_locations(tracking=TrackingConfig(enabled=False))
 
 
+@pytest.mark.parametrize(
+    ("job", "overrides", "field"),
+    [
+        ("pretrain", ["storage=s3"], "run_dir"),
+        ("pretrain", ["run_dir=/r", "storage=s3", "checkpoint.staging_dir=st"], "checkpoint.staging_dir"),
+        ("pretrain", ["run_dir=/r", "storage=s3", "cluster.storage_path=ray"], "cluster.storage_path"),
+        ("pretrain", ["run_dir=/r"], "storage.root"),
+        ("sweep", ["sweep=tiny_lr", "storage=s3"], "sweep_dir"),
+        ("sweep", ["sweep_dir=/s", "storage=s3", "checkpoint.staging_dir=st"], "checkpoint.staging_dir"),
+        ("memorization", ["checkpoint=x"], "output_dir"),
+        ("preprocess", ["output_prefix=data/tokens"], "output_prefix"),
+    ],
+)  # fmt: skip
+def test_a_job_writing_to_a_relative_folder_is_refused_before_submission(job, overrides, field):
+    from neoray.cluster.submit import SubmitError, check_submission
+
+    with pytest.raises(SubmitError, match=rf"^{re.escape(field)}=.* is relative.* absolute"):
+        check_submission(job, overrides)
+
+
+def test_absolute_folders_pass_the_submission_check_and_the_cli_refuses_before_any_cluster(
+    tmp_path,
+):
+    from neoray.cluster.submit import check_submission
+
+    check_submission("pretrain", ["run_dir=/r", "checkpoint.staging_dir=/st", "storage=s3"])
+    check_submission("pretrain", ["run_dir=/r", "storage.root=/shared/runs"])
+    check_submission("sweep", ["sweep_dir=/s", "checkpoint.enabled=false"])
+    check_submission("evaluate", ["checkpoint=x"])  # reads storage, writes only a cache
+    refused = neoray(tmp_path, "submit", "sweep", "sweep=tiny_lr", "storage=s3")
+    assert refused.returncode != 0 and "submitted" not in refused.stdout
+    assert "neoray submit: sweep_dir='runs/sweeps/tiny_lr' is relative" in refused.stderr
+    assert "no Ray cluster" not in refused.stderr  # refused before a cluster is looked for
+
+
+def test_a_job_submitted_otherwise_checks_its_folders_itself(monkeypatch):
+    """A RayJob or a Jobs API client other than `neoray submit` was not checked before."""
+    from omegaconf import OmegaConf
+
+    from neoray.cluster.submit import check_outputs
+    from neoray.config import ConfigError
+
+    cfg = OmegaConf.create({"sweep_dir": "runs/sweeps/x", "storage": {"kind": "s3"}})
+    check_outputs("sweep", cfg)  # not a submitted job: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", SUBMITTED)
+    with pytest.raises(ConfigError, match=r"sweep_dir='runs/sweeps/x' is relative"):
+        check_outputs("sweep", cfg)
+
+
 def test_evaluate_logs_where_the_cluster_says(monkeypatch):
     from hydra import compose, initialize_config_dir
 
@@ -399,8 +449,10 @@ def test_evaluate_logs_where_the_cluster_says(monkeypatch):
 @pytest.mark.slow
 def test_a_submitted_job_with_local_storage_is_refused_before_it_trains(stack, tmp_path):
     cwd, _ = stack
-    result = neoray(cwd, "submit", "pretrain", *TINY, "train.steps=2", "run_name=local")
+    result = neoray(
+        cwd, "submit", "pretrain", *TINY, "train.steps=2", "run_name=local",
+        f"run_dir={tmp_path / 'local'}",
+    )  # fmt: skip
     assert result.returncode != 0
-    assert "FAILED" in result.stdout
-    assert "storage.root='runs' is relative" in result.stdout + result.stderr
-    assert "RayTrainWorker" not in result.stdout
+    assert "storage.root='runs' is relative" in result.stderr
+    assert "submitted" not in result.stdout

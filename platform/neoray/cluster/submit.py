@@ -57,6 +57,34 @@ def submitted_job_id() -> str | None:
     return json.loads(config).get("metadata", {}).get("job_submission_id")
 
 
+# What each job writes to a local folder that outlives it, by config field: a submitted job's
+# working directory is Ray's temporary copy of the project, deleted by `neoray down` and new at
+# every upload, so a relative path there loses what a rerun needs. Caches (`cache_dir`) and
+# Hydra's own log folders are left out: a rerun makes them again.
+WRITTEN_PATHS: dict[str, dict[str, str]] = {
+    "pretrain": {
+        "run_dir": "metrics.jsonl, staged checkpoints and Ray Train's state",
+        "checkpoint.staging_dir": "staged checkpoints (a restarted run commits them)",
+        "cluster.storage_path": "Ray Train's state",
+    },
+    "sweep": {
+        "sweep_dir": "the sweep's Tune state (a rerun continues from it) and its trials' runs",
+        "checkpoint.staging_dir": "the trials' staged checkpoints",
+        "cluster.storage_path": "Ray Train's state",
+    },
+    "report": {"output": "the report"},
+    "export": {"output": "the exported model"},
+    "memorization": {"output_dir": "the memorization records and tables"},
+    "token_report": {"output_dir": "the token report"},
+    "preprocess": {"output_prefix": "the tokenized dataset"},
+    "train_tokenizer": {"output": "the tokenizer"},
+    "mirror_eval_data": {"output": "the evaluation data mirror"},
+}
+# Jobs that write checkpoints, leases or ledgers under storage.root (others only read there).
+STORAGE_WRITERS = ("pretrain", "sweep", "eval_watch")
+WHERE = "in a submitted Ray job the working directory is Ray's temporary copy of the project"
+
+
 def check_durable_locations(storage: Any = None, tracking: Any = None) -> None:
     """Refuse, inside a submitted job, a local storage root or an MLflow store given as a
     relative path: the job's working directory is Ray's temporary copy of the project, deleted
@@ -66,19 +94,81 @@ def check_durable_locations(storage: Any = None, tracking: Any = None) -> None:
 
     if submitted_job_id() is None:
         return
-    where = "in a submitted Ray job the working directory is Ray's temporary copy of the project"
     if storage is not None and storage.kind == "local" and not Path(storage.root).is_absolute():
-        raise ConfigError(
-            f"storage.root={storage.root!r} is relative: {where}, so checkpoints there are lost. "
-            "Use storage=s3 storage.bucket=<bucket> (the `neoray up` stack's bucket) or an "
-            "absolute storage.root on a disk every node shares"
-        )
+        raise ConfigError(_relative_root(storage.root))
     if tracking is not None and tracking.enabled and _relative_store(tracking.uri):
         raise ConfigError(
-            f"tracking.uri={tracking.uri!r} is a relative path: {where}, so runs logged there are "
+            f"tracking.uri={tracking.uri!r} is a relative path: {WHERE}, so runs logged there are "
             "lost. Use tracking=server (MLFLOW_TRACKING_URI of the cluster, e.g. the `neoray up` "
             "stack's MLflow) or an absolute path"
         )
+
+
+def _relative_root(root: str) -> str:
+    return (
+        f"storage.root={root!r} is relative: {WHERE}, so checkpoints there are lost. "
+        "Use storage=s3 storage.bucket=<bucket> (the `neoray up` stack's bucket) or an "
+        "absolute storage.root on a disk every node shares"
+    )
+
+
+def relative_outputs(job: str, cfg: Any) -> list[str]:
+    """What is wrong with the folders job `job` (its composed config `cfg`) would write to when
+    submitted: one message per field of WRITTEN_PATHS, or a local storage root, given as a
+    relative path. A field that is unset, or cannot be resolved here (it needs the job's
+    environment), is left to the job."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def value(key: str) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except OmegaConfBaseException:
+            return None
+
+    problems = []
+    for key, kept in WRITTEN_PATHS.get(job, {}).items():
+        path = value(key)
+        if isinstance(path, str) and "://" not in path and not Path(path).is_absolute():
+            problems.append(
+                f"{key}={path!r} is relative: {WHERE}, deleted by `neoray down`, so {kept} "
+                f"would be lost. Give {key} an absolute path on a disk the nodes keep"
+            )
+    root = value("storage.root")
+    if (
+        job in STORAGE_WRITERS
+        and value("storage.kind") == "local"
+        and value("checkpoint.enabled") is not False
+        and isinstance(root, str)
+        and not Path(root).is_absolute()
+    ):
+        problems.append(_relative_root(root))
+    return problems
+
+
+def check_outputs(job: str, cfg: Any) -> None:
+    """Inside a submitted job, refuse the relative folders of `relative_outputs` (a job
+    submitted other than by `neoray submit`, e.g. a KubeRay RayJob, was not checked before)."""
+    from neoray.config import ConfigError
+
+    if submitted_job_id() is not None and (problems := relative_outputs(job, cfg)):
+        raise ConfigError("; ".join(problems))
+
+
+def check_submission(job: str, overrides: list[str]) -> None:
+    """Refuse, before anything is uploaded, a job whose config (composed here as the job would
+    compose it) writes to a relative folder. The MLflow store is checked by the job itself: it
+    comes from the cluster's environment (MLFLOW_TRACKING_URI), not the submitting shell's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base=None):
+            cfg = compose(config_name=job, overrides=overrides)
+    except HydraException as err:
+        raise SubmitError(f"{job} {shlex.join(overrides)}: {err}") from err
+    if problems := relative_outputs(job, cfg):
+        raise SubmitError("\n".join(problems))
 
 
 def _relative_store(uri: str) -> bool:
@@ -141,6 +231,7 @@ def submit(
 ) -> str:
     """Submit `jobs/<job>.py` with Hydra `overrides`; returns the submission id."""
     command = entrypoint(job, overrides, python)
+    check_submission(job, overrides)
     return client(address).submit_job(
         entrypoint=command, runtime_env=runtime_env(), metadata={"neoray.job": job}
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from neoray.cluster.submit import check_durable_locations
+from neoray.cluster.submit import check_durable_locations, check_outputs
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.sweep.config import SweepConfig, sweep_config
 from neoray.sweep.outcome import (
@@ -220,6 +220,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
     base_cfg, base = check_sweep(sweep, conf_dir, base_overrides)
     tracking = dataclass_from_config(TrackingConfig, base_cfg.get("tracking"), "tracking")
     check_durable_locations(base.storage if base.checkpoint.enabled else None, tracking)
+    check_outputs("sweep", cfg)
     storage = Path(cfg.sweep_dir).resolve()
     cluster = cluster_config(base_cfg)
     started = start_or_join(cluster.address, use_gpu=cluster.use_gpu, dashboard=True)
