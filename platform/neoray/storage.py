@@ -11,7 +11,6 @@ they are never part of a `StorageConfig`, its repr, a log line or a manifest.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from neoray.config import ConfigError
+from neoray.file_lock import exclusive
 
 KINDS = ("local", "s3")
 RETRY_MODES = ("standard", "adaptive")
@@ -107,6 +107,11 @@ def publish_file(local_path: Path, write: Any) -> None:
         raise
 
 
+# The lock of a local storage's conditional writes: a private file at its root, not a lock on
+# the folders, which any user who can read them could hold (see neoray.file_lock).
+LOCK_FILE = ".neoray.lock"
+
+
 class LocalStorage:
     """Files under a local directory."""
 
@@ -156,7 +161,7 @@ class LocalStorage:
         keys = []
         for directory, _, names in os.walk(base):
             for name in names:
-                if name.startswith(".") and name.endswith(".tmp"):
+                if (name.startswith(".") and name.endswith(".tmp")) or name == LOCK_FILE:
                     continue
                 key = Path(directory, name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):
@@ -193,19 +198,16 @@ class LocalStorage:
     def put_if(self, key: str, data: bytes, version: str | None) -> str | None:
         """Write `data` only if the file is still at `version` (None: only if absent), as S3's
         conditional writes do; the new version, or None when another writer changed it first.
-        Writers of one folder serialize on a lock of that folder, so one of two racers wins."""
+        Writers serialize on the storage's private lock file, so one of two racers wins (these
+        writes are a few small files: one lock for the whole root is enough)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
+        with exclusive(self.root / LOCK_FILE):
             current = self.read_versioned(key)
             if (current[1] if current else None) != version:
                 return None
             publish_file(path, lambda out: out.write(data))
             return hashlib.sha256(data).hexdigest()
-        finally:
-            os.close(folder)  # releases the lock
 
 
 # The environment variables that configure boto3's S3 client. A process that changes them (a

@@ -6,8 +6,10 @@ built once and kept next to the data (or in `data.cache_dir`) under a name that 
 of everything they were built from. Every process maps them read-only; no process holds a whole
 array in memory.
 
-- One builder: the builder holds an exclusive `flock` on the cache folder itself (no lock file
-  to leave behind); processes that arrive meanwhile wait on the lock and then find the files.
+- One builder: the builder holds the exclusive lock of the cache folder's private lock file
+  (`.neoray-index.lock`, see neoray.file_lock: a lock on the folder itself could be held by
+  any user who can read it); processes that arrive meanwhile wait on it, saying who builds
+  after a while, and then find the files.
 - Atomic publication: each array is written under a `.partial.npy` name, chunk by chunk
   (`NpyWriter`, so memory stays bounded), checked, then renamed. A set of arrays counts as
   cached only when every one of its final names exists, so a crash mid-build leaves nothing
@@ -16,19 +18,21 @@ array in memory.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+from neoray.file_lock import exclusive
 
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial.npy"
+LOCK_FILE = ".neoray-index.lock"
 
 
 class NpyWriter:
@@ -59,17 +63,6 @@ class NpyWriter:
             raise ValueError(f"{self.path}: {self._written} of {self._expected} values written")
 
 
-@contextlib.contextmanager
-def locked(folder: str) -> Iterator[None]:
-    """Exclusive lock on `folder` (flock on the directory), released on exit or on death."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def _load(paths: dict[str, str]) -> dict[str, np.ndarray]:
     return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
 
@@ -87,7 +80,7 @@ def load_or_build(
         return _load(paths)
     folder = os.path.dirname(next(iter(paths.values())))
     os.makedirs(folder, exist_ok=True)
-    with locked(folder):
+    with exclusive(Path(folder, LOCK_FILE)):
         if all(os.path.exists(p) for p in paths.values()):
             return _load(paths)  # another process built them while this one waited
         for path in paths.values():  # a crashed build's leftovers
