@@ -1,5 +1,5 @@
-"""Every job starts or joins Ray through one function; a Ray it starts serves its dashboard (the
-Jobs API) on loopback only."""
+"""Every job starts or joins Ray through one function; a Ray it starts listens on loopback only,
+its token file private to the user."""
 
 import os
 import shutil
@@ -22,31 +22,79 @@ def test_no_job_starts_ray_any_other_way():
     assert calls == ["platform/neoray/cluster/ray_start.py"]
 
 
-def test_a_local_ray_serves_its_dashboard_on_127_0_0_1_only():
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def test_a_local_ray_listens_on_127_0_0_1_only_with_a_private_token(tmp_path):
+    """Every server of a Ray a job starts (dashboard and Jobs API, GCS, raylet, agents, the
+    driver's and a worker's gRPC servers) listens on loopback, and the token file is 0600."""
     code = (
         "import ray\n"
         "from neoray.cluster.ray_start import start_or_join\n"
         "assert start_or_join(num_cpus=1, dashboard=True)\n"
         "assert not start_or_join()  # connected already: nothing new\n"
-        "import psutil\n"  # the dashboard's HTTP server: where its --port says
-        "[web] = [p for p in psutil.Process().children(recursive=True)\n"
+        "ray.get(ray.remote(lambda: 1).remote())  # a worker\n"
+        "import psutil, time\n"
+        "ray_processes = lambda: [psutil.Process(), *psutil.Process().children(recursive=True)]\n"
+        "[web] = [p for p in ray_processes()\n"
         "    if any(a.endswith('dashboard/dashboard.py') for a in p.cmdline())]\n"
         "port = int(next(a for a in web.cmdline() if a.startswith('--port='))[7:])\n"
-        "import time\n"  # on a loaded machine the server may not listen yet: wait for it
-        "for _ in range(300):\n"
-        "    ips = {c.laddr.ip for c in web.net_connections('inet')\n"
-        "           if c.status == 'LISTEN' and c.laddr.port == port}\n"
-        "    if ips: break\n"
+        "for _ in range(300):\n"  # on a loaded machine the dashboard may not listen yet
+        "    listening = set()\n"
+        "    for p in ray_processes():\n"
+        "        try:\n"
+        "            listening |= {(p.name(), c.laddr.ip, c.laddr.port)\n"
+        "                for c in p.net_connections('inet') if c.status == 'LISTEN'}\n"
+        "        except psutil.NoSuchProcess:\n"
+        "            pass\n"
+        "    if any(port == p for _, _, p in listening): break\n"
         "    time.sleep(0.1)\n"
-        "print(','.join(sorted(ips)))\n"
+        "for name, ip, port in sorted(listening): print('LISTEN', name, ip, port)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no token yet: the start makes one
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    listening = result.stdout.split()[-1]
-    assert listening == "127.0.0.1"  # the dashboard (the Jobs API) on loopback only
+    listening = [
+        line.split()[1:] for line in result.stdout.splitlines() if line.startswith("LISTEN")
+    ]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names)
+    assert all(ip in LOOPBACK for _, ip, _ in listening), listening
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+
+
+def test_a_token_file_others_can_read_is_made_private_and_another_users_refused(
+    tmp_path, monkeypatch, capfd
+):
+    import pytest
+
+    from neoray.cluster.ray_start import TokenFileError, private_token
+
+    for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    private_token()  # joining: nothing to make
+    assert not (tmp_path / ".ray").exists()
+    private_token(create=True)
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / ".ray").stat().st_mode & 0o777 == 0o700
+    token.chmod(0o644)  # as Ray writes it
+    private_token()
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert "was readable by others (mode 644); made it 0600" in capfd.readouterr().err
+    theirs = tmp_path / "theirs"
+    theirs.write_text("x")
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(theirs))
+    with pytest.raises(TokenFileError, match="is not a file of this user"):
+        private_token()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    private_token()  # no token in use
 
 
 def test_workers_find_their_own_ray_while_another_runs_on_the_machine(tmp_path):

@@ -199,6 +199,9 @@ def cluster_address(address: str | None) -> str:
 
 def client(address: str | None = None) -> Any:
     url = cluster_address(address)  # before importing Ray, which reads RAY_AUTH_MODE once
+    from neoray.cluster.ray_start import private_token
+
+    private_token()  # the token file it sends, this user's alone
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(url)
