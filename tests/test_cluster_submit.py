@@ -415,6 +415,7 @@ def test_absolute_folders_pass_the_submission_check_and_the_cli_refuses_before_a
     check_submission("pretrain", ["run_dir=/r", "checkpoint.staging_dir=/st", "storage=s3"])
     check_submission("pretrain", ["run_dir=/r", "storage.root=/shared/runs"])
     check_submission("sweep", ["sweep_dir=/s", "checkpoint.enabled=false"])
+    check_submission("sweep", ["sweep_dir=/s", "sweep.fixed=['storage=s3']"])  # trials' storage
     check_submission("evaluate", ["checkpoint=x"])  # reads storage, writes only a cache
     refused = neoray(tmp_path, "submit", "sweep", "sweep=tiny_lr", "storage=s3")
     assert refused.returncode != 0 and "submitted" not in refused.stdout

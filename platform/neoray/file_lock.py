@@ -33,14 +33,15 @@ def open_lock_file(path: Path) -> int:
     """A descriptor of the private lock file `path`, created 0600 when absent. An existing one
     is used only if it is a plain file of this user (made 0600 again, with a message, if others
     could open it); a symlink is never followed."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO put in its place must not stall the open (no effect on a plain file).
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     while True:
         try:
             return os.open(path, flags | os.O_CREAT | os.O_EXCL, PRIVATE)
         except FileExistsError:
             pass
         try:
-            fd = os.open(path, flags | os.O_NONBLOCK)  # a FIFO must not stall the open
+            fd = os.open(path, flags)
             break
         except FileNotFoundError:
             continue  # removed between the two opens: create it

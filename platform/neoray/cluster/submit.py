@@ -68,7 +68,11 @@ WRITTEN_PATHS: dict[str, dict[str, str]] = {
         "cluster.storage_path": "Ray Train's state",
     },
     "sweep": {
-        "sweep_dir": "the sweep's Tune state (a rerun continues from it) and its trials' runs",
+        "sweep_dir": "the sweep's Tune state (a rerun continues from it) and its trials' runs"
+    },
+    # A sweep's trials are pretrain runs whose run_dir the sweep puts under sweep_dir; their
+    # config has the sweep file's `fixed` overrides, which the sweep's own config lacks.
+    "sweep trials": {
         "checkpoint.staging_dir": "the trials' staged checkpoints",
         "cluster.storage_path": "Ray Train's state",
     },
@@ -81,7 +85,7 @@ WRITTEN_PATHS: dict[str, dict[str, str]] = {
     "mirror_eval_data": {"output": "the evaluation data mirror"},
 }
 # Jobs that write checkpoints, leases or ledgers under storage.root (others only read there).
-STORAGE_WRITERS = ("pretrain", "sweep", "eval_watch")
+STORAGE_WRITERS = ("pretrain", "sweep trials", "eval_watch")
 WHERE = "in a submitted Ray job the working directory is Ray's temporary copy of the project"
 
 
@@ -165,9 +169,15 @@ def check_submission(job: str, overrides: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base=None):
             cfg = compose(config_name=job, overrides=overrides)
+            parts = [job]
+            if job == "sweep":  # its config includes pretrain's: with `fixed`, the trials' too
+                cfg = compose(
+                    config_name=job, overrides=[*(cfg.sweep.get("fixed") or []), *overrides]
+                )
+                parts.append("sweep trials")
     except HydraException as err:
         raise SubmitError(f"{job} {shlex.join(overrides)}: {err}") from err
-    if problems := relative_outputs(job, cfg):
+    if problems := [problem for part in parts for problem in relative_outputs(part, cfg)]:
         raise SubmitError("\n".join(problems))
 
 

@@ -221,6 +221,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
     tracking = dataclass_from_config(TrackingConfig, base_cfg.get("tracking"), "tracking")
     check_durable_locations(base.storage if base.checkpoint.enabled else None, tracking)
     check_outputs("sweep", cfg)
+    check_outputs("sweep trials", base_cfg)
     storage = Path(cfg.sweep_dir).resolve()
     cluster = cluster_config(base_cfg)
     started = start_or_join(cluster.address, use_gpu=cluster.use_gpu, dashboard=True)
