@@ -208,12 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += extra  # overrides given after an option
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from neoray.cluster.ray_start import TokenFileError
     from neoray.cluster.services import ServiceError
     from neoray.cluster.submit import SubmitError
 
     try:
         sys.exit(args.func(args) or 0)
-    except (SubmitError, ServiceError) as err:
+    except (SubmitError, ServiceError, TokenFileError) as err:
         sys.exit(f"neoray {args.command}: {err}")
 
 
