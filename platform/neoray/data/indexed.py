@@ -43,7 +43,7 @@ DTYPES: dict[int, type[np.generic]] = {
 }
 DTYPE_CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 PARTIAL = ".partial"
-LAYOUT_CHUNK = 1 << 22  # sequences whose sizes and pointers are checked at once (~100 MB)
+LAYOUT_CHUNK = 1 << 20  # sequences whose sizes and pointers are checked at once (~40 MB)
 
 
 class IndexedFormatError(ValueError):
