@@ -110,7 +110,12 @@ def check_access(config: TrackingConfig) -> None:
     except Exception as error:  # sorted by is_transient below
         if is_transient(error):
             reason = redact_text(str(error).splitlines()[0][:200])
-            log.warning("MLflow at %s does not answer yet (%s)", redact_text(config.uri), reason)
+            log.warning(
+                "MLflow at %s could not be asked whether it accepts this run (%s); training "
+                "starts anyway and logs once it answers",
+                redact_text(config.uri),
+                reason,
+            )
             return
         code, answer = type(error).__name__, ""
         if isinstance(error, MlflowException):
