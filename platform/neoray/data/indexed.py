@@ -171,8 +171,9 @@ class IndexedDataset:
                     f"{index_file}: sequence {i} has a negative size ({int(sizes[negative[0]])} "
                     f"tokens); the index is damaged: rebuild it with jobs/preprocess.py"
                 )
-            ends = np.cumsum(sizes * itemsize) + end
-            starts = ends - sizes * itemsize
+            nbytes = sizes * itemsize
+            ends = np.cumsum(nbytes) + end
+            starts = ends - nbytes
             moved = np.flatnonzero(self.pointers[first : first + LAYOUT_CHUNK] != starts)
             if len(moved):
                 i = first + int(moved[0])
