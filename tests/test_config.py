@@ -27,6 +27,15 @@ def test_unknown_field_is_named_with_the_valid_ones():
         dataclass_from_config(Example, {"path": "x", "stpes": 1}, "example")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_refused_by_name(value):
+    from neoray.tracking import TrackingConfig
+
+    section = OmegaConf.create({"flush_timeout_s": value})
+    with pytest.raises(ConfigError, match=rf"tracking\.flush_timeout_s={value}: give a finite"):
+        dataclass_from_config(TrackingConfig, section, "tracking")
+
+
 def test_missing_required_field_is_named():
     with pytest.raises(ConfigError, match=r"example: required field\(s\) path not set"):
         dataclass_from_config(Example, {"steps": 1}, "example")

@@ -52,6 +52,13 @@ def compose_pretrain(*overrides: str):
             r"data\.accept_changed_data=\['code', 'poetry'\]: give a list of component names "
             r"\(code, prose\)",
         ),
+        # NaN passes every `< 0` / `<= 0` check: it is refused as such, by name
+        (["optim.grad_clip=nan"], r"optim\.grad_clip=nan: give a finite number"),
+        (["optim.betas=[0.9,inf]"], r"optim\.betas\[1\]=inf: give a finite number"),
+        (
+            ["data=demo", "data.components.code.weight=nan"],
+            r"data\.components\.code\.weight=nan: give a finite number",
+        ),
     ],
 )
 def test_bad_configs_name_the_field_and_fix(overrides, expected):

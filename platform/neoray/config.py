@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -51,7 +52,24 @@ def dataclass_from_config(cls: type[T], section: Any, where: str) -> T:
         raise ConfigError(
             f"{where}: required field(s) {', '.join(missing)} not set; add them to the config"
         )
+    for name, value in values.items():
+        refuse_nonfinite(value, f"{where}.{name}")
     return cls(**values)
+
+
+def refuse_nonfinite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity in `value` (at any depth of lists and mappings). No setting
+    means anything by them, and a NaN slips through every range check written as a comparison
+    (`nan < 0` and `nan <= 0` are both false): `optim.grad_clip=nan` would turn clipping off,
+    a component weight of nan would drop the component from the mixture, silently."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}={value}: give a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            refuse_nonfinite(item, f"{where}.{key}")
+    elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        for index, item in enumerate(value):
+            refuse_nonfinite(item, f"{where}[{index}]")
 
 
 # A key names a secret when one of its words ("_", "-" or "." separated) is one of these:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from neoray.config import ConfigError, flatten, redact
+from neoray.config import ConfigError, flatten, redact, redact_text
 
 __all__ = [
     "RUN_NAME_TAG",
@@ -73,6 +73,64 @@ class TrackingConfig:
                 f"tracking.flush_timeout_s={self.flush_timeout_s} must be >= 0 (seconds the end "
                 "of a run waits for MLflow)"
             )
+
+
+# What to fix when MLflow refuses a job for good, by its error code.
+REFUSAL_FIXES = {
+    "UNAUTHENTICATED": "the credentials are wrong or missing: check MLFLOW_TRACKING_USERNAME and "
+    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "PERMISSION_DENIED": "this user may not use the experiment: ask for access, or choose "
+    "another tracking.experiment",
+    "ENDPOINT_NOT_FOUND": "no MLflow tracking API answers at this address: check the host, port "
+    "and path of tracking.uri",
+}
+CHECK_TIMEOUT_S = "10"  # seconds for the check's one request; MLflow down passes it anyway
+
+
+def check_access(config: TrackingConfig) -> None:
+    """Refuse a run that an MLflow server refuses for good (wrong password, wrong URL), before
+    training starts, with the reason: once training runs, such a refusal turns tracking off for
+    the whole run. One cheap authenticated request, made as the run makes it (MLflow's own
+    client, so its credentials and TLS settings apply), without retries: looking up
+    `tracking.experiment`. MLflow merely down (connection refused, timeouts, 5xx) passes:
+    training goes on and logs once it is back. Only HTTP servers are asked; a local store has
+    no credentials to get wrong."""
+    if not config.enabled or not config.uri.startswith(("http://", "https://")):
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from neoray.tracking_queue import is_transient
+
+    once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": CHECK_TIMEOUT_S}
+    saved = {name: os.environ.get(name) for name in once}
+    os.environ.update(once)
+    try:
+        MlflowClient(tracking_uri=config.uri).get_experiment_by_name(config.experiment)
+    except Exception as error:  # sorted by is_transient below
+        if is_transient(error):
+            reason = redact_text(str(error).splitlines()[0][:200])
+            log.warning(
+                "MLflow at %s could not be asked whether it accepts this run (%s); training "
+                "starts anyway and logs once it answers",
+                redact_text(config.uri),
+                reason,
+            )
+            return
+        code, answer = type(error).__name__, ""
+        if isinstance(error, MlflowException):
+            code, answer = error.error_code, f"HTTP {error.get_http_status_code()}, "
+        raise ConfigError(
+            f"tracking.uri={redact_text(config.uri)}: MLflow refuses this run ({answer}{code}): "
+            f"{REFUSAL_FIXES.get(code, 'check tracking.uri and tracking.experiment')}. "
+            f"It said: {redact_text(str(error).splitlines()[0][:300])}"
+        ) from error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def metric_key(name: str) -> str:

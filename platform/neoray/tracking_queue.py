@@ -10,8 +10,10 @@ pause; training goes on, and a run that starts while MLflow is down starts anywa
 The queue is bounded: past `tracking.buffer_rows` metric rows, the oldest rows are dropped
 (every row is also in the run's `metrics.jsonl`), counted, printed and recorded on the run as tag
 `neoray.tracking.dropped_rows` once MLflow answers. Checkpoint tags and the run's end are
-never dropped. A request MLflow refuses for good (a 4xx: a bad value) is skipped and
-reported instead of retried. At the end of the run, `close` waits up to
+never dropped. A request MLflow refuses for good (a 4xx: a bad value, a password no longer
+accepted) is skipped instead of retried, and printed at once; a refusal to open the run ends
+MLflow logging for the run (training goes on). The job checks before training that MLflow
+accepts it at all (`neoray.tracking.check_access`). At the end of the run, `close` waits up to
 `tracking.flush_timeout_s` for the queue to drain and reports what could not be logged.
 """
 
@@ -116,8 +118,12 @@ class QueuedTracker:
                 f"outage (tracking.buffer_rows={self.buffer_rows}); they are in metrics.jsonl",
                 flush=True,
             )
-        for reason in self.refused:
-            print(f"MLflow refused a record: {reason}", flush=True)
+        if self.refused:
+            print(
+                f"MLflow at {self.uri} refused requests of this run {len(self.refused)} times "
+                "(each printed when it happened); the metrics are in metrics.jsonl",
+                flush=True,
+            )
 
     def __enter__(self) -> QueuedTracker:
         return self
@@ -148,7 +154,7 @@ class QueuedTracker:
                 self._changed.wait()
             kind, args = self._queue[0]  # logged (`_send`) once the run is open
         fresh = kind == "start" and args[0] is None
-        tracker = self._retry(functools.partial(self._open_tracker, fresh=fresh))
+        tracker = self._retry(functools.partial(self._open_tracker, fresh=fresh), "open")
         if tracker is None:
             with self._changed:
                 self._gave_up = True
@@ -164,7 +170,7 @@ class QueuedTracker:
                 if kind == "metrics":
                     self._rows -= 1
                 self._sending = kind
-            self._retry(functools.partial(self._send, tracker, kind, args))
+            self._retry(functools.partial(self._send, tracker, kind, args), kind)
             with self._changed:
                 self._sending = None
             if kind == "close":
@@ -187,16 +193,17 @@ class QueuedTracker:
         else:
             tracker.close(*args)
 
-    def _retry(self, call: Callable[[], Any]) -> Any:
+    def _retry(self, call: Callable[[], Any], kind: str) -> Any:
         """`call()`, tried again after a growing pause while MLflow is down; None if MLflow
-        refused it for good (reported at close)."""
+        refused it for good, which is printed at once (`kind`: "open" for the run, else the
+        record's)."""
         pause = self._first_pause_s
         while True:
             try:
                 result = call()
             except Exception as error:  # sorted by is_transient below
                 if not is_transient(error):
-                    self.refused.append(redact_text(str(error).splitlines()[0][:500]))
+                    self._refused(kind, redact_text(str(error).splitlines()[0][:500]))
                     return None
                 if self._down_since is None:
                     self._down_since = time.monotonic()
@@ -217,3 +224,14 @@ class QueuedTracker:
                 )
                 self._down_since = None
             return result
+
+    def _refused(self, kind: str, reason: str) -> None:
+        self.refused.append(reason)
+        if kind == "open":
+            consequence = (
+                "nothing more of this run is logged to MLflow (check tracking.uri and the "
+                "credentials); training goes on and metrics.jsonl has every row"
+            )
+        else:
+            consequence = f"this {kind} record is skipped; training goes on"
+        print(f"MLflow at {self.uri} refused a request: {reason}; {consequence}", flush=True)

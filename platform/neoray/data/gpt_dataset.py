@@ -318,6 +318,15 @@ class GPTDataset:
         sample = int(self.index.shuffle_idx[i])
         return self.stream(sample, sample + 1)
 
+    def sequence_at(self, i: int, position: int) -> int:
+        """The sequence of `data` that token `position` of sample i (`self[i]`) comes from."""
+        at, offset = (int(v) for v in self.index.sample_idx[int(self.index.shuffle_idx[i])])
+        offset += position
+        while offset >= (size := int(self.data.sizes[int(self.index.doc_idx[at])])):
+            offset -= size
+            at += 1
+        return int(self.index.doc_idx[at])
+
     def stream(self, start: int, stop: int) -> np.ndarray:
         """The unshuffled samples [start, stop) as one int64 stretch of the token stream,
         `(stop - start) * seq_len + 1` tokens (consecutive samples share a token): what a scan

@@ -13,11 +13,13 @@ array in memory.
 - Atomic publication: each array is written under a `.partial.npy` name, chunk by chunk
   (`NpyWriter`, so memory stays bounded), checked, then renamed. A set of arrays counts as
   cached only when every one of its final names exists, so a crash mid-build leaves nothing
-  that looks complete; the next builder deletes the leftovers and starts again.
+  that looks complete; the next builder deletes the leftovers and starts again. A build that
+  fails with an error removes its partial files itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -88,9 +90,15 @@ def load_or_build(
                 os.remove(stale)
         partials = {name: f"{path}.{os.getpid()}{PARTIAL}" for name, path in paths.items()}
         started = time.perf_counter()
-        build(partials)
-        for partial in partials.values():
-            np.load(partial, mmap_mode="r")  # header and length agree, or this raises
+        try:
+            build(partials)
+            for partial in partials.values():
+                np.load(partial, mmap_mode="r")  # header and length agree, or this raises
+        except BaseException:  # a failed build leaves nothing behind (a crash: the next one)
+            for partial in partials.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial)
+            raise
         for name, path in paths.items():
             os.replace(partials[name], path)
         log.info("built %s in %.1f s", what, time.perf_counter() - started)

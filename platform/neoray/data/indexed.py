@@ -43,6 +43,7 @@ DTYPES: dict[int, type[np.generic]] = {
 }
 DTYPE_CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 PARTIAL = ".partial"
+LAYOUT_CHUNK = 1 << 20  # sequences whose sizes and pointers are checked at once (~40 MB)
 
 
 class IndexedFormatError(ValueError):
@@ -120,8 +121,9 @@ def write_index(path: str, sizes: np.ndarray, dtype: np.dtype) -> None:
 class IndexedDataset:
     """Read-only, memory-mapped view of `<prefix>.bin` + `<prefix>.idx`.
 
-    Checks on opening that the header is MMIDIDX version 1 and that the .bin file is exactly as
-    long as the index says, so a truncated or mismatched pair fails here, not mid-training.
+    Checks on opening that the header is MMIDIDX version 1, that the sequences lie back to back
+    with sizes of zero or more, and that the .bin file is exactly as long as the index says, so
+    a truncated, damaged or mismatched pair fails here, not mid-training.
     """
 
     def __init__(self, prefix: str, suffix: str = "") -> None:
@@ -144,13 +146,45 @@ class IndexedDataset:
         self.sizes = np.frombuffer(index, "<i4", count, header_size)
         self.pointers = np.frombuffer(index, "<i8", count, header_size + count * 4)
         self.doc_idx = np.frombuffer(index, "<i8", doc_count, header_size + count * 12)
+        end = self._check_layout(index_file)
         data_bytes = os.path.getsize(data_file)
-        end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if count else 0
         if data_bytes != end:
             raise IndexedFormatError(
                 f"{data_file}: {data_bytes} bytes, but the index describes {end}"
             )
         self._data = np.memmap(data_file, mode="r", dtype=self.dtype) if data_bytes else None
+
+    def _check_layout(self, index_file: str) -> int:
+        """The bytes the sequences fill, once every size is checked to be zero or more and
+        every sequence to start where the one before it ends (as the format lays them out).
+        A damaged .idx would otherwise be read as it is: a negative size fails deep inside
+        numpy while the sample index is built, and a size past the next sequence's start reads
+        a short sample at some training step. One pass over the index, a chunk at a time."""
+        itemsize = self.dtype.itemsize
+        end = 0  # where the next sequence must start
+        for first in range(0, len(self.sizes), LAYOUT_CHUNK):
+            sizes = self.sizes[first : first + LAYOUT_CHUNK].astype(np.int64)
+            negative = np.flatnonzero(sizes < 0)
+            if len(negative):
+                i = first + int(negative[0])
+                raise IndexedFormatError(
+                    f"{index_file}: sequence {i} has a negative size ({int(sizes[negative[0]])} "
+                    f"tokens); the index is damaged: rebuild it with jobs/preprocess.py"
+                )
+            nbytes = sizes * itemsize
+            ends = np.cumsum(nbytes) + end
+            starts = ends - nbytes
+            moved = np.flatnonzero(self.pointers[first : first + LAYOUT_CHUNK] != starts)
+            if len(moved):
+                i = first + int(moved[0])
+                raise IndexedFormatError(
+                    f"{index_file}: sequence {i} starts at byte {int(self.pointers[i])} of the "
+                    f".bin, but the sizes before it end at byte {int(starts[moved[0]])}; the "
+                    "index's sizes and pointers disagree (a damaged index): rebuild it with "
+                    "jobs/preprocess.py"
+                )
+            end = int(ends[-1])
+        return end
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -169,6 +203,35 @@ class IndexedDataset:
         if self._data is None:
             return np.zeros(0, self.dtype)
         return np.asarray(self._data[start : start + length])
+
+    def document_of(self, sequence: int) -> int:
+        """The document sequence `sequence` belongs to (its own number, for one sequence per
+        document as neoray writes; several sequences per document for sentence-split files)."""
+        return int(np.searchsorted(self.doc_idx, sequence, side="right")) - 1
+
+    def sequence_at(self, position: int) -> int:
+        """The sequence holding token `position` of the .bin (counted in tokens)."""
+        byte = position * self.dtype.itemsize
+        return int(np.searchsorted(self.pointers, byte, side="right")) - 1
+
+    def sampled_id_outside(self, vocab_size: int) -> tuple[int, int] | None:
+        """(position in the .bin, id) of a token id outside [0, vocab_size) in the blocks of the
+        .bin `fingerprint` reads (64 of 64 KiB, spread evenly), or None. Checking every token of
+        a Pile-sized corpus would take minutes at each start; data tokenized for another
+        vocabulary has large ids everywhere, so a sample finds it. None at once when the token
+        dtype cannot hold such an id. The batches check every token they serve
+        (`BlendedDataset`), so a stray id elsewhere is still named before the model sees it."""
+        info = np.iinfo(self.dtype)
+        if self._data is None or (info.min >= 0 and info.max < vocab_size):
+            return None
+        block = FINGERPRINT_BLOCK_BYTES // self.dtype.itemsize
+        for b in range(FINGERPRINT_BLOCKS):
+            start = len(self._data) * b // FINGERPRINT_BLOCKS
+            tokens = np.asarray(self._data[start : start + block])
+            outside = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+            if len(outside):
+                return start + int(outside[0]), int(tokens[outside[0]])
+        return None
 
 
 FINGERPRINT_BLOCKS = 64  # blocks of the .bin hashed by `fingerprint`

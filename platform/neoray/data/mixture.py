@@ -13,7 +13,7 @@ import numpy as np
 from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
 from neoray.data.index_cache import NpyWriter, load_or_build
-from neoray.data.indexed import IndexedDataset, fingerprint, idx_path
+from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, idx_path
 
 SPLITS = ("train", "validation", "test")
 
@@ -135,8 +135,19 @@ def load_or_build_blend(weights: Sequence[float], size: int, folder: str) -> Ble
     return Blend(**arrays)
 
 
+class TokenIdError(ValueError):
+    """A sample holds a token id that has no embedding row."""
+
+
 class BlendedDataset:
-    """Samples drawn from several datasets in the proportions of their weights."""
+    """Samples drawn from several datasets in the proportions of their weights.
+
+    Given `vocab_size`, every sample served is checked to hold token ids in [0, vocab_size):
+    one pass over a few thousand tokens, next to a training step's cost nothing, and an id
+    past the vocabulary is named with its component, file and document instead of failing as
+    an index error inside the embedding (the start of a run checks only a sample of the files,
+    `IndexedDataset.sampled_id_outside`).
+    """
 
     def __init__(
         self,
@@ -144,17 +155,35 @@ class BlendedDataset:
         dataset_index: np.ndarray,
         sample_index: np.ndarray,
         names: Sequence[str],
+        vocab_size: int | None = None,
     ) -> None:
         self.datasets = list(datasets)
         self.dataset_index = dataset_index
         self.sample_index = sample_index
         self.names = list(names)
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return len(self.dataset_index)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
+        d, sample = int(self.dataset_index[i]), int(self.sample_index[i])
+        tokens = self.datasets[d][sample]
+        vocab = self.vocab_size
+        if vocab is not None and len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
+            self._refuse(d, sample, tokens)
+        return tokens
+
+    def _refuse(self, d: int, sample: int, tokens: np.ndarray) -> None:
+        position = int(np.flatnonzero((tokens < 0) | (tokens >= self.vocab_size))[0])
+        dataset = self.datasets[d]
+        document = dataset.data.document_of(dataset.sequence_at(sample, position))
+        raise TokenIdError(
+            f"data.components.{self.names[d]}: {bin_path(dataset.data.prefix)} holds token id "
+            f"{int(tokens[position])} in document {document}, outside model.vocab_size="
+            f"{self.vocab_size:,}: the data was tokenized for another vocabulary, or the file "
+            "is damaged; preprocess it again with data.tokenizer"
+        )
 
     def source(self, i: int) -> str:
         """Name of the component sample i comes from."""
@@ -174,8 +203,11 @@ class BlendedDataset:
         }
 
 
-def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDataset:
-    """`num_samples` samples of `split` mixed from the configured components.
+def build_mixture(
+    cfg: DataConfig, split: str, num_samples: int, vocab_size: int | None = None
+) -> BlendedDataset:
+    """`num_samples` samples of `split` mixed from the configured components (with token ids
+    checked against `vocab_size`, if given, as they are served).
 
     Each component gets a GPTDataset over its share of documents, sized to exactly the number
     of its samples the blend uses (repeating epochs where the weight asks for more data than the
@@ -208,7 +240,7 @@ def build_mixture(cfg: DataConfig, split: str, num_samples: int) -> BlendedDatas
         GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)
         for d, needed in enumerate(blend.counts)
     ]
-    return BlendedDataset(datasets, blend.dataset_index, blend.sample_index, names)
+    return BlendedDataset(datasets, blend.dataset_index, blend.sample_index, names, vocab_size)
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:

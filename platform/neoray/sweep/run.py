@@ -35,7 +35,14 @@ from neoray.sweep.outcome import (
 )
 from neoray.sweep.space import check_keys, corners, override, tune_space
 from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
-from neoray.tracking import MLflowTracker, TrackingConfig, experiment_id, find_run, metric_key
+from neoray.tracking import (
+    MLflowTracker,
+    TrackingConfig,
+    check_access,
+    experiment_id,
+    find_run,
+    metric_key,
+)
 from neoray.training.config import PretrainConfig, pretrain_config
 from neoray.training.job import cluster_config
 
@@ -222,6 +229,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
     check_durable_locations(base.storage if base.checkpoint.enabled else None, tracking)
     check_outputs("sweep", cfg)
     check_outputs("sweep trials", base_cfg)
+    check_access(tracking)
     storage = Path(cfg.sweep_dir).resolve()
     cluster = cluster_config(base_cfg)
     started = start_or_join(cluster.address, use_gpu=cluster.use_gpu, dashboard=True)

@@ -15,7 +15,7 @@ from neoray.checkpoint.manifest import SAFE_NAME
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.data.gpt_dataset import split_documents
-from neoray.data.indexed import IndexedDataset, idx_path
+from neoray.data.indexed import IndexedDataset, IndexedFormatError, bin_path, idx_path
 from neoray.energy.grid import EnergyConfig
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
@@ -149,16 +149,42 @@ def validate_vocab(model: NeoXConfig, data: DataConfig) -> None:
         )
 
 
-def validate_validation_split(data: DataConfig) -> None:
-    """In-loop validation reads the mixture's validation split: once the token files exist,
-    some component must have documents there (the split's middle weight, rounded per
-    component, can leave it empty on a small corpus)."""
-    counts = {}
+def checked_token_files(model: NeoXConfig, data: DataConfig) -> dict[str, IndexedDataset]:
+    """The components whose token files exist already, opened: each a complete, undamaged pair
+    (see `IndexedDataset`) whose token ids, as far as a sample of them shows, all have an
+    embedding row (`IndexedDataset.sampled_id_outside`). A component not preprocessed yet is
+    left out: `build_mixture` reports it on the workers."""
+    opened = {}
     for name, component in data.components.items():
         if not os.path.exists(idx_path(component.prefix)):
-            return  # not preprocessed yet: build_mixture reports it on the workers
-        documents = len(IndexedDataset(component.prefix))
-        counts[name] = (len(split_documents(documents, data.split)[1]), documents)
+            continue
+        try:
+            dataset = IndexedDataset(component.prefix)
+        except IndexedFormatError as err:
+            raise ConfigError(f"data.components.{name}: {err}") from err
+        outside = dataset.sampled_id_outside(model.vocab_size)
+        if outside is not None:
+            position, token = outside
+            document = dataset.document_of(dataset.sequence_at(position))
+            raise ConfigError(
+                f"data.components.{name}: {bin_path(component.prefix)} holds token id {token} "
+                f"(document {document}, token {position} of the file), outside "
+                f"model.vocab_size={model.vocab_size:,}: the data was tokenized for another "
+                "vocabulary; preprocess it again with data.tokenizer, or raise model.vocab_size"
+            )
+        opened[name] = dataset
+    return opened
+
+
+def validate_validation_split(data: DataConfig, opened: dict[str, IndexedDataset]) -> None:
+    """In-loop validation reads the mixture's validation split: once the token files exist
+    (`opened`, from `checked_token_files`), some component must have documents there (the
+    split's middle weight, rounded per component, can leave it empty on a small corpus)."""
+    if len(opened) < len(data.components):
+        return  # not all preprocessed yet: build_mixture reports it on the workers
+    counts = {}
+    for name, dataset in opened.items():
+        counts[name] = (len(split_documents(len(dataset), data.split)[1]), len(dataset))
     if not any(validation for validation, _ in counts.values()):
         raise ConfigError(
             f"train.eval_interval: no component has documents in the validation split of "
@@ -196,6 +222,7 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         )
     if isinstance(config.data, DataConfig):
         validate_vocab(config.model, config.data)
+        opened = checked_token_files(config.model, config.data)
         if config.train.eval_interval:
-            validate_validation_split(config.data)
+            validate_validation_split(config.data, opened)
     return config

@@ -68,7 +68,7 @@ def dataset(cfg: PretrainConfig, split: str, samples: int) -> Dataset:
     """`samples` samples of `split`: the configured mixture, or synthetic tokens."""
     if isinstance(cfg.data, SyntheticDataConfig):
         return SyntheticTokens(cfg.data, cfg.model.vocab_size, split)
-    return _on_rank0_first(lambda: build_mixture(cfg.data, split, samples))
+    return _on_rank0_first(lambda: build_mixture(cfg.data, split, samples, cfg.model.vocab_size))
 
 
 def micro_batches(

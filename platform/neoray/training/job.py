@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from neoray.cluster.ray_train import ClusterConfig, PlacementError
 from neoray.cluster.submit import check_durable_locations, check_outputs
 from neoray.config import ConfigError, dataclass_from_config, to_dict
-from neoray.tracking import TrackingConfig
+from neoray.tracking import TrackingConfig, check_access
 from neoray.training.config import PretrainConfig, pretrain_config
 from neoray.training.precision import check_precision
 
@@ -226,6 +226,7 @@ def run_pretrain(cfg: Any) -> None:
     job = worker_job(cfg, config, cfg.launcher)
     check_durable_locations(config.storage if config.checkpoint.enabled else None, job.tracking)
     check_outputs("pretrain", cfg)
+    check_access(job.tracking)
     if cfg.launcher == "ray":
         run_on_ray(job, cluster)
     else:
