@@ -461,3 +461,28 @@ def test_logging_a_pair_again_keeps_the_earlier_run_until_the_new_one_is_complet
     assert (run.info.run_id, run.data.metrics["t/acc"]) == (second, 0.7)
     history = tracker.client.get_metric_history(tracker.training_run_id("R"), "eval/a/t/acc")
     assert [(m.step, m.value) for m in history][-1] == (1, 0.7)
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow-relog")) as server:
+        yield server.url
+
+
+def test_a_pair_evaluated_again_counts_once_in_the_report_with_its_latest_value(
+    mlflow_url, tmp_path
+):
+    """MLflow keeps both points of a pair logged twice on the training run; the report's data
+    holds one per step, the one logged last."""
+    from neoray.evaluation.tracking import EvalTracker
+    from neoray.report.data import collect
+    from neoray.tracking import TrackingConfig
+
+    tracker = EvalTracker(mlflow_url, "again")
+    scored = lambda acc: {"results": {"t": {"acc,none": acc}}, "n-shot": {"t": 0}}  # noqa: E731
+    for step, acc in ((100, 0.25), (200, 0.5), (100, 0.30)):
+        tracker.log_evaluation("R", step, "a", scored(acc), "src", ["t"])
+    history = tracker.client.get_metric_history(tracker.training_run_id("R"), "eval/a/t/acc")
+    assert sorted((m.step, m.value) for m in history) == [(100, 0.25), (100, 0.30), (200, 0.5)]
+    data = collect("R", tmp_path, TrackingConfig(uri=mlflow_url, experiment="again"))
+    assert data.evals["eval/a/t/acc"] == [(100, 0.30), (200, 0.5)]
