@@ -27,7 +27,7 @@ from neoray.evaluation.report import ledger_table
 from neoray.evaluation.run import load_suite
 from neoray.evaluation.schedule import Policy, ScheduleConfig
 from neoray.evaluation.watch import Watcher
-from neoray.storage import StorageConfig, open_storage
+from neoray.storage import StorageConfig, StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc).timestamp()  # a Monday, midnight UTC
@@ -295,6 +295,99 @@ def test_two_watchers_started_together_evaluate_no_pair_twice(storage):
     assert sorted(evaluate.calls) == pairs  # each pair exactly once, by one of the two
     assert set(settled[0]) == set(settled[1]) == set(pairs)
     assert {e.attempts for e in Ledger(storage, "R").entries()} == {1}
+
+
+# -- storage errors: said, retried, and the watcher goes on
+
+
+class FailsOnce:
+    """A real storage whose first call of `method` for which `when(*args)` holds does
+    `instead(storage, *args)` first: by default, raise a StorageError (then nothing is done)."""
+
+    def __init__(self, storage, method: str, when=lambda *args: True, instead=None):
+        self.storage, self.method, self.when, self.instead = storage, method, when, instead
+        self.lock, self.failed = threading.Lock(), False
+        self.calls_after = 0  # calls of `method` (matching `when`) after the failure
+
+    def raise_error(self, storage, key, *_):
+        raise StorageError(f"{storage.uri(key)}: connection reset by peer")
+
+    def __getattr__(self, name: str):
+        real = getattr(self.storage, name)
+        if name != self.method:
+            return real
+
+        def call(*args, **kwargs):
+            with self.lock:
+                now = not self.failed and self.when(*args)
+                self.calls_after += self.failed and self.when(*args)
+                self.failed |= now
+            if now:
+                (self.instead or self.raise_error)(self.storage, *args)
+            return real(*args, **kwargs)
+
+        return call
+
+
+def retried(lines: list[str], what: str) -> list[str]:
+    return [line for line in lines if line.startswith(f"{what} failed (") and "retrying in" in line]
+
+
+def in_heartbeat_thread(*_) -> bool:
+    return threading.current_thread().name == "heartbeats"
+
+
+def test_a_heartbeat_that_fails_once_is_retried_and_the_claims_stay_alive(storage):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    flaky, lines = FailsOnce(storage, "put_if", in_heartbeat_thread), []
+    settled = watch(
+        flaky, Recorder(seconds=0.4), lines=lines, heartbeat_seconds=0.05, stale_seconds=5
+    )
+    assert flaky.failed and flaky.calls_after > 0  # the heartbeats went on
+    [said] = [line for line in lines if "failed (StorageError: " in line]
+    assert said.startswith("the heartbeat of step 2 a failed (StorageError: ")
+    assert "connection reset by peer); retrying in 0.0125 s" in said
+    assert {pair: (e.state, e.attempts) for pair, e in settled.items()} == {
+        (step, s): ("done", 1) for step in (1, 2) for s in "ab"
+    }
+
+
+def test_a_poll_that_fails_once_is_retried_and_everything_is_evaluated(storage):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    flaky, lines = FailsOnce(storage, "folders"), []
+    evaluate = Recorder()
+    settled = watch(flaky, evaluate, lines=lines)
+    [said] = retried(lines, "polling")
+    assert "StorageError: " in said and "R/checkpoints: connection reset by peer" in said
+    assert sorted(evaluate.calls) == sorted(settled) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+
+
+def test_a_manifest_deleted_as_it_is_read_is_passed_over_and_the_rest_evaluated(storage):
+    for step in (1, 2, 3):
+        commit(storage, "R", step, final=3)
+
+    def retention(storage, key):  # after the watcher saw the manifest exist
+        storage.delete(key)
+
+    key = manifest_key("R", 2)
+    flaky = FailsOnce(storage, "get_bytes", lambda asked: asked == key, retention)
+    evaluate, lines = Recorder(), []
+    settled = watch(flaky, evaluate, lines=lines)
+    assert flaky.failed and not storage.exists(key)
+    assert "checkpoint step 2 was deleted as it was read (retention)" in lines
+    assert sorted(evaluate.calls) == sorted(settled) == [(1, "a"), (1, "b"), (3, "a"), (3, "b")]
+
+
+def test_a_setting_error_ends_the_watcher(storage):
+    commit(storage, "R", 1, final=1)
+
+    def misconfigured(storage, *_):
+        raise ConfigError("storage.bucket: no such bucket")
+
+    with pytest.raises(ConfigError, match="no such bucket"):
+        watch(FailsOnce(storage, "folders", instead=misconfigured), Recorder())
 
 
 # -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server

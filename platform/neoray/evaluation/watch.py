@@ -8,6 +8,10 @@ show as settled, newest first, up to `max_concurrent`.
 A claimed pair is evaluated on a thread of this process (the evaluation itself fans out over
 Ray), logged to MLflow while the claim is still ours, and recorded in the ledger. A heartbeat
 thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
+
+A watcher runs for days next to training, so a storage error (a network blip, a checkpoint
+deleted by retention while it is read) is said and retried with backoff, in the poll and in
+the heartbeat alike; only a setting error (`ConfigError`) ends it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from neoray.checkpoint.manifest import (
     manifest_key,
     read_manifest,
 )
+from neoray.config import ConfigError
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.ledger import Claim, Entry, Ledger, is_final
 from neoray.evaluation.report import flat_metrics, headline, suite_metrics
@@ -58,6 +63,22 @@ def final_step(manifest: Manifest) -> int | None:
 class Running:
     claim: Claim
     future: concurrent.futures.Future
+
+
+class Backoff:
+    """How long to wait before retrying what keeps failing: `first` seconds, doubled at each
+    failure in a row up to `cap`; a success starts again from `first`."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap, self.failures = first, cap, 0
+
+    def failed(self) -> float:
+        delay = min(self.cap, self.first * 2**self.failures)
+        self.failures += 1
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
 
 class Watcher:
@@ -108,6 +129,9 @@ class Watcher:
                 continue  # still uploading: looked at again next poll
             try:
                 manifest = read_manifest(self.storage, self.run_name, step)
+            except FileNotFoundError:  # retention deleted it since `exists`: never committed here
+                self.say(f"checkpoint step {step} was deleted as it was read (retention)")
+                continue
             except MalformedManifestError as err:  # said once; training may save it afresh
                 if step not in self.malformed:
                     self.malformed.add(step)
@@ -173,11 +197,11 @@ class Watcher:
         ]
         fresh = [pair for pair in todo if pair not in self.announced]
         if fresh:  # newly selected: what the ledger has settled (a restart) is not queued
-            self.announced.update(fresh)
             for pair in fresh:
                 entry, _, _ = self.ledger.read(*pair)
                 if self._is_final(entry):
                     self.settled[pair] = entry
+            self.announced.update(fresh)  # only once all were read: a failed poll reads again
             queued = [pair for pair in fresh if pair not in self.settled]
             if len(queued) < len(fresh):
                 self.say(f"the ledger has {len(fresh) - len(queued)} evaluation(s) settled already")
@@ -302,11 +326,29 @@ class Watcher:
 
     # -- the loop
 
+    def _retrying(self, what: str, err: Exception, backoff: Backoff) -> float:
+        """Say that `what` failed with `err` and is retried; the seconds to wait first."""
+        delay = backoff.failed()
+        self.say(f"{what} failed ({type(err).__name__}: {err}); retrying in {delay:g} s")
+        return delay
+
     def _heartbeats(self) -> None:
-        while not self.stopped.wait(self.schedule.heartbeat_seconds):
-            for pair, job in list(self.running.items()):
-                if not job.claim.lost and not self.ledger.heartbeat(job.claim):
-                    self.say(f"step {pair[0]} {pair[1]}: lost the claim to another watcher")
+        """Refresh each claim every `heartbeat_seconds`. A beat that fails is retried sooner,
+        with backoff, and the thread goes on: were it to end, the claims would look dead and
+        be taken over (evaluated again) or end as failed."""
+        every = self.schedule.heartbeat_seconds
+        backoff, wait = Backoff(min(1.0, every / 4), every), every
+        while not self.stopped.wait(wait):
+            wait = every
+            for (step, suite), job in list(self.running.items()):
+                try:
+                    if not job.claim.lost and not self.ledger.heartbeat(job.claim):
+                        self.say(f"step {step} {suite}: lost the claim to another watcher")
+                except Exception as err:  # said, and the beat retried
+                    wait = self._retrying(f"the heartbeat of step {step} {suite}", err, backoff)
+                    break
+            else:
+                backoff.succeeded()
 
     def run(self) -> dict[Pair, Entry]:
         """Watch until stopped (`stop()`, or Ctrl-C) or, with `until_finished`, until done;
@@ -317,13 +359,21 @@ class Watcher:
             f"{', '.join(self.suites)}; {s.describe() or 'every checkpoint'}; polling every "
             f"{s.poll_seconds:g} s, {s.max_concurrent} at a time (owner {self.owner})"
         )
-        heartbeats = threading.Thread(target=self._heartbeats, daemon=True)
+        heartbeats = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         heartbeats.start()
         pool = concurrent.futures.ThreadPoolExecutor(s.max_concurrent, "evaluation")
+        backoff = Backoff(min(1.0, s.poll_seconds), max(60.0, s.poll_seconds))
         try:
             while not self.stopped.is_set():
                 self.reap()
-                self.poll(pool)
+                try:
+                    self.poll(pool)
+                except ConfigError:
+                    raise  # a setting: retrying cannot fix it
+                except Exception as err:  # said, and the poll retried
+                    self.stopped.wait(self._retrying("polling", err, backoff))
+                    continue
+                backoff.succeeded()
                 if s.until_finished and self.finished():
                     self.say(f"finished: the final step {self.final_step} is evaluated")
                     break
