@@ -26,7 +26,7 @@ from neoray.evaluation.ledger import Ledger, entry_key
 from neoray.evaluation.report import ledger_table
 from neoray.evaluation.run import load_suite
 from neoray.evaluation.schedule import Policy, ScheduleConfig
-from neoray.evaluation.watch import Watcher
+from neoray.evaluation.watch import ExportCache, Watcher
 from neoray.storage import StorageConfig, StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,6 +388,47 @@ def test_a_setting_error_ends_the_watcher(storage):
 
     with pytest.raises(ConfigError, match="no such bucket"):
         watch(FailsOnce(storage, "folders", instead=misconfigured), Recorder())
+
+
+# -- the export cache: one export per step, deleted once its suites are settled
+
+
+def test_exports_are_deleted_once_their_suites_are_settled_and_kept_while_in_use(storage, tmp_path):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    cache = tmp_path / "exports"
+
+    def export(storage, manifest) -> Path:  # as export_committed: made once, then reused
+        hf_dir = cache / "R" / f"step_{manifest.step:08d}" / "hf_fp16-0123"
+        if not hf_dir.exists():
+            hf_dir.mkdir(parents=True)
+            (hf_dir / "model.safetensors").write_bytes(b"weights of %d" % manifest.step)
+        return hf_dir
+
+    exports, scores, read = ExportCache(export, cache), Recorder(), []
+
+    def evaluate(storage, manifest, cfg):
+        hf_dir = exports.get(storage, manifest)
+        deadline = time.monotonic() + 30
+        while cfg.suite == "b" and (manifest.step, "a") not in watcher.settled:
+            assert time.monotonic() < deadline  # reading the export after suite a settled
+            time.sleep(0.01)
+        read.append((manifest.step, cfg.suite, (hf_dir / "model.safetensors").read_bytes()))
+        return scores(storage, manifest, cfg)
+
+    watcher = Watcher(
+        storage,
+        "R",
+        SUITES,
+        ScheduleConfig(poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1),
+        evaluate,
+        say=lambda _: None,
+        release=exports.release,
+    )
+    settled = watcher.run()
+    assert {e.state for e in settled.values()} == {"done"}
+    assert sorted(read) == [(step, s, b"weights of %d" % step) for step in (1, 2) for s in "ab"]
+    assert list(cache.iterdir()) == [] and exports.made == {}
 
 
 # -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server

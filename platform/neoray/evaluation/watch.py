@@ -11,19 +11,22 @@ thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken
 
 A watcher runs for days next to training, so a storage error (a network blip, a checkpoint
 deleted by retention while it is read) is said and retried with backoff, in the poll and in
-the heartbeat alike; only a setting error (`ConfigError`) ends it.
+the heartbeat alike; only a setting error (`ConfigError`) ends it. Once every suite of a step
+is settled, the step's local export is deleted (`ExportCache`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from neoray.checkpoint.manifest import (
@@ -47,6 +50,10 @@ Pair = tuple[int, str]  # (step, suite)
 Evaluate = Callable[[Storage, Manifest, EvalConfig], dict[str, Any]]
 # (manifest, suite, results) -> the MLflow run id, or None when not tracked
 Log = Callable[[Manifest, EvalConfig, dict[str, Any]], str | None]
+
+
+# (storage, manifest) -> the local folder of the checkpoint's export
+Export = Callable[[Storage, Manifest], Path]
 
 
 def default_owner() -> str:
@@ -81,6 +88,50 @@ class Backoff:
         self.failures = 0
 
 
+class ExportCache:
+    """The local exports of the checkpoints a watcher evaluates: made once per step and shared
+    by its suites (`get`), deleted once the watcher has settled every suite of the step
+    (`release`, the watcher's hook). One export of a 20B model is about 41 GB in fp16 and a
+    watcher evaluates a run's checkpoints for days; the copy published next to the checkpoint
+    in storage stays, for a later evaluation to fetch."""
+
+    def __init__(self, export: Export, root: str | Path) -> None:
+        self.export = export
+        self.root = Path(root).absolute()  # the cache folder: kept, even when emptied
+        self.locks: dict[int, threading.Lock] = {}
+        self.made: dict[int, Path] = {}  # step -> its export, while its suites may need it
+        self.lock = threading.Lock()
+
+    def get(self, storage: Storage, manifest: Manifest) -> Path:
+        """The export of `manifest`'s checkpoint, made by the first suite of the step to ask."""
+        with self.lock:
+            step_lock = self.locks.setdefault(manifest.step, threading.Lock())
+        with step_lock:
+            hf_dir = self.export(storage, manifest)
+        with self.lock:
+            self.made[manifest.step] = hf_dir
+        return hf_dir
+
+    def release(self, step: int) -> None:
+        """Delete the export of `step` (none made: nothing to do) and the folders it leaves
+        empty in the cache. The watcher calls it once no suite of the step runs or will run."""
+        with self.lock:
+            hf_dir = self.made.pop(step, None)
+            self.locks.pop(step, None)
+        if hf_dir is None:
+            return
+        hf_dir = hf_dir.absolute()
+        if hf_dir.exists():
+            shutil.rmtree(hf_dir)
+        for folder in hf_dir.parents:
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another export, or one being made
+                break
+
+
 class Watcher:
     """Evaluates the selected (checkpoint, suite) pairs of one run (see the module doc)."""
 
@@ -96,11 +147,15 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
         metrics: EvaluationExporter | None = None,
+        release: Callable[[int], None] | None = None,
     ) -> None:
         self.storage, self.run_name, self.schedule = storage, run_name, schedule
         self.suites = {cfg.suite: cfg for cfg in suites}
         self.evaluate, self.log, self.say, self.clock = evaluate, log, say, clock
         self.metrics = metrics  # live gauges for Prometheus (queue, latency, failures)
+        # called with a step once every suite of it is settled here (`ExportCache.release`)
+        self.release = release
+        self.released: set[int] = set()
         self.owner = owner or default_owner()
         self.ledger = Ledger(storage, run_name, clock)
         self.policy = Policy(schedule)
@@ -200,7 +255,7 @@ class Watcher:
             for pair in fresh:
                 entry, _, _ = self.ledger.read(*pair)
                 if self._is_final(entry):
-                    self.settled[pair] = entry
+                    self._settle(pair, entry)
             self.announced.update(fresh)  # only once all were read: a failed poll reads again
             queued = [pair for pair in fresh if pair not in self.settled]
             if len(queued) < len(fresh):
@@ -219,7 +274,7 @@ class Watcher:
     def _skip_deleted(self, step: int, suite: str) -> None:
         entry, version, _ = self.ledger.read(step, suite)
         if self._is_final(entry):
-            self.settled[step, suite] = entry
+            self._settle((step, suite), entry)
             return
         if entry is not None and entry.state == "running":
             return  # its owner records the skip itself
@@ -228,10 +283,27 @@ class Watcher:
             self.say(f"skipped step {step} {suite}: {reason}")
         entry, _, _ = self.ledger.read(step, suite)
         if entry is not None and entry.state != "running":
-            self.settled[step, suite] = entry
+            self._settle((step, suite), entry)
 
     def _is_final(self, entry: Entry | None) -> bool:
         return is_final(entry, self.schedule.max_attempts)
+
+    def _settle(self, pair: Pair, entry: Entry) -> None:
+        """Note `pair` as settled; when that settles its step (every suite, none running
+        here), the step's export is released: no evaluation of this watcher needs it again."""
+        self.settled[pair] = entry
+        step = pair[0]
+        if self.release is None or step in self.released:
+            return
+        if any((step, suite) not in self.settled for suite in self.suites) or any(
+            running[0] == step for running in self.running
+        ):
+            return
+        self.released.add(step)
+        try:
+            self.release(step)
+        except OSError as err:
+            self.say(f"could not delete the export of step {step}: {err}")
 
     def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
         step, suite = pair
@@ -240,7 +312,7 @@ class Watcher:
             self.say(f"ledger: {problem}; evaluating step {step} {suite} again")
         s = self.schedule
         if self._is_final(entry):
-            self.settled[pair] = entry
+            self._settle(pair, entry)
             return
         if entry is not None and entry.state == "running":
             silent = self.clock() - (entry.heartbeat or 0.0)
@@ -316,7 +388,7 @@ class Watcher:
                     + ("" if self._is_final(entry) else " (will retry)")
                 )
             if not job.claim.lost and self._is_final(entry):
-                self.settled[pair] = entry
+                self._settle(pair, entry)
 
     def finished(self) -> bool:
         """The final step is committed and every pair selected so far (by `poll`) is settled."""
