@@ -353,6 +353,23 @@ def test_a_heartbeat_that_fails_once_is_retried_and_the_claims_stay_alive(storag
     }
 
 
+def test_recording_a_result_that_fails_once_is_retried_and_the_result_kept(storage):
+    commit(storage, "R", 1, final=1)
+
+    def recording_done(key, data, version) -> bool:
+        return b'"state": "done"' in data
+
+    flaky, lines, evaluate = FailsOnce(storage, "put_if", recording_done), [], Recorder()
+    settled = watch(flaky, evaluate, lines=lines, heartbeat_seconds=0.2, stale_seconds=1)
+    [said] = retried(lines, "recording step 1 a")
+    assert "StorageError: " in said
+    assert evaluate.calls == [(1, "a"), (1, "b")]  # evaluated once each
+    assert {pair: (e.state, e.attempts) for pair, e in settled.items()} == {
+        (1, "a"): ("done", 1),
+        (1, "b"): ("done", 1),
+    }
+
+
 def test_a_poll_that_fails_once_is_retried_and_everything_is_evaluated(storage):
     for step in (1, 2):
         commit(storage, "R", step, final=2)

@@ -341,33 +341,54 @@ class Watcher:
     def _evaluate(self, claim: Claim, manifest: Manifest) -> None:
         """Evaluate, log to MLflow while the claim is ours, record the outcome."""
         cfg = self.suites[claim.entry.suite]
+        pair = f"step {manifest.step} {cfg.suite}"
         started = time.monotonic()
         try:
             results = self.evaluate(self.storage, manifest, cfg)
             if results.get("failed"):
                 raise RuntimeError(f"task(s) failed: {results['failed']}")
-            if not self.ledger.heartbeat(claim):
+            if not self._written(f"the heartbeat of {pair}", lambda: self.ledger.heartbeat(claim)):
                 return  # taken over: the new owner logs and records it
             run_id = self.log(manifest, cfg, results) if self.log else None
             best = headline(suite_metrics(results, cfg.tasks))
-            self.ledger.finish(
-                claim,
-                "done",
-                metrics=flat_metrics(results),
-                headline=best[0] if best else None,
-                mlflow_run_id=run_id,
-                reason=None,
+            self._written(
+                f"recording {pair}",
+                lambda: self.ledger.finish(
+                    claim,
+                    "done",
+                    metrics=flat_metrics(results),
+                    headline=best[0] if best else None,
+                    mlflow_run_id=run_id,
+                    reason=None,
+                ),
             )
         except Exception as err:
-            if not self.storage.exists(manifest_key(self.run_name, manifest.step)):
-                reason = f"checkpoint step {manifest.step} was deleted during its evaluation"
-                self.ledger.finish(claim, "skipped", reason=reason)
-            else:
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
-                self.ledger.finish(claim, "failed", reason=reason)
+            failure = f"{type(err).__name__}: {err}".splitlines()[0]
+
+            def record_failure() -> bool:
+                if not self.storage.exists(manifest_key(self.run_name, manifest.step)):
+                    reason = f"checkpoint step {manifest.step} was deleted during its evaluation"
+                    return self.ledger.finish(claim, "skipped", reason=reason)
+                return self.ledger.finish(claim, "failed", reason=failure)
+
+            self._written(f"recording {pair}", record_failure)
         if self.metrics is not None:
             failed = claim.entry.state == "failed"
             self.metrics.evaluated(cfg.suite, time.monotonic() - started, failed)
+
+    def _written(self, what: str, write: Callable[[], bool]) -> bool:
+        """`write()`, a ledger write of an evaluation that ended, retried with backoff while
+        storage fails (saying so): one error must not throw hours of evaluation away. Once
+        the watcher stops, the error is raised: the claim, gone stale, is taken over."""
+        s = self.schedule
+        backoff = Backoff(min(1.0, s.poll_seconds), max(60.0, s.poll_seconds))
+        while True:
+            try:
+                return write()
+            except Exception as err:  # said, and the write retried
+                if self.stopped.is_set():
+                    raise
+                self.stopped.wait(self._retrying(what, err, backoff))
 
     def reap(self) -> None:
         """Report evaluations that ended; settle what will not run again."""
