@@ -10,9 +10,9 @@ Ray), logged to MLflow while the claim is still ours, and recorded in the ledger
 thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
 
 A watcher runs for days next to training, so a storage error (a network blip, a checkpoint
-deleted by retention while it is read) is said and retried with backoff, in the poll and in
-the heartbeat alike; only a setting error (`ConfigError`) ends it. Once every suite of a step
-is settled, the step's local export is deleted (`ExportCache`).
+deleted by retention while it is read) is said and retried with backoff, in the poll, the
+heartbeat and the recording of a result alike; only a setting error (`ConfigError`) ends it.
+Once every suite of a step is settled, the step's local export is deleted (`ExportCache`).
 """
 
 from __future__ import annotations
@@ -341,18 +341,18 @@ class Watcher:
     def _evaluate(self, claim: Claim, manifest: Manifest) -> None:
         """Evaluate, log to MLflow while the claim is ours, record the outcome."""
         cfg = self.suites[claim.entry.suite]
-        pair = f"step {manifest.step} {cfg.suite}"
+        which = f"step {manifest.step} {cfg.suite}"
         started = time.monotonic()
         try:
             results = self.evaluate(self.storage, manifest, cfg)
             if results.get("failed"):
                 raise RuntimeError(f"task(s) failed: {results['failed']}")
-            if not self._written(f"the heartbeat of {pair}", lambda: self.ledger.heartbeat(claim)):
+            if not self._written(f"the heartbeat of {which}", lambda: self.ledger.heartbeat(claim)):
                 return  # taken over: the new owner logs and records it
             run_id = self.log(manifest, cfg, results) if self.log else None
             best = headline(suite_metrics(results, cfg.tasks))
             self._written(
-                f"recording {pair}",
+                f"recording {which}",
                 lambda: self.ledger.finish(
                     claim,
                     "done",
@@ -371,7 +371,7 @@ class Watcher:
                     return self.ledger.finish(claim, "skipped", reason=reason)
                 return self.ledger.finish(claim, "failed", reason=failure)
 
-            self._written(f"recording {pair}", record_failure)
+            self._written(f"recording {which}", record_failure)
         if self.metrics is not None:
             failed = claim.entry.state == "failed"
             self.metrics.evaluated(cfg.suite, time.monotonic() - started, failed)
@@ -380,8 +380,7 @@ class Watcher:
         """`write()`, a ledger write of an evaluation that ended, retried with backoff while
         storage fails (saying so): one error must not throw hours of evaluation away. Once
         the watcher stops, the error is raised: the claim, gone stale, is taken over."""
-        s = self.schedule
-        backoff = Backoff(min(1.0, s.poll_seconds), max(60.0, s.poll_seconds))
+        backoff = self._backoff()
         while True:
             try:
                 return write()
@@ -419,6 +418,12 @@ class Watcher:
 
     # -- the loop
 
+    def _backoff(self) -> Backoff:
+        """Of a poll or a ledger write that failed: from 1 s (or `poll_seconds`, if shorter)
+        up to a minute (or `poll_seconds`, if longer)."""
+        every = self.schedule.poll_seconds
+        return Backoff(min(1.0, every), max(60.0, every))
+
     def _retrying(self, what: str, err: Exception, backoff: Backoff) -> float:
         """Say that `what` failed with `err` and is retried; the seconds to wait first."""
         delay = backoff.failed()
@@ -455,7 +460,7 @@ class Watcher:
         heartbeats = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         heartbeats.start()
         pool = concurrent.futures.ThreadPoolExecutor(s.max_concurrent, "evaluation")
-        backoff = Backoff(min(1.0, s.poll_seconds), max(60.0, s.poll_seconds))
+        backoff = self._backoff()
         try:
             while not self.stopped.is_set():
                 self.reap()
