@@ -533,6 +533,7 @@ def test_a_watcher_killed_mid_evaluation_is_restarted_and_every_pair_is_done_onc
     output = finish(start_watcher(trained, *policy, "schedule.until_finished=true"))
     assert f"step {killed[0]} {killed[1]}: its owner" in output and "taking over" in output
     assert "finished: the final step 4 is evaluated" in output
+    assert not list((trained["tmp"] / "exports").rglob("hf_*"))  # each deleted once evaluated
 
     from neoray.evaluation.tracking import EvalTracker
 
