@@ -26,8 +26,8 @@ from neoray.evaluation.ledger import Ledger, entry_key
 from neoray.evaluation.report import ledger_table
 from neoray.evaluation.run import load_suite
 from neoray.evaluation.schedule import Policy, ScheduleConfig
-from neoray.evaluation.watch import Watcher
-from neoray.storage import StorageConfig, open_storage
+from neoray.evaluation.watch import ExportCache, Watcher
+from neoray.storage import StorageConfig, StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc).timestamp()  # a Monday, midnight UTC
@@ -297,6 +297,157 @@ def test_two_watchers_started_together_evaluate_no_pair_twice(storage):
     assert {e.attempts for e in Ledger(storage, "R").entries()} == {1}
 
 
+# -- storage errors: said, retried, and the watcher goes on
+
+
+class FailsOnce:
+    """A real storage whose first call of `method` for which `when(*args)` holds does
+    `instead(storage, *args)` first: by default, raise a StorageError (then nothing is done)."""
+
+    def __init__(self, storage, method: str, when=lambda *args: True, instead=None):
+        self.storage, self.method, self.when, self.instead = storage, method, when, instead
+        self.lock, self.failed = threading.Lock(), False
+        self.calls_after = 0  # calls of `method` (matching `when`) after the failure
+
+    def raise_error(self, storage, key, *_):
+        raise StorageError(f"{storage.uri(key)}: connection reset by peer")
+
+    def __getattr__(self, name: str):
+        real = getattr(self.storage, name)
+        if name != self.method:
+            return real
+
+        def call(*args, **kwargs):
+            with self.lock:
+                now = not self.failed and self.when(*args)
+                self.calls_after += self.failed and self.when(*args)
+                self.failed |= now
+            if now:
+                (self.instead or self.raise_error)(self.storage, *args)
+            return real(*args, **kwargs)
+
+        return call
+
+
+def retried(lines: list[str], what: str) -> list[str]:
+    return [line for line in lines if line.startswith(f"{what} failed (") and "retrying in" in line]
+
+
+def in_heartbeat_thread(*_) -> bool:
+    return threading.current_thread().name == "heartbeats"
+
+
+def test_a_heartbeat_that_fails_once_is_retried_and_the_claims_stay_alive(storage):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    flaky, lines = FailsOnce(storage, "put_if", in_heartbeat_thread), []
+    settled = watch(
+        flaky, Recorder(seconds=0.4), lines=lines, heartbeat_seconds=0.05, stale_seconds=5
+    )
+    assert flaky.failed and flaky.calls_after > 0  # the heartbeats went on
+    [said] = [line for line in lines if "failed (StorageError: " in line]
+    assert said.startswith("the heartbeat of step 2 a failed (StorageError: ")
+    assert "connection reset by peer); retrying in 0.0125 s" in said
+    assert {pair: (e.state, e.attempts) for pair, e in settled.items()} == {
+        (step, s): ("done", 1) for step in (1, 2) for s in "ab"
+    }
+
+
+def test_recording_a_result_that_fails_once_is_retried_and_the_result_kept(storage):
+    commit(storage, "R", 1, final=1)
+
+    def recording_done(key, data, version) -> bool:
+        return b'"state": "done"' in data
+
+    flaky, lines, evaluate = FailsOnce(storage, "put_if", recording_done), [], Recorder()
+    settled = watch(flaky, evaluate, lines=lines, heartbeat_seconds=0.2, stale_seconds=1)
+    [said] = retried(lines, "recording step 1 a")
+    assert "StorageError: " in said
+    assert evaluate.calls == [(1, "a"), (1, "b")]  # evaluated once each
+    assert {pair: (e.state, e.attempts) for pair, e in settled.items()} == {
+        (1, "a"): ("done", 1),
+        (1, "b"): ("done", 1),
+    }
+
+
+def test_a_poll_that_fails_once_is_retried_and_everything_is_evaluated(storage):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    flaky, lines = FailsOnce(storage, "folders"), []
+    evaluate = Recorder()
+    settled = watch(flaky, evaluate, lines=lines)
+    [said] = retried(lines, "polling")
+    assert "StorageError: " in said and "R/checkpoints: connection reset by peer" in said
+    assert sorted(evaluate.calls) == sorted(settled) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+
+
+def test_a_manifest_deleted_as_it_is_read_is_passed_over_and_the_rest_evaluated(storage):
+    for step in (1, 2, 3):
+        commit(storage, "R", step, final=3)
+
+    def retention(storage, key):  # after the watcher saw the manifest exist
+        storage.delete(key)
+
+    key = manifest_key("R", 2)
+    flaky = FailsOnce(storage, "get_bytes", lambda asked: asked == key, retention)
+    evaluate, lines = Recorder(), []
+    settled = watch(flaky, evaluate, lines=lines)
+    assert flaky.failed and not storage.exists(key)
+    assert "checkpoint step 2 was deleted as it was read (retention)" in lines
+    assert sorted(evaluate.calls) == sorted(settled) == [(1, "a"), (1, "b"), (3, "a"), (3, "b")]
+
+
+def test_a_setting_error_ends_the_watcher(storage):
+    commit(storage, "R", 1, final=1)
+
+    def misconfigured(storage, *_):
+        raise ConfigError("storage.bucket: no such bucket")
+
+    with pytest.raises(ConfigError, match="no such bucket"):
+        watch(FailsOnce(storage, "folders", instead=misconfigured), Recorder())
+
+
+# -- the export cache: one export per step, deleted once its suites are settled
+
+
+def test_exports_are_deleted_once_their_suites_are_settled_and_kept_while_in_use(storage, tmp_path):
+    for step in (1, 2):
+        commit(storage, "R", step, final=2)
+    cache = tmp_path / "exports"
+
+    def export(storage, manifest) -> Path:  # as export_committed: made once, then reused
+        hf_dir = cache / "R" / f"step_{manifest.step:08d}" / "hf_fp16-0123"
+        if not hf_dir.exists():
+            hf_dir.mkdir(parents=True)
+            (hf_dir / "model.safetensors").write_bytes(b"weights of %d" % manifest.step)
+        return hf_dir
+
+    exports, scores, read = ExportCache(export, cache), Recorder(), []
+
+    def evaluate(storage, manifest, cfg):
+        hf_dir = exports.get(storage, manifest)
+        deadline = time.monotonic() + 30
+        while cfg.suite == "b" and (manifest.step, "a") not in watcher.settled:
+            assert time.monotonic() < deadline  # reading the export after suite a settled
+            time.sleep(0.01)
+        read.append((manifest.step, cfg.suite, (hf_dir / "model.safetensors").read_bytes()))
+        return scores(storage, manifest, cfg)
+
+    watcher = Watcher(
+        storage,
+        "R",
+        SUITES,
+        ScheduleConfig(poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1),
+        evaluate,
+        say=lambda _: None,
+        release=exports.release,
+    )
+    settled = watcher.run()
+    assert {e.state for e in settled.values()} == {"done"}
+    assert sorted(read) == [(step, s, b"weights of %d" % step) for step in (1, 2) for s in "ab"]
+    assert list(cache.iterdir()) == [] and exports.made == {}
+
+
 # -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server
 
 
@@ -382,6 +533,7 @@ def test_a_watcher_killed_mid_evaluation_is_restarted_and_every_pair_is_done_onc
     output = finish(start_watcher(trained, *policy, "schedule.until_finished=true"))
     assert f"step {killed[0]} {killed[1]}: its owner" in output and "taking over" in output
     assert "finished: the final step 4 is evaluated" in output
+    assert not list((trained["tmp"] / "exports").rglob("hf_*"))  # each deleted once evaluated
 
     from neoray.evaluation.tracking import EvalTracker
 
@@ -461,3 +613,28 @@ def test_logging_a_pair_again_keeps_the_earlier_run_until_the_new_one_is_complet
     assert (run.info.run_id, run.data.metrics["t/acc"]) == (second, 0.7)
     history = tracker.client.get_metric_history(tracker.training_run_id("R"), "eval/a/t/acc")
     assert [(m.step, m.value) for m in history][-1] == (1, 0.7)
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow-relog")) as server:
+        yield server.url
+
+
+def test_a_pair_evaluated_again_counts_once_in_the_report_with_its_latest_value(
+    mlflow_url, tmp_path
+):
+    """MLflow keeps both points of a pair logged twice on the training run; the report's data
+    holds one per step, the one logged last."""
+    from neoray.evaluation.tracking import EvalTracker
+    from neoray.report.data import collect
+    from neoray.tracking import TrackingConfig
+
+    tracker = EvalTracker(mlflow_url, "again")
+    scored = lambda acc: {"results": {"t": {"acc,none": acc}}, "n-shot": {"t": 0}}  # noqa: E731
+    for step, acc in ((100, 0.25), (200, 0.5), (100, 0.30)):
+        tracker.log_evaluation("R", step, "a", scored(acc), "src", ["t"])
+    history = tracker.client.get_metric_history(tracker.training_run_id("R"), "eval/a/t/acc")
+    assert sorted((m.step, m.value) for m in history) == [(100, 0.25), (100, 0.30), (200, 0.5)]
+    data = collect("R", tmp_path, TrackingConfig(uri=mlflow_url, experiment="again"))
+    assert data.evals["eval/a/t/acc"] == [(100, 0.30), (200, 0.5)]

@@ -32,6 +32,7 @@ __all__ = [
     "TrackingConfig",
     "find_run",
     "flatten",
+    "latest_per_step",
     "metric_key",
     "ray_job_tags",
     "redact",
@@ -159,6 +160,18 @@ def ray_job_tags() -> dict[str, str]:
     if job_id:
         tags["ray.job_id"] = job_id
     return tags
+
+
+def latest_per_step(history: Any) -> list[tuple[int, float]]:
+    """(step, value) of a metric history, one per step, by step: the value logged last (by
+    timestamp; of equal timestamps, the one later in the history). A (step, suite) evaluated
+    again logs another point at the same step, and MLflow cannot delete the earlier one, so
+    every reader of such a history takes the latest."""
+    latest: dict[int, tuple[int, float]] = {}
+    for point in history:
+        if point.step not in latest or point.timestamp >= latest[point.step][0]:
+            latest[point.step] = (point.timestamp, point.value)
+    return [(step, value) for step, (_, value) in sorted(latest.items())]
 
 
 def _quoted(value: str) -> str:

@@ -205,6 +205,7 @@ def log_to_mlflow(tracking, summary: dict[str, Any], out: Path, source: str) -> 
 
     from neoray.evaluation.memorization import SUITE
     from neoray.evaluation.tracking import EvalTracker
+    from neoray.tracking import latest_per_step
 
     tracker = EvalTracker(tracking.uri, tracking.experiment)
     metrics, headline = mlflow_metrics(summary)
@@ -215,9 +216,7 @@ def log_to_mlflow(tracking, summary: dict[str, Any], out: Path, source: str) -> 
     prefix = f"eval/{SUITE}/"
     names = [k for k in tracker.client.get_run(parent).data.metrics if k.startswith(prefix)]
     history = {
-        name[len(prefix) :]: [
-            (m.step, m.value) for m in tracker.client.get_metric_history(parent, name)
-        ]
+        name[len(prefix) :]: latest_per_step(tracker.client.get_metric_history(parent, name))
         for name in names
         if name.endswith("rate") and not name.startswith(f"{prefix}heldout")
     }

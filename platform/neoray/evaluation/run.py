@@ -125,26 +125,28 @@ def checkpoint_watcher(
     tokenizer: str | None = None,
     say: Callable[[str], None] = print,
 ):
-    """A `Watcher` of `run_name` whose evaluations export the checkpoint (once per step),
-    fan the suite out over the connected Ray cluster and log it to MLflow under the run."""
-    import threading
-    from collections import defaultdict
-
+    """A `Watcher` of `run_name` whose evaluations export the checkpoint (once per step, into
+    `cache_dir`, deleted once the step's suites are settled), fan the suite out over the
+    connected Ray cluster and log it to MLflow under the run."""
     from neoray.checkpoint.export import Checkpoint, export_committed
     from neoray.checkpoint.manifest import checkpoint_key
     from neoray.evaluation.memorization import as_suite_results, study_checkpoint
     from neoray.evaluation.memorization_report import log_to_mlflow
-    from neoray.evaluation.watch import Watcher
+    from neoray.evaluation.watch import ExportCache, Watcher
 
-    exporting = defaultdict(threading.Lock)  # the suites of one step share its export
+    exports = ExportCache(
+        lambda storage, manifest: (
+            export_committed(storage, manifest, cache_dir, dtype, tokenizer).hf_dir
+        ),
+        cache_dir,
+    )
 
     def evaluate_checkpoint(storage, manifest, suite) -> dict[str, Any]:
-        with exporting[manifest.step]:
-            export = export_committed(storage, manifest, cache_dir, dtype, tokenizer)
+        hf_dir = exports.get(storage, manifest)
         if isinstance(suite, MemorizationConfig):
             found = Checkpoint(manifest, storage=storage)
-            return as_suite_results(study_checkpoint(found, suite, export.hf_dir))
-        return evaluate(ModelSource(export.hf_dir, manifest.run_name, manifest.step), suite)
+            return as_suite_results(study_checkpoint(found, suite, hf_dir))
+        return evaluate(ModelSource(hf_dir, manifest.run_name, manifest.step), suite)
 
     log = None
     if tracking.enabled:
@@ -167,7 +169,15 @@ def checkpoint_watcher(
 
     metrics = EvaluationExporter(run_name) if ray_connected() else None
     return Watcher(
-        storage, run_name, suites, schedule, evaluate_checkpoint, log, say, metrics=metrics
+        storage,
+        run_name,
+        suites,
+        schedule,
+        evaluate_checkpoint,
+        log,
+        say,
+        metrics=metrics,
+        release=exports.release,
     )
 
 

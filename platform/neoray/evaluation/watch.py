@@ -8,18 +8,25 @@ show as settled, newest first, up to `max_concurrent`.
 A claimed pair is evaluated on a thread of this process (the evaluation itself fans out over
 Ray), logged to MLflow while the claim is still ours, and recorded in the ledger. A heartbeat
 thread keeps the claims fresh; a claim whose owner stopped heartbeating is taken over.
+
+A watcher runs for days next to training, so a storage error (a network blip, a checkpoint
+deleted by retention while it is read) is said and retried with backoff, in the poll, the
+heartbeat and the recording of a result alike; only a setting error (`ConfigError`) ends it.
+Once every suite of a step is settled, the step's local export is deleted (`ExportCache`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from neoray.checkpoint.manifest import (
@@ -30,6 +37,7 @@ from neoray.checkpoint.manifest import (
     manifest_key,
     read_manifest,
 )
+from neoray.config import ConfigError
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.ledger import Claim, Entry, Ledger, is_final
 from neoray.evaluation.report import flat_metrics, headline, suite_metrics
@@ -42,6 +50,10 @@ Pair = tuple[int, str]  # (step, suite)
 Evaluate = Callable[[Storage, Manifest, EvalConfig], dict[str, Any]]
 # (manifest, suite, results) -> the MLflow run id, or None when not tracked
 Log = Callable[[Manifest, EvalConfig, dict[str, Any]], str | None]
+
+
+# (storage, manifest) -> the local folder of the checkpoint's export
+Export = Callable[[Storage, Manifest], Path]
 
 
 def default_owner() -> str:
@@ -60,6 +72,66 @@ class Running:
     future: concurrent.futures.Future
 
 
+class Backoff:
+    """How long to wait before retrying what keeps failing: `first` seconds, doubled at each
+    failure in a row up to `cap`; a success starts again from `first`."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap, self.failures = first, cap, 0
+
+    def failed(self) -> float:
+        delay = min(self.cap, self.first * 2**self.failures)
+        self.failures += 1
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
+class ExportCache:
+    """The local exports of the checkpoints a watcher evaluates: made once per step and shared
+    by its suites (`get`), deleted once the watcher has settled every suite of the step
+    (`release`, the watcher's hook). One export of a 20B model is about 41 GB in fp16 and a
+    watcher evaluates a run's checkpoints for days; the copy published next to the checkpoint
+    in storage stays, for a later evaluation to fetch."""
+
+    def __init__(self, export: Export, root: str | Path) -> None:
+        self.export = export
+        self.root = Path(root).absolute()  # the cache folder: kept, even when emptied
+        self.locks: dict[int, threading.Lock] = {}
+        self.made: dict[int, Path] = {}  # step -> its export, while its suites may need it
+        self.lock = threading.Lock()
+
+    def get(self, storage: Storage, manifest: Manifest) -> Path:
+        """The export of `manifest`'s checkpoint, made by the first suite of the step to ask."""
+        with self.lock:
+            step_lock = self.locks.setdefault(manifest.step, threading.Lock())
+        with step_lock:
+            hf_dir = self.export(storage, manifest)
+        with self.lock:
+            self.made[manifest.step] = hf_dir
+        return hf_dir
+
+    def release(self, step: int) -> None:
+        """Delete the export of `step` (none made: nothing to do) and the folders it leaves
+        empty in the cache. The watcher calls it once no suite of the step runs or will run."""
+        with self.lock:
+            hf_dir = self.made.pop(step, None)
+            self.locks.pop(step, None)
+        if hf_dir is None:
+            return
+        hf_dir = hf_dir.absolute()
+        if hf_dir.exists():
+            shutil.rmtree(hf_dir)
+        for folder in hf_dir.parents:
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another export, or one being made
+                break
+
+
 class Watcher:
     """Evaluates the selected (checkpoint, suite) pairs of one run (see the module doc)."""
 
@@ -75,11 +147,15 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
         metrics: EvaluationExporter | None = None,
+        release: Callable[[int], None] | None = None,
     ) -> None:
         self.storage, self.run_name, self.schedule = storage, run_name, schedule
         self.suites = {cfg.suite: cfg for cfg in suites}
         self.evaluate, self.log, self.say, self.clock = evaluate, log, say, clock
         self.metrics = metrics  # live gauges for Prometheus (queue, latency, failures)
+        # called with a step once every suite of it is settled here (`ExportCache.release`)
+        self.release = release
+        self.released: set[int] = set()
         self.owner = owner or default_owner()
         self.ledger = Ledger(storage, run_name, clock)
         self.policy = Policy(schedule)
@@ -108,6 +184,9 @@ class Watcher:
                 continue  # still uploading: looked at again next poll
             try:
                 manifest = read_manifest(self.storage, self.run_name, step)
+            except FileNotFoundError:  # retention deleted it since `exists`: never committed here
+                self.say(f"checkpoint step {step} was deleted as it was read (retention)")
+                continue
             except MalformedManifestError as err:  # said once; training may save it afresh
                 if step not in self.malformed:
                     self.malformed.add(step)
@@ -173,11 +252,11 @@ class Watcher:
         ]
         fresh = [pair for pair in todo if pair not in self.announced]
         if fresh:  # newly selected: what the ledger has settled (a restart) is not queued
-            self.announced.update(fresh)
             for pair in fresh:
                 entry, _, _ = self.ledger.read(*pair)
                 if self._is_final(entry):
-                    self.settled[pair] = entry
+                    self._settle(pair, entry)
+            self.announced.update(fresh)  # only once all were read: a failed poll reads again
             queued = [pair for pair in fresh if pair not in self.settled]
             if len(queued) < len(fresh):
                 self.say(f"the ledger has {len(fresh) - len(queued)} evaluation(s) settled already")
@@ -195,7 +274,7 @@ class Watcher:
     def _skip_deleted(self, step: int, suite: str) -> None:
         entry, version, _ = self.ledger.read(step, suite)
         if self._is_final(entry):
-            self.settled[step, suite] = entry
+            self._settle((step, suite), entry)
             return
         if entry is not None and entry.state == "running":
             return  # its owner records the skip itself
@@ -204,10 +283,27 @@ class Watcher:
             self.say(f"skipped step {step} {suite}: {reason}")
         entry, _, _ = self.ledger.read(step, suite)
         if entry is not None and entry.state != "running":
-            self.settled[step, suite] = entry
+            self._settle((step, suite), entry)
 
     def _is_final(self, entry: Entry | None) -> bool:
         return is_final(entry, self.schedule.max_attempts)
+
+    def _settle(self, pair: Pair, entry: Entry) -> None:
+        """Note `pair` as settled; when that settles its step (every suite, none running
+        here), the step's export is released: no evaluation of this watcher needs it again."""
+        self.settled[pair] = entry
+        step = pair[0]
+        if self.release is None or step in self.released:
+            return
+        if any((step, suite) not in self.settled for suite in self.suites) or any(
+            running[0] == step for running in self.running
+        ):
+            return
+        self.released.add(step)
+        try:
+            self.release(step)
+        except OSError as err:
+            self.say(f"could not delete the export of step {step}: {err}")
 
     def _try_start(self, pair: Pair, pool: concurrent.futures.Executor) -> None:
         step, suite = pair
@@ -216,7 +312,7 @@ class Watcher:
             self.say(f"ledger: {problem}; evaluating step {step} {suite} again")
         s = self.schedule
         if self._is_final(entry):
-            self.settled[pair] = entry
+            self._settle(pair, entry)
             return
         if entry is not None and entry.state == "running":
             silent = self.clock() - (entry.heartbeat or 0.0)
@@ -245,33 +341,53 @@ class Watcher:
     def _evaluate(self, claim: Claim, manifest: Manifest) -> None:
         """Evaluate, log to MLflow while the claim is ours, record the outcome."""
         cfg = self.suites[claim.entry.suite]
+        which = f"step {manifest.step} {cfg.suite}"
         started = time.monotonic()
         try:
             results = self.evaluate(self.storage, manifest, cfg)
             if results.get("failed"):
                 raise RuntimeError(f"task(s) failed: {results['failed']}")
-            if not self.ledger.heartbeat(claim):
+            if not self._written(f"the heartbeat of {which}", lambda: self.ledger.heartbeat(claim)):
                 return  # taken over: the new owner logs and records it
             run_id = self.log(manifest, cfg, results) if self.log else None
             best = headline(suite_metrics(results, cfg.tasks))
-            self.ledger.finish(
-                claim,
-                "done",
-                metrics=flat_metrics(results),
-                headline=best[0] if best else None,
-                mlflow_run_id=run_id,
-                reason=None,
+            self._written(
+                f"recording {which}",
+                lambda: self.ledger.finish(
+                    claim,
+                    "done",
+                    metrics=flat_metrics(results),
+                    headline=best[0] if best else None,
+                    mlflow_run_id=run_id,
+                    reason=None,
+                ),
             )
         except Exception as err:
-            if not self.storage.exists(manifest_key(self.run_name, manifest.step)):
-                reason = f"checkpoint step {manifest.step} was deleted during its evaluation"
-                self.ledger.finish(claim, "skipped", reason=reason)
-            else:
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
-                self.ledger.finish(claim, "failed", reason=reason)
+            failure = f"{type(err).__name__}: {err}".splitlines()[0]
+
+            def record_failure() -> bool:
+                if not self.storage.exists(manifest_key(self.run_name, manifest.step)):
+                    reason = f"checkpoint step {manifest.step} was deleted during its evaluation"
+                    return self.ledger.finish(claim, "skipped", reason=reason)
+                return self.ledger.finish(claim, "failed", reason=failure)
+
+            self._written(f"recording {which}", record_failure)
         if self.metrics is not None:
             failed = claim.entry.state == "failed"
             self.metrics.evaluated(cfg.suite, time.monotonic() - started, failed)
+
+    def _written(self, what: str, write: Callable[[], bool]) -> bool:
+        """`write()`, a ledger write of an evaluation that ended, retried with backoff while
+        storage fails (saying so): one error must not throw hours of evaluation away. Once
+        the watcher stops, the error is raised: the claim, gone stale, is taken over."""
+        backoff = self._backoff()
+        while True:
+            try:
+                return write()
+            except Exception as err:  # said, and the write retried
+                if self.stopped.is_set():
+                    raise
+                self.stopped.wait(self._retrying(what, err, backoff))
 
     def reap(self) -> None:
         """Report evaluations that ended; settle what will not run again."""
@@ -292,7 +408,7 @@ class Watcher:
                     + ("" if self._is_final(entry) else " (will retry)")
                 )
             if not job.claim.lost and self._is_final(entry):
-                self.settled[pair] = entry
+                self._settle(pair, entry)
 
     def finished(self) -> bool:
         """The final step is committed and every pair selected so far (by `poll`) is settled."""
@@ -302,11 +418,35 @@ class Watcher:
 
     # -- the loop
 
+    def _backoff(self) -> Backoff:
+        """Of a poll or a ledger write that failed: from 1 s (or `poll_seconds`, if shorter)
+        up to a minute (or `poll_seconds`, if longer)."""
+        every = self.schedule.poll_seconds
+        return Backoff(min(1.0, every), max(60.0, every))
+
+    def _retrying(self, what: str, err: Exception, backoff: Backoff) -> float:
+        """Say that `what` failed with `err` and is retried; the seconds to wait first."""
+        delay = backoff.failed()
+        self.say(f"{what} failed ({type(err).__name__}: {err}); retrying in {delay:g} s")
+        return delay
+
     def _heartbeats(self) -> None:
-        while not self.stopped.wait(self.schedule.heartbeat_seconds):
-            for pair, job in list(self.running.items()):
-                if not job.claim.lost and not self.ledger.heartbeat(job.claim):
-                    self.say(f"step {pair[0]} {pair[1]}: lost the claim to another watcher")
+        """Refresh each claim every `heartbeat_seconds`. A beat that fails is retried sooner,
+        with backoff, and the thread goes on: were it to end, the claims would look dead and
+        be taken over (evaluated again) or end as failed."""
+        every = self.schedule.heartbeat_seconds
+        backoff, wait = Backoff(min(1.0, every / 4), every), every
+        while not self.stopped.wait(wait):
+            wait = every
+            for (step, suite), job in list(self.running.items()):
+                try:
+                    if not job.claim.lost and not self.ledger.heartbeat(job.claim):
+                        self.say(f"step {step} {suite}: lost the claim to another watcher")
+                except Exception as err:  # said, and the beat retried
+                    wait = self._retrying(f"the heartbeat of step {step} {suite}", err, backoff)
+                    break
+            else:
+                backoff.succeeded()
 
     def run(self) -> dict[Pair, Entry]:
         """Watch until stopped (`stop()`, or Ctrl-C) or, with `until_finished`, until done;
@@ -317,13 +457,21 @@ class Watcher:
             f"{', '.join(self.suites)}; {s.describe() or 'every checkpoint'}; polling every "
             f"{s.poll_seconds:g} s, {s.max_concurrent} at a time (owner {self.owner})"
         )
-        heartbeats = threading.Thread(target=self._heartbeats, daemon=True)
+        heartbeats = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         heartbeats.start()
         pool = concurrent.futures.ThreadPoolExecutor(s.max_concurrent, "evaluation")
+        backoff = self._backoff()
         try:
             while not self.stopped.is_set():
                 self.reap()
-                self.poll(pool)
+                try:
+                    self.poll(pool)
+                except ConfigError:
+                    raise  # a setting: retrying cannot fix it
+                except Exception as err:  # said, and the poll retried
+                    self.stopped.wait(self._retrying("polling", err, backoff))
+                    continue
+                backoff.succeeded()
                 if s.until_finished and self.finished():
                     self.say(f"finished: the final step {self.final_step} is evaluated")
                     break

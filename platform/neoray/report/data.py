@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoray.tracking import TrackingConfig, experiment_id, find_run
+from neoray.tracking import TrackingConfig, experiment_id, find_run, latest_per_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint.step_"
@@ -20,7 +20,8 @@ class RunData:
     rows: list[dict] = field(default_factory=list)  # metrics.jsonl, one per step
     params: dict[str, str] = field(default_factory=dict)  # the config (redacted), from MLflow
     checkpoints: dict[int, str] = field(default_factory=dict)  # committed step -> URI
-    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> (step, v)
+    # key -> (step, value), one per step: the latest logged (an evaluation may be redone)
+    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run, when there is one
 
 
@@ -62,6 +63,5 @@ def collect(run_name: str, run_dir: Path, tracking: TrackingConfig) -> RunData:
     }
     for key in sorted(run.data.metrics):
         if key.startswith(EVAL_PREFIX):
-            history = client.get_metric_history(run.info.run_id, key)
-            data.evals[key] = sorted((m.step, m.value) for m in history)
+            data.evals[key] = latest_per_step(client.get_metric_history(run.info.run_id, key))
     return data
