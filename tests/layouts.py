@@ -35,6 +35,24 @@ def name(layout: Layout) -> str:
     return "tp{}_pp{}_dp{}".format(*layout)
 
 
+def overrides(layout: Layout) -> list[str]:
+    """The model, data and batch layout of every layout's run, and its learning-rate warmup:
+    what a run at `layout` needs to train as `launch` does (besides train.steps, the schedule's
+    length)."""
+    tp, pp, dp = layout
+    return [
+        "model=tiny",
+        "data.seq_len=32",
+        "parallel.micro_batch_size=2",
+        f"parallel.grad_accum_steps={4 // dp}",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.dp={dp}",
+        "train.peak_tflops=1.0",
+        "optim.warmup=0.2",
+    ]
+
+
 def launch(
     layout: Layout,
     run_dir: Path,
@@ -50,16 +68,8 @@ def launch(
     args = [
         "jobs/pretrain.py",
         "launcher=torchrun",
-        "model=tiny",
-        "data.seq_len=32",
-        "parallel.micro_batch_size=2",
-        f"parallel.grad_accum_steps={4 // dp}",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.dp={dp}",
+        *overrides(layout),
         f"train.steps={STEPS}",
-        "train.peak_tflops=1.0",
-        "optim.warmup=0.2",
         "checkpoint.interval=1",
         "checkpoint.keep_last=5",
         "tracking.enabled=false",
