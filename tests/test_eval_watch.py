@@ -284,6 +284,40 @@ def test_two_watchers_started_together_evaluate_no_pair_twice(storage):
     assert {e.attempts for e in Ledger(storage, "R").entries()} == {1}
 
 
+def test_sigterm_stops_the_watcher_and_ends_a_process_forked_from_it():
+    """lm-eval computes a perplexity's stderr in a forked multiprocessing pool and stops its
+    workers with SIGTERM: there the inherited handler must end the process, or the pool's
+    join waits forever (it hung the watcher); in the watcher's process it stops the watcher."""
+    import multiprocessing
+
+    from neoray.evaluation.run import stop_on_sigterm
+
+    class Stoppable:
+        stopped = False
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    watcher, previous = Stoppable(), signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm(watcher)
+    try:
+        fork = multiprocessing.get_context("fork")
+        running = fork.Event()  # a signal in the child's first instants is dropped by Python
+        child = fork.Process(target=lambda: running.set() or time.sleep(60))
+        child.start()
+        assert running.wait(timeout=30)
+        child.terminate()
+        child.join(timeout=30)
+        assert child.exitcode == -signal.SIGTERM and not watcher.stopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server
+
+
 # -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server
 
 
