@@ -35,6 +35,24 @@ def name(layout: Layout) -> str:
     return "tp{}_pp{}_dp{}".format(*layout)
 
 
+def overrides(layout: Layout) -> list[str]:
+    """The model, data and batch layout of every layout's run, and its learning-rate warmup:
+    what a run at `layout` needs to train as `launch` does (besides train.steps, the schedule's
+    length)."""
+    tp, pp, dp = layout
+    return [
+        "model=tiny",
+        "data.seq_len=32",
+        "parallel.micro_batch_size=2",
+        f"parallel.grad_accum_steps={4 // dp}",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.dp={dp}",
+        "train.peak_tflops=1.0",
+        "optim.warmup=0.2",
+    ]
+
+
 def launch(
     layout: Layout,
     run_dir: Path,
@@ -50,16 +68,8 @@ def launch(
     args = [
         "jobs/pretrain.py",
         "launcher=torchrun",
-        "model=tiny",
-        "data.seq_len=32",
-        "parallel.micro_batch_size=2",
-        f"parallel.grad_accum_steps={4 // dp}",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.dp={dp}",
+        *overrides(layout),
         f"train.steps={STEPS}",
-        "train.peak_tflops=1.0",
-        "optim.warmup=0.2",
         "checkpoint.interval=1",
         "checkpoint.keep_last=5",
         "tracking.enabled=false",
@@ -125,3 +135,20 @@ def training_state(folder: Path, manifest: Manifest) -> tuple[dict, dict]:
         state = torch.load(path, weights_only=True)
         layers[tp_rank, index] = {f"{index}.{key}": value for key, value in state.items()}
     return full, consolidate(layers, config)
+
+
+def master_weights_export(
+    folder: Path, manifest: Manifest, out: Path, tokenizer: Path | None = None
+) -> Path:
+    """The fp32 master weights of the checkpoint in `folder` as one Hugging Face directory at
+    tp = pp = 1 (`out`): the same weights as its export, read another way (joined from the
+    optimizer partitions by `neoray.checkpoint.reshard`, not from the layer files that the
+    export consolidates), so that a result through the export of a model-parallel checkpoint
+    can be checked against the same weights evaluated at tp = 1."""
+    from neoray.model.gpt_neox import GPTNeoX
+    from neoray.model.hf import save_hf
+
+    full, _ = training_state(folder, manifest)
+    model = GPTNeoX(NeoXConfig(**manifest.model))
+    model.load_state_dict(full["fp32"])
+    return save_hf(model, out, tokenizer, torch.float32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from neoray.evaluation.watch import ExportCache, Watcher
 from neoray.storage import StorageConfig, StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_PARALLEL = (2, 2, 1)  # (tp, pp, dp) of the model-parallel run watched
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc).timestamp()  # a Monday, midnight UTC
 
 
@@ -448,7 +450,52 @@ def test_exports_are_deleted_once_their_suites_are_settled_and_kept_while_in_use
     assert list(cache.iterdir()) == [] and exports.made == {}
 
 
+def test_sigterm_stops_the_watcher_and_ends_a_process_forked_from_it():
+    """lm-eval computes a perplexity's stderr in a forked multiprocessing pool and stops its
+    workers with SIGTERM: there the inherited handler must end the process, or the pool's
+    join waits forever (it hung the watcher); in the watcher's process it stops the watcher."""
+    import multiprocessing
+
+    from neoray.evaluation.run import stop_on_sigterm
+
+    class Stoppable:
+        stopped = False
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    watcher, previous = Stoppable(), signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm(watcher)
+    try:
+        fork = multiprocessing.get_context("fork")
+        running = fork.Event()  # a signal in the child's first instants is dropped by Python
+        child = fork.Process(target=lambda: running.set() or time.sleep(60))
+        child.start()
+        assert running.wait(timeout=30)
+        child.terminate()
+        child.join(timeout=30)
+        assert child.exitcode == -signal.SIGTERM and not watcher.stopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # -- end to end: a trained run in S3, watcher processes, lm-eval on Ray, a real MLflow server
+
+
+def write_eval_inputs(tmp: Path, suites: dict[str, str]) -> Path:
+    """Under `tmp`: a mirror of the evaluation data, a tokenizer.json for the exports (the runs
+    evaluated here train on synthetic data, which has none) and suites/<suite>.yaml of one
+    zero-shot task each ({suite: task}). Returns the mirror."""
+    mirror = testdata.write_all(tmp / "mirror")
+    testdata.write_tokenizer(tmp / "tokenizer.json", mirror, vocab_size=512)
+    (tmp / "suites").mkdir()
+    for suite, task in suites.items():
+        (tmp / "suites" / f"{suite}.yaml").write_text(
+            f"suite: {suite}\ntasks: [{task}]\nnum_fewshot: 0\n"
+        )
+    return mirror
 
 
 @pytest.fixture(scope="module")
@@ -468,13 +515,7 @@ def trained(s3_server, tmp_path_factory):
         [sys.executable, *pretrain, *storage], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    mirror = testdata.write_all(tmp / "mirror")
-    testdata.write_tokenizer(tmp / "tokenizer.json", mirror, vocab_size=512)
-    (tmp / "suites").mkdir()
-    for suite, task in (("arith", "arithmetic_2da"), ("anatomy", "mmlu_anatomy")):
-        (tmp / "suites" / f"{suite}.yaml").write_text(
-            f"suite: {suite}\ntasks: [{task}]\nnum_fewshot: 0\n"
-        )
+    mirror = write_eval_inputs(tmp, {"arith": "arithmetic_2da", "anatomy": "mmlu_anatomy"})
     (tmp / "mlflow").mkdir()
     with services.mlflow_server(tmp / "mlflow") as mlflow, pytest.MonkeyPatch.context() as env_of:
         for name, value in s3_server.env().items():  # this process reads the ledger too
@@ -570,6 +611,59 @@ def test_a_corrupt_checkpoint_fails_naming_the_file_and_later_ones_are_evaluated
     assert [entries[step].state for step in (2, 3, 4)] == ["done"] * 3
     assert "failed step 1 arith" in output
     assert "failed x2" in output  # the ledger table printed at the end
+
+
+def test_a_model_parallel_runs_checkpoint_scores_as_its_weights_at_tp_1(
+    reference_runs, tmp_path, ray_local
+):
+    """The watcher on the tp=2 x pp=2 run of the resume tests (`layouts`): its final checkpoint
+    is exported from the four model-parallel ranks' files and evaluated, and the ledger holds
+    the metrics of the same weights at tp=1: rebuilt by another reader (the fp32 master weights
+    of the optimizer partitions, `neoray.checkpoint.reshard`), saved as one Hugging Face
+    directory and evaluated by `evaluate`."""
+    import layouts
+    from hydra import compose, initialize_config_dir
+
+    from neoray.checkpoint.manifest import read_manifest
+    from neoray.evaluation.report import suite_metrics
+    from neoray.evaluation.run import ModelSource, evaluate, run_eval_watch
+
+    run = reference_runs(MODEL_PARALLEL)
+    store = tmp_path / "store"
+    shutil.copytree(run.store, store)  # the watcher writes its ledger and export there
+    mirror = write_eval_inputs(tmp_path, {"lambada": "lambada_openai"})
+    settings = {"data_dir": str(mirror), "limit": 4}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(
+            "eval_watch",
+            overrides=[
+                f"run_name={layouts.RUN}",
+                "suites=[lambada]",
+                f"suite_dir={tmp_path / 'suites'}",
+                f"storage.root={store}",
+                f"tokenizer={tmp_path / 'tokenizer.json'}",
+                f"cache_dir={tmp_path / 'exports'}",
+                "dtype=fp32",
+                *(f"eval.{key}={value}" for key, value in settings.items()),
+                "tracking.enabled=false",
+                f"schedule.every={layouts.STEPS}",  # the final step only
+                "schedule.poll_seconds=0.1",
+                "schedule.until_finished=true",
+            ],
+        )
+    run_eval_watch(cfg)
+    [entry] = Ledger(open_storage(StorageConfig(root=str(store))), layouts.RUN).entries()
+    assert (entry.step, entry.suite, entry.state) == (layouts.STEPS, "lambada", "done")
+
+    manifest = read_manifest(run.storage, layouts.RUN, layouts.STEPS)
+    assert manifest.topology == {"tp": 2, "pp": 2, "dp": 1}
+    hf_dir = layouts.master_weights_export(
+        run.folder(layouts.STEPS), manifest, tmp_path / "tp1", tmp_path / "tokenizer.json"
+    )
+    suite = load_suite("lambada", settings, str(tmp_path / "suites"))
+    expected = suite_metrics(evaluate(ModelSource(hf_dir, None, layouts.STEPS), suite), suite.tasks)
+    assert "lambada_openai/perplexity" in expected
+    assert entry.metrics == expected
 
 
 def test_unreachable_storage_is_a_clear_error_naming_the_uri(tmp_path):

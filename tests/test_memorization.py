@@ -13,14 +13,22 @@ import pytest
 import torch
 from distributed import run_workers
 from hydra import compose, initialize_config_dir
+from layouts import copy_checkpoint, master_weights_export
 from numpy.lib.stride_tricks import sliding_window_view
 
 from neoray.checkpoint.export import resolve_checkpoint
+from neoray.checkpoint.manifest import Manifest
 from neoray.config import ConfigError
 from neoray.data.indexed import IndexedDatasetWriter, publish
 from neoray.data.inspect import batch_samples
 from neoray.data.loader import micro_batch, train_mixture
-from neoray.evaluation.memorization import MemorizationConfig, plan_study, run_memorization
+from neoray.evaluation.memorization import (
+    MemorizationConfig,
+    plan_study,
+    run_memorization,
+    study_checkpoint,
+)
+from neoray.storage import LocalStorage, StorageConfig
 from neoray.tokenizer.load import load_tokenizer
 from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
@@ -47,11 +55,41 @@ def write_component(prefix: Path, train_docs: list[np.ndarray], heldout_docs: li
     publish(str(prefix))
 
 
-def _train(rank: int, cfg) -> None:
+def _train(rank: int, world: int, cfg) -> None:
     from neoray.training.loop import pretrain
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     pretrain(cfg)
+
+
+def train_config(root: Path, store: Path, steps: int = STEPS, tp: int = 1, pp: int = 1):
+    """The run's config at (tp, pp, dp=1), trained to `steps`: its data in `root`, its
+    checkpoints in `store` and its run_dir next to them."""
+    from neoray.training.config import pretrain_config
+
+    data = {
+        "components": {
+            "repeated": {"prefix": str(root / "repeated"), "weight": 0.8},
+            "unique": {"prefix": str(root / "unique"), "weight": 0.2},
+        },
+        "tokenizer": str(root / "tokenizer.json"),
+        "split": "12,0,1",
+        "seq_len": 128,
+        "seed": 7,
+    }
+    return pretrain_config({
+        "model": {"vocab_size": 512, "num_layers": 2, "hidden_size": 128, "num_heads": 4,
+                  "max_seq_len": 128},
+        "parallel": {"micro_batch_size": 8, "tp": tp, "pp": pp},
+        "optim": {"lr": 3e-3, "min_lr": 3e-3, "weight_decay": 0.0},
+        "train": {"steps": steps, "seed": 0, "eval_interval": 0, "log_interval": 0, "peak_tflops": 1.0},
+        "data": data,
+        "run_dir": str(store.parent / "run"),
+        "run_name": RUN,
+        "checkpoint": {"interval": SAVE_EVERY, "keep_last": 3},
+        "storage": {"root": str(store)},
+        "energy": {"enabled": False},
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +98,6 @@ def run(tmp_path_factory):
     process, on a 80/20 mixture: `repeated`, whose documents occur 1, 4 or 16 times, and `unique`;
     checkpoints committed at steps 150 and 300. Split 12:0:1 puts each component's last
     documents, all distinct, in the test split."""
-    from neoray.training.config import pretrain_config
-
     root = tmp_path_factory.mktemp("memorization")
     rng = np.random.default_rng(0)
     doc = lambda: rng.integers(2, VOCAB, DOC_TOKENS)  # noqa: E731
@@ -70,37 +106,13 @@ def run(tmp_path_factory):
     write_component(root / "repeated", repeated, [doc() for _ in range(HELDOUT_DOCS)])
     write_component(root / "unique", [doc() for _ in range(120)], [doc() for _ in range(10)])
     (root / "corpus.txt").write_text("memorization " * 50 + "of training data\n" * 20)
-    tokenizer = root / "tokenizer.json"
     train_tokenizer(
         TokenizerTrainConfig(
-            input=[str(root / "corpus.txt")], output=str(tokenizer), vocab_size=300
+            input=[str(root / "corpus.txt")], output=str(root / "tokenizer.json"), vocab_size=300
         ),
         show_progress=False,
     )
-    data = {
-        "components": {
-            "repeated": {"prefix": str(root / "repeated"), "weight": 0.8},
-            "unique": {"prefix": str(root / "unique"), "weight": 0.2},
-        },
-        "tokenizer": str(tokenizer),
-        "split": "12,0,1",
-        "seq_len": 128,
-        "seed": 7,
-    }
-    cfg = pretrain_config({
-        "model": {"vocab_size": 512, "num_layers": 2, "hidden_size": 128, "num_heads": 4,
-                  "max_seq_len": 128},
-        "parallel": {"micro_batch_size": 8},
-        "optim": {"lr": 3e-3, "min_lr": 3e-3, "weight_decay": 0.0},
-        "train": {"steps": STEPS, "seed": 0, "eval_interval": 0, "log_interval": 0, "peak_tflops": 1.0},
-        "data": data,
-        "run_dir": str(root / "run"),
-        "run_name": RUN,
-        "checkpoint": {"interval": SAVE_EVERY, "keep_last": 3},
-        "storage": {"root": str(root / "store")},
-        "energy": {"enabled": False},
-    })  # fmt: skip
-    run_workers(_train, 1, cfg, timeout=300)
+    run_workers(_train, 1, 1, train_config(root, root / "store"), timeout=300)
     return root
 
 
@@ -236,6 +248,52 @@ def test_extraction_decisions_equal_transformers_greedy_generate(study):
     assert [r["extracted"] for r in rows] == theirs
     assert sum(theirs) >= 100  # the decisions compared include many extractions
     assert [r["generated"] for r in rows] == generated.tolist()
+
+
+@pytest.fixture(scope="module")
+def model_parallel_run(run, tmp_path_factory) -> Path:
+    """The run continued from its step-300 checkpoint for one step at tp=2 x pp=2 (four worker
+    processes, the checkpoint resharded as it is loaded): a model-parallel run on the same
+    token files, its checkpoint committed at step 301. Its store is a copy holding step 300
+    alone (the other tests read the run's own)."""
+    root = tmp_path_factory.mktemp("memorization_tp2_pp2")
+    saved = run / "store" / RUN / "checkpoints" / f"step_{STEPS:08d}"
+    manifest = Manifest.from_json((saved / "manifest.json").read_text())
+    copy_checkpoint(saved, manifest, LocalStorage(root / "store"))
+    cfg = train_config(run, root / "store", steps=STEPS + 1, tp=2, pp=2)
+    run_workers(_train, 4, 4, cfg, timeout=300)
+    return root
+
+
+def test_a_model_parallel_checkpoint_gives_the_study_of_its_weights_at_tp_1(
+    model_parallel_run, tmp_path, ray_local
+):
+    """The job on that tp=2 x pp=2 checkpoint (its export joins four model-parallel ranks'
+    layer files) writes the records that the same weights give at tp=1: read another way (the
+    optimizer's fp32 master weights, `layouts.master_weights_export`) and studied with that
+    export instead."""
+    step, settings = STEPS + 1, {"samples": 200, "heldout_samples": HELDOUT}
+    overrides = [f"{key}={value}" for key, value in settings.items()]
+    run_memorization(
+        job_config(
+            model_parallel_run, tmp_path, f"step={step}", "tracking.enabled=false", *overrides
+        )
+    )
+    found = resolve_checkpoint(RUN, step, StorageConfig(root=str(model_parallel_run / "store")))
+    assert found.manifest.topology == {"tp": 2, "pp": 2, "dp": 1}
+    folder = model_parallel_run / "store" / RUN / "checkpoints" / f"step_{step:08d}"
+    tp1 = tmp_path / "tp1"
+    cfg = MemorizationConfig(
+        checkpoint=RUN,
+        prefix_tokens=PREFIX,
+        continuation_tokens=CONTINUATION,
+        output_dir=str(tp1 / "out"),
+        **settings,
+    )
+    study_checkpoint(found, cfg, master_weights_export(folder, found.manifest, tp1 / "hf"))
+    rows = records(tmp_path, step)
+    assert rows == records(tp1, step)
+    assert len(rows) == 200 + HELDOUT and sum(r["extracted"] for r in rows) >= 50
 
 
 def _manifest_dir(run: Path, tmp_path: Path, change) -> Path:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import layouts
 import pytest
 from distributed import run_command, torchrun_launcher
 from mlflow import MlflowClient
@@ -36,6 +37,7 @@ CONFIG = [
     "train.peak_tflops=1.0",
     "tracking.system_metrics=false",
 ]
+ELASTIC = (2, 1, 2)  # the elastic run's layout (tp, pp, dp) before it loses a node
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +178,25 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_as_if_never_interrupted(
 
 
 def test_an_elastic_run_continues_on_the_nodes_left_resharded_with_the_same_losses(
-    cluster, s3_server, tmp_path, uninterrupted
+    cluster, s3_server, tmp_path, reference_runs
 ):
+    """tp=2 x dp=2, two workers on each worker node; one node is lost and the run continues at
+    tp=2 x dp=1 on the node left, accumulating twice the micro-batches. Its losses are those
+    of the uninterrupted tp=2 x dp=2 run (`layouts`, shared with the resume tests) up to the
+    float rounding that another dp changes."""
     two_worker_nodes(cluster)
     bucket, client = s3_server.new_bucket(), s3_server.client()
     run_dir = tmp_path / "run"
     command = [
         sys.executable,
         "jobs/pretrain.py",
-        *CONFIG,
+        *layouts.overrides(ELASTIC),
         "run_name=elastic",
         "storage=s3",
         f"storage.bucket={bucket}",
         "checkpoint.interval=4",
-        f"optim.decay_steps={STEPS}",  # CONFIG's schedule, whatever train.steps says
-        "cluster.placement_strategy=STRICT_SPREAD",  # dp=2 needs two worker nodes
+        f"optim.decay_steps={layouts.STEPS}",  # the reference's schedule, whatever train.steps
+        "cluster.placement_strategy=SPREAD",  # four workers need both worker nodes' CPUs
         "cluster.placement_timeout_s=5",
         "cluster.elastic=true",
         "tracking.enabled=false",
@@ -201,12 +207,12 @@ def test_an_elastic_run_continues_on_the_nodes_left_resharded_with_the_same_loss
     assert committed(client, bucket, "elastic")[-1] == 4
     cluster.kill(cluster.worker_nodes()[-1])  # no replacement: one worker node is left
     output = run_command([*command, "train.steps=8"], timeout=400, cwd=ROOT, env=env)
-    assert "continuing with dp=1 and grad_accum_steps=2 (was dp=2, 1)" in output
-    assert "resharded step 4 from tp=1, pp=1, dp=2 to tp=1, pp=1, dp=1" in output
-    resumed, expected = rows(run_dir), rows(uninterrupted)
+    assert "continuing with dp=1 and grad_accum_steps=4 (was dp=2, 2)" in output
+    assert "resharded step 4 from tp=2, pp=1, dp=2 to tp=2, pp=1, dp=1" in output
+    resumed, expected = rows(run_dir), layouts.metrics(reference_runs(ELASTIC).run_dir)
     assert [row["step"] for row in resumed] == list(range(8))
     assert [row["loss"] for row in resumed] == pytest.approx(
-        [row["loss"] for row in expected[:8]], rel=1e-5
+        [expected[step]["loss"] for step in range(8)], rel=1e-5
     )
     assert committed(client, bucket, "elastic")[-1] == 8
 

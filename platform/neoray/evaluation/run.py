@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,11 +197,28 @@ def eval_watch_settings(
     return suites, schedule, tracking, dataclass_from_config(StorageConfig, cfg.storage, "storage")
 
 
+def stop_on_sigterm(watcher) -> None:
+    """SIGTERM stops `watcher` (its claims in flight are taken over once stale). A process
+    forked from this one inherits the handler: lm-eval's bootstrap stderr (of perplexity and
+    other metrics without a closed form) runs in a forked multiprocessing pool that
+    `Pool.terminate` stops with SIGTERM. There the signal ends the process, as by default;
+    stopping that copy of the watcher instead would leave the pool's join waiting forever,
+    and the evaluation with it."""
+    owner = os.getpid()
+
+    def on_sigterm(signum, _frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        watcher.stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def run_eval_watch(cfg: Any) -> dict:
     """The scheduled-evaluation job (conf/eval_watch.yaml): every setting is checked and the
     storage reached before Ray starts; then the watcher runs until stopped or finished."""
-    import signal
-
     from neoray.checkpoint.manifest import checkpoints_key
     from neoray.evaluation.ledger import Ledger
     from neoray.evaluation.report import ledger_table
@@ -233,7 +251,7 @@ def run_eval_watch(cfg: Any) -> dict:
         values.get("tokenizer"),
         say,
     )
-    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    stop_on_sigterm(watcher)
     try:
         settled = watcher.run()
     except KeyboardInterrupt:
