@@ -191,6 +191,38 @@ class StoppableSeaweedFS(StoppableService):
         )
         super().__init__("SeaweedFS", command, directory / "weed.log", _s3_stores(self.server))
 
+    def start(self, timeout: float = 120.0) -> None:
+        """Started, and every object stored before it stopped readable again: a restarted
+        master answers (and takes new objects) before the volume server has told it where the
+        older volumes are ("volume 2 not found" for a while)."""
+        super().start(timeout)
+        wait_ready(self.name, self.proc, self._stored_objects_readable(), self.log, timeout)
+
+    def _stored_objects_readable(self) -> Callable[[], bool]:
+        unread: set[tuple[str, str]] | None = None
+
+        def probe() -> bool:
+            nonlocal unread
+            client = self.server.client(retries={"max_attempts": 1})
+            try:
+                if unread is None:
+                    unread = {
+                        (bucket["Name"], item["Key"])
+                        for bucket in client.list_buckets()["Buckets"]
+                        for page in client.get_paginator("list_objects_v2").paginate(
+                            Bucket=bucket["Name"]
+                        )
+                        for item in page.get("Contents", [])
+                    }
+                for bucket, key in sorted(unread):
+                    client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                    unread.discard((bucket, key))
+            except Exception:  # not yet: the next probe tries the rest again
+                return False
+            return True
+
+        return probe
+
     def stop(self) -> None:
         super().stop()
         remove_weed_sockets(self.ports)
