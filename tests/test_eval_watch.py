@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import services
 
-from neoray.checkpoint.manifest import CorruptCheckpointError, manifest_key
+from neoray.checkpoint.manifest import CorruptCheckpointError, manifest_key, read_manifest
 from neoray.config import ConfigError
 from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
@@ -448,6 +448,21 @@ def test_exports_are_deleted_once_their_suites_are_settled_and_kept_while_in_use
     assert {e.state for e in settled.values()} == {"done"}
     assert sorted(read) == [(step, s, b"weights of %d" % step) for step in (1, 2) for s in "ab"]
     assert list(cache.iterdir()) == [] and exports.made == {}
+
+    # An export that was in the cache before (another job's) is left as found.
+    commit(storage, "R", 3, final=3)
+    kept = export(storage, read_manifest(storage, "R", 3))
+    watcher = Watcher(
+        storage,
+        "R",
+        SUITES,
+        ScheduleConfig(poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1),
+        evaluate,
+        say=lambda _: None,
+        release=exports.release,
+    )
+    assert {e.state for e in watcher.run().values()} == {"done"}
+    assert (kept / "model.safetensors").read_bytes() == b"weights of 3"
 
 
 def test_sigterm_stops_the_watcher_and_ends_a_process_forked_from_it():

@@ -36,6 +36,7 @@ from neoray.checkpoint.manifest import (
     checkpoints_key,
     manifest_key,
     read_manifest,
+    step_tag,
 )
 from neoray.config import ConfigError
 from neoray.evaluation.config import EvalConfig
@@ -103,13 +104,18 @@ class ExportCache:
         self.lock = threading.Lock()
 
     def get(self, storage: Storage, manifest: Manifest) -> Path:
-        """The export of `manifest`'s checkpoint, made by the first suite of the step to ask."""
+        """The export of `manifest`'s checkpoint, made by the first suite of the step to ask.
+        Only an export this watcher made is deleted at `release`: one already in the cache
+        (another job's: `jobs/export.py`, the demo, an earlier watcher) is left as found."""
         with self.lock:
             step_lock = self.locks.setdefault(manifest.step, threading.Lock())
         with step_lock:
+            folder = self.root / manifest.run_name / step_tag(manifest.step)  # see `cache_path`
+            found = {p.absolute() for p in folder.iterdir()} if folder.is_dir() else set()
             hf_dir = self.export(storage, manifest)
         with self.lock:
-            self.made[manifest.step] = hf_dir
+            if hf_dir.absolute() not in found:
+                self.made[manifest.step] = hf_dir
         return hf_dir
 
     def release(self, step: int) -> None:
