@@ -435,33 +435,26 @@ def test_exports_are_deleted_once_their_suites_are_settled_and_kept_while_in_use
         read.append((manifest.step, cfg.suite, (hf_dir / "model.safetensors").read_bytes()))
         return scores(storage, manifest, cfg)
 
-    watcher = Watcher(
-        storage,
-        "R",
-        SUITES,
-        ScheduleConfig(poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1),
-        evaluate,
-        say=lambda _: None,
-        release=exports.release,
-    )
-    settled = watcher.run()
-    assert {e.state for e in settled.values()} == {"done"}
+    def watch() -> dict:
+        """Every pair evaluated by a new watcher (the one `evaluate` waits on)."""
+        nonlocal watcher
+        schedule = ScheduleConfig(
+            poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1
+        )
+        watcher = Watcher(
+            storage, "R", SUITES, schedule, evaluate, say=lambda _: None, release=exports.release
+        )
+        return watcher.run()
+
+    watcher: Watcher | None = None
+    assert {e.state for e in watch().values()} == {"done"}
     assert sorted(read) == [(step, s, b"weights of %d" % step) for step in (1, 2) for s in "ab"]
     assert list(cache.iterdir()) == [] and exports.made == {}
 
     # An export that was in the cache before (another job's) is left as found.
     commit(storage, "R", 3, final=3)
     kept = export(storage, read_manifest(storage, "R", 3))
-    watcher = Watcher(
-        storage,
-        "R",
-        SUITES,
-        ScheduleConfig(poll_seconds=0.05, until_finished=True, max_concurrent=2, max_attempts=1),
-        evaluate,
-        say=lambda _: None,
-        release=exports.release,
-    )
-    assert {e.state for e in watcher.run().values()} == {"done"}
+    assert {e.state for e in watch().values()} == {"done"}
     assert (kept / "model.safetensors").read_bytes() == b"weights of 3"
 
 
