@@ -29,6 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = "layout"
 STEPS, RESUMED_AT = 10, 6
 Layout = tuple[int, int, int]
+# The tiny model's pretraining as the tests run it: short sequences, micro batches of 2, and a
+# set peak (no FLOPS probe at start).
+TINY = [
+    "model=tiny",
+    "data.seq_len=32",
+    "parallel.micro_batch_size=2",
+    "train.peak_tflops=1.0",
+]
 
 
 def name(layout: Layout) -> str:
@@ -41,14 +49,11 @@ def overrides(layout: Layout) -> list[str]:
     length)."""
     tp, pp, dp = layout
     return [
-        "model=tiny",
-        "data.seq_len=32",
-        "parallel.micro_batch_size=2",
+        *TINY,
         f"parallel.grad_accum_steps={4 // dp}",
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
         f"parallel.dp={dp}",
-        "train.peak_tflops=1.0",
         "optim.warmup=0.2",
     ]
 

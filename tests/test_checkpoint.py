@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layouts import copy_checkpoint
+from layouts import TINY, copy_checkpoint
 
 from neoray.checkpoint import (
     CheckpointConfig,
@@ -220,12 +220,9 @@ def test_download_verifies_size_and_sha256(tmp_path):
 
 # Real runs: DeepSpeed engines under torchrun (gloo), the tiny model, a few steps.
 
-TINY = [
+RUN_SETTINGS = [
     "launcher=torchrun",
-    "model=tiny",
-    "data.seq_len=32",
-    "parallel.micro_batch_size=2",
-    "train.peak_tflops=1.0",
+    *TINY,
     "optim.decay_steps=6",  # the same schedule whether a run stops at step 3 or 6
     "optim.warmup=0.2",
 ]
@@ -234,7 +231,7 @@ TINY = [
 def run_args(tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
     return [
         "jobs/pretrain.py",
-        *TINY,
+        *RUN_SETTINGS,
         f"run_name={run_name}",
         f"run_dir={tmp_path / 'runs' / run_name}",
         f"storage.root={tmp_path / 'store'}",

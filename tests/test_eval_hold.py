@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from distributed import run_command, torchrun_launcher
+from layouts import TINY
 
 from neoray.checkpoint.config import CheckpointConfig
 from neoray.checkpoint.manifest import committed_steps, prune
@@ -103,10 +104,7 @@ def test_a_watcher_started_after_the_run_finds_every_checkpoint(tmp_path):
         args = [
             "jobs/pretrain.py",
             "launcher=torchrun",
-            "model=tiny",
-            "data.seq_len=32",
-            "parallel.micro_batch_size=2",
-            "train.peak_tflops=1.0",
+            *TINY,
             f"train.steps={steps}",
             "checkpoint.interval=2",
             "checkpoint.hold_for_eval=[a,b]",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import services
+from layouts import TINY
 from mlflow import MlflowClient
 
 from neoray.config import redact_text
@@ -394,10 +395,7 @@ def test_a_run_restarted_from_scratch_logs_into_a_new_mlflow_run(mlflow_server, 
             sys.executable,
             "jobs/pretrain.py",
             "launcher=torchrun",
-            "model=tiny",
-            "data.seq_len=32",
-            "parallel.micro_batch_size=2",
-            "train.peak_tflops=1.0",
+            *TINY,
             f"train.steps={steps}",
             "checkpoint.interval=2",
             "run_name=reused",
