@@ -582,7 +582,10 @@ def test_a_watcher_killed_mid_evaluation_is_restarted_and_every_pair_is_done_onc
     output = finish(start_watcher(trained, *policy, "schedule.until_finished=true"))
     assert f"step {killed[0]} {killed[1]}: its owner" in output and "taking over" in output
     assert "finished: the final step 4 is evaluated" in output
-    assert not list((trained["tmp"] / "exports").rglob("hf_*"))  # each deleted once evaluated
+    # Each export is deleted once its step is evaluated, but for the one the killed watcher
+    # made: the restarted watcher found it in the cache, and leaves what it did not make.
+    left = [path.parent.name for path in (trained["tmp"] / "exports").rglob("hf_*")]
+    assert left in ([], [f"step_{killed[0]:08d}"])
 
     from neoray.evaluation.tracking import EvalTracker
 
