@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neoray.config import ConfigError, flatten, redact, redact_text
+from neoray.environment import temporary_environment
 
 __all__ = [
     "RUN_NAME_TAG",
@@ -104,10 +105,9 @@ def check_access(config: TrackingConfig) -> None:
     from neoray.tracking_queue import is_transient
 
     once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": CHECK_TIMEOUT_S}
-    saved = {name: os.environ.get(name) for name in once}
-    os.environ.update(once)
     try:
-        MlflowClient(tracking_uri=config.uri).get_experiment_by_name(config.experiment)
+        with temporary_environment(**once):
+            MlflowClient(tracking_uri=config.uri).get_experiment_by_name(config.experiment)
     except Exception as error:  # sorted by is_transient below
         if is_transient(error):
             reason = redact_text(str(error).splitlines()[0][:200])
@@ -126,12 +126,6 @@ def check_access(config: TrackingConfig) -> None:
             f"{REFUSAL_FIXES.get(code, 'check tracking.uri and tracking.experiment')}. "
             f"It said: {redact_text(str(error).splitlines()[0][:300])}"
         ) from error
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def metric_key(name: str) -> str:

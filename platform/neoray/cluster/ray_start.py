@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from neoray.environment import temporary_environment
+
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 # Ray's single-machine mode: a node address of 127.0.0.1 stays loopback (instead of being
 # resolved to the machine's reachable address) and Ray's servers then bind to it alone.
@@ -79,22 +81,6 @@ def private_token(create: bool = False) -> None:
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """`values` in this process's environment inside the block (Ray's processes started there
-    inherit them), then the previous environment again."""
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
 def _loopback_only() -> Iterator[None]:
     """Ray's single-machine mode for a Ray started inside the block: its processes get
     LOOPBACK_VARIABLE=0 from the environment; this process read it when it imported Ray (maybe
@@ -104,7 +90,7 @@ def _loopback_only() -> Iterator[None]:
     enabled = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        with _environment(**{LOOPBACK_VARIABLE: "0"}):
+        with temporary_environment(**{LOOPBACK_VARIABLE: "0"}):
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = enabled
@@ -138,7 +124,7 @@ def start_or_join(
 
     (port,) = free_ports(1)
     # The port is read by the GCS that ray.init starts.
-    with _loopback_only(), _environment(**{GCS_PORT_VARIABLE: str(port)}):
+    with _loopback_only(), temporary_environment(**{GCS_PORT_VARIABLE: str(port)}):
         ray.init(
             address="local",
             num_cpus=num_cpus,
