@@ -1,15 +1,21 @@
 """The data pipeline on `s3://` inputs against a real S3 server (SeaweedFS): the same tokenizers
 and token files as from local copies, right line numbers, and errors that name the URI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 from corpora import make_big_jsonl, read_report
 
 from neoray.corpus import expand_inputs
+from neoray.data import remote as remote_module
+from neoray.data.indexed import IndexedDataset
+from neoray.data.mixture import build_mixture, data_fingerprint
 from neoray.data.preprocess import PreprocessConfig, preprocess
+from neoray.data.remote import upload_token_files
 from neoray.storage import s3_client
 from neoray.tokenizer.load import RELEASED_20B, load_tokenizer, released_20b_path
 from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
@@ -137,3 +143,67 @@ def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, s3_bucket, monkey
         with pytest.raises(PermissionError, match=uri.replace("*", r"\*")):
             call(uri)
     assert len(requests) == 2  # one request each: refused credentials are not retried
+
+
+# Token files in S3: the same samples, order and fingerprint as the same files on disk.
+
+
+def publish_demo(demo_data, bucket, folder="demo"):
+    """The demo data's components uploaded to s3://bucket/folder/<name>; the config reading
+    them there (the sample-order index files in the token cache)."""
+    components = {}
+    for name, component in demo_data.components.items():
+        uri = f"s3://{bucket}/{folder}/{name}"
+        upload_token_files(component.prefix, uri)
+        components[name] = dataclasses.replace(component, prefix=uri, input=None)
+    return dataclasses.replace(demo_data, components=components)
+
+
+@pytest.fixture
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEORAY_TOKEN_CACHE", str(tmp_path / "token-cache"))
+    return tmp_path / "token-cache"
+
+
+def test_token_files_in_s3_give_the_samples_of_local_files(demo_data, s3_bucket, token_cache):
+    remote = publish_demo(demo_data, s3_bucket)
+    local, s3 = build_mixture(demo_data, "train", 300), build_mixture(remote, "train", 300)
+    assert [s3.source(i) for i in range(300)] == [local.source(i) for i in range(300)]
+    assert all(np.array_equal(s3[i], local[i]) for i in range(300))
+    assert data_fingerprint(remote) == data_fingerprint(demo_data)
+    for component in remote.components.values():
+        dataset = IndexedDataset(component.prefix)
+        assert dataset.sampled_id_outside(10) is not None  # read straight from the bucket
+    assert (token_cache / "index").is_dir() and (token_cache / "blocks").is_dir()
+
+
+def test_the_block_cache_stays_in_its_bound_and_keys_on_the_object_version(
+    demo_data, s3_bucket, token_cache, monkeypatch
+):
+    monkeypatch.setattr(remote_module, "BLOCK_BYTES", 4096)
+    monkeypatch.setenv("NEORAY_TOKEN_CACHE_GB", str(10 * 4096 / 2**30))
+    code, prose = (demo_data.components[n].prefix for n in ("code", "prose"))
+    uri = f"s3://{s3_bucket}/demo/code"
+    upload_token_files(code, uri)
+    local, remote = IndexedDataset(code), IndexedDataset(uri)
+    for i in range(len(local)):  # every block, many more than the bound holds
+        assert np.array_equal(remote.get(i), local.get(i))
+        held = sum(p.stat().st_size for p in (token_cache / "blocks").rglob("*.blk"))
+        assert held <= 10 * 4096
+    # The same name, other contents: read from the new version's own blocks, never the old.
+    upload_token_files(prose, uri)
+    replaced = IndexedDataset(uri)
+    assert len(replaced) == len(IndexedDataset(prose))
+    assert all(np.array_equal(replaced.get(i), IndexedDataset(prose).get(i)) for i in range(20))
+    assert len(list((token_cache / "blocks").iterdir())) == 2
+    with pytest.raises(FileNotFoundError, match=f"{uri}.bin: replaced while this run reads it"):
+        for i in range(len(local)):  # the old version's blocks were evicted: read again
+            remote.get(i)
+
+
+def test_missing_token_files_in_s3_are_named(demo_data, s3_bucket, token_cache):
+    remote = publish_demo(demo_data, s3_bucket)
+    missing = dataclasses.replace(remote.components["code"], prefix=f"s3://{s3_bucket}/nothing")
+    cfg = dataclasses.replace(remote, components={**remote.components, "code": missing})
+    with pytest.raises(FileNotFoundError, match=f"no token files at s3://{s3_bucket}/nothing.idx"):
+        build_mixture(cfg, "train", 10)

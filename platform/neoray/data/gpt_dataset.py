@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset
+from neoray.data.remote import index_folder
 
 T = TypeVar("T")
 
@@ -266,7 +267,7 @@ def load_or_build_sample_index(
     positions no longer fit.
     """
     base = os.path.basename(data.prefix)
-    folder = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(data.prefix))
+    folder = cache_dir if cache_dir is not None else index_folder(data.prefix)
     sizes = np.ascontiguousarray(data.sizes[documents.start : documents.stop])
     digest = hashlib.sha256(memoryview(sizes)).hexdigest()[:16]
     # "ep": the per-epoch order of this module (an index of another scheme is never reused)

@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from neoray.data.remote import BlockCache, RemoteObject, cached_copy, is_remote
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -61,6 +63,17 @@ def bin_path(prefix: str) -> str:
 
 def idx_path(prefix: str) -> str:
     return prefix + ".idx"
+
+
+def token_files_exist(prefix: str) -> bool:
+    """Whether `<prefix>.idx` exists, on disk or in S3 (it is published after the `.bin`)."""
+    if not is_remote(prefix):
+        return os.path.exists(idx_path(prefix))
+    try:
+        RemoteObject.look_up(idx_path(prefix))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class IndexedDatasetWriter:
@@ -124,13 +137,23 @@ class IndexedDataset:
     Checks on opening that the header is MMIDIDX version 1, that the sequences lie back to back
     with sizes of zero or more, and that the .bin file is exactly as long as the index says, so
     a truncated, damaged or mismatched pair fails here, not mid-training.
+
+    An `s3://` prefix is read through this node's cache (`neoray.data.remote`): the `.idx`
+    whole, the `.bin` by blocks; a missing object raises FileNotFoundError as a missing file.
     """
 
     def __init__(self, prefix: str, suffix: str = "") -> None:
         self.prefix = prefix
         index_file = idx_path(prefix) + suffix
         data_file = bin_path(prefix) + suffix
-        index = np.memmap(index_file, mode="r", dtype=np.uint8)
+        remote = None
+        if is_remote(prefix):  # the .idx first: it is published last
+            index = np.memmap(
+                cached_copy(RemoteObject.look_up(index_file)), mode="r", dtype=np.uint8
+            )
+            remote = RemoteObject.look_up(data_file)
+        else:
+            index = np.memmap(index_file, mode="r", dtype=np.uint8)
         header_size = len(MAGIC) + 8 + 1 + 8 + 8
         if len(index) < header_size or bytes(index[: len(MAGIC)]) != MAGIC:
             raise IndexedFormatError(f"{index_file}: not an MMIDIDX index (bad magic)")
@@ -147,12 +170,16 @@ class IndexedDataset:
         self.pointers = np.frombuffer(index, "<i8", count, header_size + count * 4)
         self.doc_idx = np.frombuffer(index, "<i8", doc_count, header_size + count * 12)
         end = self._check_layout(index_file)
-        data_bytes = os.path.getsize(data_file)
+        data_bytes = remote.size if remote else os.path.getsize(data_file)
         if data_bytes != end:
             raise IndexedFormatError(
                 f"{data_file}: {data_bytes} bytes, but the index describes {end}"
             )
-        self._data = np.memmap(data_file, mode="r", dtype=self.dtype) if data_bytes else None
+        self._data: np.ndarray | BlockCache | None = None
+        if remote and data_bytes:
+            self._data = BlockCache(remote, self.dtype)
+        elif data_bytes:
+            self._data = np.memmap(data_file, mode="r", dtype=self.dtype)
 
     def _check_layout(self, index_file: str) -> int:
         """The bytes the sequences fill, once every size is checked to be zero or more and
@@ -227,7 +254,10 @@ class IndexedDataset:
         block = FINGERPRINT_BLOCK_BYTES // self.dtype.itemsize
         for b in range(FINGERPRINT_BLOCKS):
             start = len(self._data) * b // FINGERPRINT_BLOCKS
-            tokens = np.asarray(self._data[start : start + block])
+            if isinstance(self._data, BlockCache):
+                tokens = self._data.peek(start, start + block)
+            else:
+                tokens = np.asarray(self._data[start : start + block])
             outside = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
             if len(outside):
                 return start + int(outside[0]), int(tokens[outside[0]])
@@ -242,18 +272,35 @@ def fingerprint(prefix: str) -> str:
     """A digest that changes when `<prefix>.bin/.idx` are rebuilt or replaced: the sha256 of
     the whole `.idx` (every document's size and position), the `.bin`'s length and 64 blocks of
     64 KiB spread evenly over it. Hashing all of a Pile-sized `.bin` would take minutes at every
-    training start; another tokenizer or corpus changes sizes and sampled tokens alike."""
+    training start; another tokenizer or corpus changes sizes and sampled tokens alike.
+    Files in S3 give the digest of the same files on disk: the bytes read are the same."""
     digest = hashlib.sha256()
-    with open(idx_path(prefix), "rb") as f:
+    index_file = idx_path(prefix)
+    if is_remote(prefix):
+        index_file = cached_copy(RemoteObject.look_up(index_file))
+    with open(index_file, "rb") as f:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
+    for block in _fingerprint_blocks(prefix):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint_blocks(prefix: str) -> Iterator[bytes]:
+    """The `.bin`'s length (8 bytes), then the FINGERPRINT_BLOCKS blocks `fingerprint` hashes."""
+    if is_remote(prefix):
+        data = RemoteObject.look_up(bin_path(prefix))
+        yield data.size.to_bytes(8, "little")
+        for block in range(FINGERPRINT_BLOCKS):
+            start = data.size * block // FINGERPRINT_BLOCKS
+            yield data.read(start, start + FINGERPRINT_BLOCK_BYTES)
+        return
     size = os.path.getsize(bin_path(prefix))
-    digest.update(size.to_bytes(8, "little"))
+    yield size.to_bytes(8, "little")
     with open(bin_path(prefix), "rb") as f:
         for block in range(FINGERPRINT_BLOCKS):
             f.seek(size * block // FINGERPRINT_BLOCKS)
-            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
-    return digest.hexdigest()
+            yield f.read(FINGERPRINT_BLOCK_BYTES)
 
 
 def publish(prefix: str) -> IndexedDataset:

@@ -13,7 +13,8 @@ import numpy as np
 from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
 from neoray.data.index_cache import NpyWriter, load_or_build
-from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, idx_path
+from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, token_files_exist
+from neoray.data.remote import index_folder
 
 SPLITS = ("train", "validation", "test")
 
@@ -220,7 +221,7 @@ def build_mixture(
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     names, data, documents, weights = [], [], [], []
     for name, component in cfg.components.items():
-        if not os.path.exists(idx_path(component.prefix)):
+        if not token_files_exist(component.prefix):
             raise FileNotFoundError(
                 f"data.components.{name}: no token files at {component.prefix}.idx; build them "
                 "with jobs/preprocess.py (e.g. `python jobs/preprocess.py data=demo`)"
@@ -234,7 +235,7 @@ def build_mixture(
             weights.append(component.weight)
     if not names:
         raise ValueError(f"no component has documents in the {split} split ({cfg.split})")
-    folder = cfg.cache_dir or os.path.dirname(os.path.abspath(data[0].prefix))
+    folder = cfg.cache_dir or index_folder(data[0].prefix)
     blend = load_or_build_blend(weights, num_samples, folder)
     datasets = [
         GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)

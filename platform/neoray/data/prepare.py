@@ -8,7 +8,7 @@ from typing import Any
 from neoray.config import dataclass_from_config
 from neoray.data.config import DataConfig
 from neoray.data.demo_corpus import write_demo_corpus
-from neoray.data.indexed import idx_path
+from neoray.data.indexed import token_files_exist
 from neoray.data.preprocess import PreprocessConfig, PreprocessSummary, preprocess
 from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
@@ -33,7 +33,7 @@ def prepare_data(
         train_tokenizer(tokenizer_cfg, show_progress)
     summaries = []
     for component in cfg.components.values():
-        if not component.input or os.path.exists(idx_path(component.prefix)):
+        if not component.input or token_files_exist(component.prefix):
             continue
         job = PreprocessConfig(
             input=component.input,

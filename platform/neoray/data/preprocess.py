@@ -18,9 +18,11 @@ line in `<prefix>.skipped.jsonl`; totals go to `<prefix>.report.json`. Output is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections import deque
@@ -45,6 +47,7 @@ from neoray.corpus import (
     read_records,
 )
 from neoray.data.indexed import PARTIAL, IndexedDatasetWriter, publish, token_dtype
+from neoray.data.remote import is_remote, upload_token_files
 from neoray.tokenizer.load import END_OF_TEXT, TextTokenizer, load_tokenizer
 
 EXECUTORS = ("local", "ray")
@@ -277,7 +280,20 @@ def _write_results(
 
 
 def preprocess(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
-    """Tokenize `cfg.input` into `cfg.output_prefix`.{bin,idx} plus the skipped-records report."""
+    """Tokenize `cfg.input` into `cfg.output_prefix`.{bin,idx} plus the skipped-records report.
+
+    An `s3://` output prefix is written in a local temporary folder, then uploaded (the `.idx`
+    last, `upload_token_files`)."""
+    if not is_remote(cfg.output_prefix):
+        return _preprocess(cfg, show_progress)
+    with tempfile.TemporaryDirectory(prefix="neoray-preprocess-") as folder:
+        local = os.path.join(folder, cfg.output_prefix.rsplit("/", 1)[-1])
+        summary = _preprocess(dataclasses.replace(cfg, output_prefix=local), show_progress)
+        upload_token_files(local, cfg.output_prefix, (".skipped.jsonl", ".report.json"))
+    return dataclasses.replace(summary, output_prefix=cfg.output_prefix)
+
+
+def _preprocess(cfg: PreprocessConfig, show_progress: bool) -> PreprocessSummary:
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.backend.token_to_id(END_OF_TEXT) is None:

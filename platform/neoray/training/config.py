@@ -6,7 +6,6 @@ can be checked without processes or devices, so mistakes surface before a cluste
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,12 @@ from neoray.checkpoint.manifest import SAFE_NAME
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
 from neoray.data.gpt_dataset import split_documents
-from neoray.data.indexed import IndexedDataset, IndexedFormatError, bin_path, idx_path
+from neoray.data.indexed import (
+    IndexedDataset,
+    IndexedFormatError,
+    bin_path,
+    token_files_exist,
+)
 from neoray.energy.grid import EnergyConfig
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
@@ -156,7 +160,7 @@ def checked_token_files(model: NeoXConfig, data: DataConfig) -> dict[str, Indexe
     left out: `build_mixture` reports it on the workers."""
     opened = {}
     for name, component in data.components.items():
-        if not os.path.exists(idx_path(component.prefix)):
+        if not token_files_exist(component.prefix):
             continue
         try:
             dataset = IndexedDataset(component.prefix)
