@@ -3,12 +3,15 @@ and token files as from local copies, right line numbers, and errors that name t
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zstandard
 from corpora import make_big_jsonl, read_report
+from distributed import run_command, torchrun_launcher
+from layouts import ROOT, metrics, overrides
 
 from neoray.corpus import expand_inputs
 from neoray.data import remote as remote_module
@@ -207,3 +210,34 @@ def test_missing_token_files_in_s3_are_named(demo_data, s3_bucket, token_cache):
     cfg = dataclasses.replace(remote, components={**remote.components, "code": missing})
     with pytest.raises(FileNotFoundError, match=f"no token files at s3://{s3_bucket}/nothing.idx"):
         build_mixture(cfg, "train", 10)
+
+
+def test_training_on_token_files_in_s3_at_tp2_has_the_losses_of_local_files(
+    demo_data, s3_server, s3_bucket, tmp_path
+):
+    """The demo data trained on at tp=2 from its local folder and from the bucket (tokenizer
+    included): step for step the same losses, so the same batches."""
+    publish_demo(demo_data, s3_bucket)
+    s3_server.client().upload_file(demo_data.tokenizer, s3_bucket, "demo/tokenizer.json")
+    losses = {}
+    for where, root in [("local", demo_data.root), ("s3", f"s3://{s3_bucket}/demo")]:
+        run_dir = tmp_path / where
+        command = [
+            *torchrun_launcher(2),
+            "jobs/pretrain.py",
+            "launcher=torchrun",
+            *overrides((2, 1, 1)),
+            "data=demo",
+            f"data.root={root}",
+            "data.seq_len=32",
+            "train.steps=3",
+            "train.eval_interval=0",
+            "checkpoint.enabled=false",
+            "tracking.enabled=false",
+            f"run_dir={run_dir}",
+        ]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "NEORAY_TOKEN_CACHE": str(tmp_path / "cache")}  # fmt: skip
+        run_command(command, timeout=300, cwd=ROOT, env=env)
+        losses[where] = [row["loss"] for row in metrics(run_dir).values()]
+    assert len(losses["s3"]) == 3 and losses["s3"] == losses["local"]
