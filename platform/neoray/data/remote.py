@@ -18,6 +18,7 @@ it: each writes a block under a temporary name and renames it into place.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -140,18 +141,16 @@ class BlockCache:
 
     def __getitem__(self, where: slice) -> np.ndarray:
         start, stop, _ = where.indices(len(self))
-        first, last = start * self.dtype.itemsize, max(start, stop) * self.dtype.itemsize
-        pieces = []
-        for block in range(
-            first // BLOCK_BYTES, (last - 1) // BLOCK_BYTES + 1 if last > first else 0
-        ):
-            data = self._block(block)
-            base = block * BLOCK_BYTES
-            pieces.append(data[max(first, base) - base : min(last, base + len(data)) - base])
-        joined = (
-            np.concatenate(pieces) if len(pieces) > 1 else (pieces or [np.zeros(0, np.uint8)])[0]
-        )
-        return joined.view(self.dtype)
+        per_block = BLOCK_BYTES // self.dtype.itemsize
+        first, last = start // per_block, (max(start, stop) - 1) // per_block
+        if first == last or stop <= start:  # most samples: one block, no copy
+            base = first * per_block
+            return self._block(first)[start - base : max(start, stop) - base]
+        pieces = [
+            self._block(b)[max(start, b * per_block) - b * per_block : stop - b * per_block]
+            for b in range(first, last + 1)
+        ]
+        return np.concatenate(pieces)
 
     def peek(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) read straight from S3 (through no block): for the few spread
@@ -161,22 +160,31 @@ class BlockCache:
         return np.frombuffer(self.obj.read(start * size, stop * size), self.dtype)
 
     def _block(self, block: int) -> np.ndarray:
-        if block in self._open:
+        """Block `block`'s tokens, mapped from the cache (fetched into it first if missing)."""
+        data = self._open.get(block)
+        if data is not None:
             self._open.move_to_end(block)
-            return self._open[block]
+            return data
         path = self.folder / f"{block}.blk"
         try:
-            data = np.memmap(path, mode="r", dtype=np.uint8)
+            data = _mapped(path, self.dtype)
             os.utime(path)  # recently used: the last to be evicted
         except FileNotFoundError:
             start = block * BLOCK_BYTES
             publish_file(path, lambda out: out.write(self.obj.read(start, start + BLOCK_BYTES)))
             evict(cache_root() / "blocks", cache_bound(), keep=path)
-            data = np.memmap(path, mode="r", dtype=np.uint8)
+            data = _mapped(path, self.dtype)
         self._open[block] = data
         if len(self._open) > OPEN_BLOCKS:
             self._open.popitem(last=False)
         return data
+
+
+def _mapped(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The file's bytes as a read-only array of `dtype`, memory-mapped (a plain ndarray over
+    the map: slicing it is cheaper than slicing an np.memmap)."""
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype)
 
 
 def evict(folder: Path, bound: int, keep: Path) -> None:
