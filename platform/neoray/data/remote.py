@@ -134,21 +134,26 @@ class BlockCache:
     def __init__(self, obj: RemoteObject, dtype: np.dtype) -> None:
         self.obj, self.dtype = obj, np.dtype(dtype)
         self.folder = cache_root() / "blocks" / obj.version
+        self._tokens = obj.size // self.dtype.itemsize
+        self._per_block = BLOCK_BYTES // self.dtype.itemsize
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
-        return self.obj.size // self.dtype.itemsize
+        return self._tokens
 
     def __getitem__(self, where: slice) -> np.ndarray:
-        start, stop, _ = where.indices(len(self))
-        per_block = BLOCK_BYTES // self.dtype.itemsize
-        first, last = start // per_block, (max(start, stop) - 1) // per_block
-        if first == last or stop <= start:  # most samples: one block, no copy
+        """Tokens [where.start, where.stop): both given, within the file (as
+        `IndexedDataset` slices it; this sits on the path of every sample)."""
+        start, stop, per_block = where.start, where.stop, self._per_block
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        first = start // per_block
+        if stop <= (first + 1) * per_block:  # most samples: one block, no copy
             base = first * per_block
-            return self._block(first)[start - base : max(start, stop) - base]
+            return self._block(first)[start - base : stop - base]
         pieces = [
             self._block(b)[max(start, b * per_block) - b * per_block : stop - b * per_block]
-            for b in range(first, last + 1)
+            for b in range(first, (stop - 1) // per_block + 1)
         ]
         return np.concatenate(pieces)
 
