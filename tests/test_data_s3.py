@@ -241,3 +241,23 @@ def test_training_on_token_files_in_s3_at_tp2_has_the_losses_of_local_files(
         run_command(command, timeout=300, cwd=ROOT, env=env)
         losses[where] = [row["loss"] for row in metrics(run_dir).values()]
     assert len(losses["s3"]) == 3 and losses["s3"] == losses["local"]
+
+
+def test_preprocessing_into_s3_publishes_the_files_written_locally(
+    small_corpus, s3_server, s3_bucket, tmp_path
+):
+    outputs = {}
+    for prefix in [str(tmp_path / "local" / "out"), f"s3://{s3_bucket}/tokens/out"]:
+        cfg = PreprocessConfig(
+            input=[str(small_corpus)], tokenizer=RELEASED_20B, output_prefix=prefix
+        )
+        summary = preprocess(cfg, show_progress=False)
+        assert summary.output_prefix == prefix and summary.documents == 120
+        outputs[prefix[:2]] = IndexedDataset(prefix)
+    local, remote = outputs.values()
+    assert len(remote) == len(local) == 120
+    assert all(np.array_equal(remote.get(i), local.get(i)) for i in range(len(local)))
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert sorted(keys) == [
+        f"tokens/out{s}" for s in sorted((".bin", ".idx", ".report.json", ".skipped.jsonl"))
+    ]

@@ -288,12 +288,17 @@ def preprocess(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessS
         return _preprocess(cfg, show_progress)
     with tempfile.TemporaryDirectory(prefix="neoray-preprocess-") as folder:
         local = os.path.join(folder, cfg.output_prefix.rsplit("/", 1)[-1])
-        summary = _preprocess(dataclasses.replace(cfg, output_prefix=local), show_progress)
+        local_cfg = dataclasses.replace(cfg, output_prefix=local)
+        summary = _preprocess(local_cfg, show_progress, published_as=cfg.output_prefix)
         upload_token_files(local, cfg.output_prefix, (".skipped.jsonl", ".report.json"))
-    return dataclasses.replace(summary, output_prefix=cfg.output_prefix)
+    return summary
 
 
-def _preprocess(cfg: PreprocessConfig, show_progress: bool) -> PreprocessSummary:
+def _preprocess(
+    cfg: PreprocessConfig, show_progress: bool, published_as: str | None = None
+) -> PreprocessSummary:
+    """`preprocess` into local files; the report names `published_as` as the output when
+    the files are to be uploaded there."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.backend.token_to_id(END_OF_TEXT) is None:
@@ -303,7 +308,7 @@ def _preprocess(cfg: PreprocessConfig, show_progress: bool) -> PreprocessSummary
     shards = plan_shards(inputs, max(1, int(cfg.shard_mb * 2**20)))
     prefix = cfg.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    summary = PreprocessSummary(prefix, cfg.tokenizer, inputs, dtype.name)
+    summary = PreprocessSummary(published_as or prefix, cfg.tokenizer, inputs, dtype.name)
     run = _run_ray if cfg.executor == "ray" else _run_local
     progress = _Progress(show_progress)
     try:
