@@ -248,6 +248,30 @@ def test_bad_sweeps_are_refused_before_any_trial(tmp_path, settings, overrides, 
     assert not (tmp_path / "sweep" / "tune").exists()  # no trial started
 
 
+def test_a_sweep_whose_data_is_missing_fails_at_once_naming_the_file(demo_data, tmp_path):
+    """The demo data where the sweep runs lacks one component (as in a submitted job's copy
+    of the project, which has no runs/): one error, naming the file, before any trial (so no
+    trial and no retry of one), whatever the number of trials."""
+    import shutil
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo_data.root, root, ignore=shutil.ignore_patterns("prose.*"))
+    select = write_sweep(
+        tmp_path / "conf", "nodata", space={"optim.lr": {"choice": [1e-3, 1e-2]}}, num_samples=6
+    )
+    base = [*demo_base(demo_data, tmp_path), f"data.root={root}", "tracking.enabled=false"]
+    command = sweep_command(tmp_path, *select, *base, "train.eval_interval=4")
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    missing = f"data.components.prose: no token files at {root}/prose.idx"
+    assert output.count(missing) == 1, output[-3000:]
+    assert not (tmp_path / "sweep" / "tune").exists()  # no trial started, none retried
+    assert elapsed < 60, elapsed  # no Ray started either
+
+
 def test_best_yaml_and_its_command_show_no_secret(tmp_path):
     sweep = SweepConfig(name="lr", space={"optim.lr": [1e-3, 1e-4]})
     best = TrialOutcome("t1", {"optim.lr": 1e-3}, "completed", 2.5, 10)

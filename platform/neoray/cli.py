@@ -112,8 +112,11 @@ def show_evals(args: argparse.Namespace) -> None:
 
 def stack_up(args: argparse.Namespace) -> None:
     from neoray.cluster import stack
+    from neoray.stack_data import publish_demo_data
 
-    print(stack.describe(stack.up(args.dir, args.num_cpus, metrics=args.metrics)))
+    running = stack.up(args.dir, args.num_cpus, metrics=args.metrics)
+    print(stack.describe(running))
+    print(publish_demo_data(running))
 
 
 def stack_down(args: argparse.Namespace) -> None:

@@ -60,6 +60,7 @@ REGION = "us-east-1"
 POSTGRES_USER = "neoray"
 MLFLOW_DATABASES = ("mlflow", "mlflow_auth")  # runs, and the auth app's users and permissions
 MLFLOW_ADMIN = "admin"
+S3_SECRETS = ("s3_access_key", "s3_secret_key")  # files in the state directory
 
 
 @dataclass
@@ -148,6 +149,18 @@ def _secret(path: Path, make: str) -> str:
     return path.read_text().strip()
 
 
+def s3_client_env(stack: Stack) -> dict[str, str]:
+    """The endpoint and credentials of the stack's S3, as its jobs have them."""
+    state = Path(stack.state_dir)
+    access_key, secret_key = ((state / name).read_text().strip() for name in S3_SECRETS)
+    return _s3_env(stack.s3_endpoint, access_key, secret_key)
+
+
+def demo_data_uri(stack: Stack) -> str:
+    """Where the stack's jobs find the demo data (conf/data/demo.yaml reads NEORAY_DEMO_DATA)."""
+    return f"s3://{stack.bucket}/data/demo"
+
+
 def _s3_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": endpoint,
@@ -176,6 +189,7 @@ def head_environment(
         **mlflow_env,
         "MLFLOW_TRACKING_URI": stack.mlflow_url,
         "NEORAY_BUCKET": stack.bucket,  # storage=s3 in a job means the stack's bucket
+        "NEORAY_DEMO_DATA": demo_data_uri(stack),  # data=demo: the copy `neoray up` publishes
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": stack.token_path,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # one machine: every Ray server on loopback
@@ -295,8 +309,8 @@ def up(
     state_dir = state_dir.resolve()
     for folder in (state_dir, *(state_dir / sub for sub in ("s3", "mlflow", "logs"))):
         _private_dir(folder)
-    access_key = _secret(state_dir / "s3_access_key", "neoray")
-    secret_key = _secret(state_dir / "s3_secret_key", secrets.token_hex(20))
+    access_key = _secret(state_dir / S3_SECRETS[0], "neoray")
+    secret_key = _secret(state_dir / S3_SECRETS[1], secrets.token_hex(20))
     token_path = state_dir / "auth_token"
     _secret(token_path, secrets.token_hex(32))
     postgres_password_file = state_dir / "postgres_password"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from neoray.config import dataclass_from_config
+from neoray.config import ConfigError, dataclass_from_config
 from neoray.data.config import DataConfig
 from neoray.data.demo_corpus import write_demo_corpus
-from neoray.data.indexed import token_files_exist
+from neoray.data.indexed import IndexedDataset, IndexedFormatError, token_files_exist
 from neoray.data.preprocess import PreprocessConfig, PreprocessSummary, preprocess
+from neoray.storage import StorageError
 from neoray.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 
@@ -19,9 +20,12 @@ def prepare_data(
     """Build what is missing: the demo corpus, the tokenizer, then every component with `input`.
 
     Components whose `<prefix>.idx` exists are kept as they are (delete it to rebuild), so this
-    is cheap to run before every training run. `preprocess_options` are further PreprocessConfig
-    fields (executor, shard_mb, ...).
+    is cheap to run before every training run; when all exist (token files published to S3
+    included), nothing else is looked at either. `preprocess_options` are further
+    PreprocessConfig fields (executor, shard_mb, ...).
     """
+    if all(token_files_exist(c.prefix) for c in cfg.components.values()):
+        return []
     if cfg.demo_corpus is not None:
         write_demo_corpus(cfg.demo_corpus)
     inputs = [path for c in cfg.components.values() for path in (c.input or [])]
@@ -44,3 +48,23 @@ def prepare_data(
         )
         summaries.append(preprocess(job, show_progress))
     return summaries
+
+
+def check_token_files(cfg: DataConfig) -> None:
+    """Every component's token files open from here (`IndexedDataset` checks that the pair is
+    complete); otherwise a ConfigError naming the component, the file and what to do. Called
+    where a job's workers are about to start: an error no retry can fix stops it once."""
+    for name, component in cfg.components.items():
+        try:
+            IndexedDataset(component.prefix)
+        except (FileNotFoundError, IndexedFormatError, StorageError) as err:
+            found = not isinstance(err, FileNotFoundError)
+            raise ConfigError(
+                f"data.components.{name}: "
+                + (str(err) if found else f"no token files at {component.prefix}.idx")
+                + f" (as seen from {os.getcwd()}): build them with jobs/preprocess.py (`python "
+                "jobs/preprocess.py data=demo`) where every node of the cluster reads them: a "
+                "filesystem all of them mount, or S3 (data.components.<name>.prefix="
+                "s3://bucket/folder/name); a submitted job runs in a copy of the project "
+                "without runs/"
+            ) from err

@@ -48,8 +48,15 @@ def trial_outcome(result: Any, metric: str) -> TrialOutcome:
         status=status,
         metric=float(value) if finite else None,
         trained_steps=int(trained),
-        error=None if result.error is None else str(result.error).splitlines()[0][:500],
+        error=None if result.error is None else _raised(result.error),
     )
+
+
+def _raised(error: BaseException) -> str:
+    """What the trial raised: the last line of Tune's error (its first names the trial's
+    process, which differs from trial to trial)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:

@@ -2,7 +2,9 @@
 
 Everything that can be wrong in the sweep is refused before any trial starts: the space's
 keys and distributions, each key's extreme values as a pretrain config, the metric (one the
-runs report at validation), and whether the cluster can place `max_concurrent_trials` trials.
+runs report at validation), the trials' token files and checkpoint storage as seen from where
+the sweep runs (`preflight`), and whether the cluster can place `max_concurrent_trials`
+trials. A sweep whose every trial failed with the same error ends with that error.
 Tune keeps the sweep's state under `<sweep_dir>/tune`: running the same command again after
 the driver died continues it, without running finished trials again.
 
@@ -26,6 +28,7 @@ from neoray.cluster.submit import check_durable_locations, check_outputs
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.sweep.config import SweepConfig, sweep_config
 from neoray.sweep.outcome import (
+    FAILED,
     MLFLOW_STATUS,
     TrialOutcome,
     best_trial,
@@ -33,6 +36,7 @@ from neoray.sweep.outcome import (
     trial_outcome,
     write_best,
 )
+from neoray.sweep.preflight import check_reachable
 from neoray.sweep.space import check_keys, corners, override, tune_space
 from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
 from neoray.tracking import (
@@ -56,6 +60,10 @@ STOPPED_TRIAL_GRACE_S = 20
 TRIAL_CLEANUP_VARIABLE = "TUNE_FORCE_TRIAL_CLEANUP_S"
 
 
+class SweepFailed(RuntimeError):
+    """Every trial failed, with the same error: the sweep ends with it."""
+
+
 @dataclass
 class SweepResult:
     sweep: SweepConfig
@@ -76,16 +84,22 @@ def reported_metrics(config: PretrainConfig) -> list[str]:
 
 def check_sweep(
     sweep: SweepConfig, conf_dir: str, base_overrides: list[str]
-) -> tuple[DictConfig, PretrainConfig]:
-    """The base pretrain config, once the whole sweep is known to be runnable."""
+) -> tuple[DictConfig, PretrainConfig, list[PretrainConfig]]:
+    """The base pretrain config (Hydra's and typed), once the whole sweep is known to be
+    runnable, and the configs of the space's extreme values."""
     base_cfg = compose_pretrain(conf_dir, base_overrides)
     base = pretrain_config(base_cfg)
     check_keys(sweep.space, base_cfg, conf_dir)
     tune_space(sweep.space)  # the distributions and their arguments
+    extremes = []
     for key, values in corners(sweep.space).items():
         for value in values:
             try:
-                pretrain_config(compose_pretrain(conf_dir, [*base_overrides, override(key, value)]))
+                extremes.append(
+                    pretrain_config(
+                        compose_pretrain(conf_dir, [*base_overrides, override(key, value)])
+                    )
+                )
             except Exception as err:  # a Hydra error (an unknown group option) or ConfigError
                 raise ConfigError(f"sweep.space.{key}={value!r}: {err}") from err
     if not base.train.eval_interval:
@@ -99,7 +113,7 @@ def check_sweep(
             f"sweep.metric={sweep.metric!r}: the runs never report it; choose one of "
             f"{', '.join(reported)}"
         )
-    return base_cfg, base
+    return base_cfg, base, extremes
 
 
 def check_capacity(sweep: SweepConfig, base: PretrainConfig, base_cfg: DictConfig) -> None:
@@ -224,11 +238,12 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
 
     sweep = sweep_config(cfg.sweep)
     base_overrides = [*sweep.fixed, *command_line]
-    base_cfg, base = check_sweep(sweep, conf_dir, base_overrides)
+    base_cfg, base, extremes = check_sweep(sweep, conf_dir, base_overrides)
     tracking = dataclass_from_config(TrackingConfig, base_cfg.get("tracking"), "tracking")
     check_durable_locations(base.storage if base.checkpoint.enabled else None, tracking)
     check_outputs("sweep", cfg)
     check_outputs("sweep trials", base_cfg)
+    check_reachable([base, *extremes])
     check_access(tracking)
     storage = Path(cfg.sweep_dir).resolve()
     cluster = cluster_config(base_cfg)
@@ -251,6 +266,9 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
             if parent is not None:
                 _record_trials(tracking, sweep, outcomes)
                 _log_summary(parent, sweep, result, storage)
+            errors = {o.error for o in outcomes}
+            if outcomes and all(o.status == FAILED for o in outcomes) and len(errors) == 1:
+                raise SweepFailed(f"every trial of sweep {sweep.name!r} failed: {errors.pop()}")
             return result
     finally:
         if started:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from neoray.cluster.ray_train import ClusterConfig, PlacementError
 from neoray.cluster.submit import check_durable_locations, check_outputs
 from neoray.config import ConfigError, dataclass_from_config, to_dict
+from neoray.data.config import DataConfig
+from neoray.data.prepare import check_token_files
 from neoray.tracking import TrackingConfig, check_access
 from neoray.training.config import PretrainConfig, pretrain_config
 from neoray.training.precision import check_precision
@@ -143,6 +145,9 @@ def run_on_ray(
     `run_lease`); `callbacks` are Ray Train's."""
     from neoray.cluster.ray_train import run_workers
 
+    if isinstance(job.config.data, DataConfig):
+        # Missing token files fail every worker, and every restart of the workers, alike.
+        check_token_files(job.config.data)
     with run_lease(job.config, owner) as lease:
         job = holding(job, lease)
         while True:
