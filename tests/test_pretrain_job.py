@@ -115,6 +115,22 @@ def test_wrong_process_count_is_rejected_before_training():
     assert "torchrun --nproc_per_node 8" in result.stderr
 
 
+def test_a_ray_run_without_its_token_files_fails_before_any_worker(tmp_path):
+    """Missing token files would fail every Ray Train worker, and every restart of them: the
+    driver names the file once, before Ray starts."""
+    result = run_job(
+        "launcher=ray",
+        "data=demo",
+        "data.seq_len=32",
+        "model.vocab_size=8000",
+        f"data.root={tmp_path}/none",
+        f"run_dir={tmp_path}/run",
+    )
+    assert result.returncode != 0
+    assert f"data.components.code: no token files at {tmp_path}/none/code.idx" in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+
+
 def unsupported(precision: str) -> str | None:
     """Why this machine cannot train in `precision` (as the job says it), or None."""
     try:
