@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from neoray.cluster.stack import mlflow_client_env
 from neoray.code_version import code_version
 
 NEORAY = str(Path(sys.executable).parent / "neoray")
+ROOT = Path(__file__).resolve().parents[1]
 SECRETS = ("auth_token", "s3_access_key", "s3_secret_key", "postgres_password")
 SECRETS += ("mlflow_admin_password", "mlflow_flask_key")
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
@@ -252,6 +254,34 @@ def test_a_submitted_sweep_runs_its_trials_on_the_stack(stack, tmp_path):
     assert len(trials) == 1 and all(r.info.status == "FINISHED" for r in trials)
     assert all(r.data.tags["neoray.sweep.status"] == "completed" for r in trials)
     assert all("val/loss" in r.data.metrics for r in trials)
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_command_runs_on_the_stack_as_written(stack, demo_data):
+    """The demo data built where `python jobs/preprocess.py data=demo` builds it, `neoray up`
+    (again) to publish it to the stack's bucket, then the README's sweep command exactly as
+    written: a job's copy of the project has no runs/, so its trials read the bucket's copy."""
+    cwd, state = stack
+    shutil.copytree(demo_data.root, cwd / "runs" / "data" / "demo")
+    published = neoray(cwd, "up")
+    assert published.returncode == 0, published.stderr[-3000:]
+    remote = f"s3://{state['bucket']}/data/demo"
+    assert f"demo data: {remote} (uploaded tokenizer, code, prose)" in published.stdout
+    assert f"demo data: {remote} (up to date)" in neoray(cwd, "up").stdout
+    readme = (ROOT / "README.md").read_text().splitlines()
+    [command] = [line for line in readme if line.startswith("neoray submit sweep sweep=tiny_lr")]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(NEORAY).parent}{os.pathsep}{env['PATH']}"
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=1500, env=env, cwd=cwd
+    )
+    print(f"the README's sweep took {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train it: python jobs/pretrain.py" in result.stdout
+    assert (cwd / "runs" / "sweeps" / "tiny_lr" / "best.yaml").exists()
+    assert "no token files" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow
