@@ -282,3 +282,18 @@ def test_best_yaml_and_its_command_show_no_secret(tmp_path):
         assert "abc" not in shown and ":pw@" not in shown
         assert "storage.secret_key=***" in shown and "http://u:***@127.0.0.1:5000" in shown
     assert "optim.lr=0.001" in command
+
+
+def test_the_preflight_names_a_missing_bucket_and_an_unwritable_root(s3_bucket, tmp_path):
+    from neoray.config import ConfigError
+    from neoray.storage import StorageConfig
+    from neoray.sweep.preflight import check_storage
+
+    check_storage(StorageConfig(kind="s3", bucket=s3_bucket))
+    with pytest.raises(
+        ConfigError, match=r"storage\.bucket='no-such-bucket-here': .*no-such-bucket-here"
+    ):
+        check_storage(StorageConfig(kind="s3", bucket="no-such-bucket-here"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"storage\.root=.*file/runs"):
+        check_storage(StorageConfig(root=str(tmp_path / "file" / "runs")))
