@@ -297,3 +297,16 @@ def test_the_preflight_names_a_missing_bucket_and_an_unwritable_root(s3_bucket, 
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"storage\.root=.*file/runs"):
         check_storage(StorageConfig(root=str(tmp_path / "file" / "runs")))
+
+
+def test_a_sweep_ends_with_the_error_every_trial_failed_with():
+    from neoray.sweep.outcome import common_failure
+
+    def outcome(status, error=None):
+        return TrialOutcome("t", {}, status, None, 0, error)
+
+    same = "ConfigError: data.components.code: no token files at runs/data/demo/code.idx"
+    assert common_failure([outcome("failed", same), outcome("failed", same)]) == same
+    assert common_failure([outcome("failed", same), outcome("failed", "OSError: disk")]) is None
+    assert common_failure([outcome("failed", same), outcome("completed")]) is None
+    assert common_failure([]) is None

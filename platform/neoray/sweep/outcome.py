@@ -59,6 +59,15 @@ def _raised(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
+def common_failure(outcomes: list[TrialOutcome]) -> str | None:
+    """The error every trial failed with, when all failed alike (a cause no retry fixes and
+    no other values avoid: the sweep ends with it); None otherwise."""
+    errors = {o.error for o in outcomes}
+    if outcomes and all(o.status == FAILED for o in outcomes) and len(errors) == 1:
+        return errors.pop()
+    return None
+
+
 def best_trial(outcomes: list[TrialOutcome], mode: str) -> TrialOutcome | None:
     """The best completed trial (trials stopped early trained less, so are not compared),
     or the best of any that reported when none completed."""

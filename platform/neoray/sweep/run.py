@@ -28,10 +28,10 @@ from neoray.cluster.submit import check_durable_locations, check_outputs
 from neoray.config import ConfigError, dataclass_from_config
 from neoray.sweep.config import SweepConfig, sweep_config
 from neoray.sweep.outcome import (
-    FAILED,
     MLFLOW_STATUS,
     TrialOutcome,
     best_trial,
+    common_failure,
     plot,
     trial_outcome,
     write_best,
@@ -266,9 +266,8 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
             if parent is not None:
                 _record_trials(tracking, sweep, outcomes)
                 _log_summary(parent, sweep, result, storage)
-            errors = {o.error for o in outcomes}
-            if outcomes and all(o.status == FAILED for o in outcomes) and len(errors) == 1:
-                raise SweepFailed(f"every trial of sweep {sweep.name!r} failed: {errors.pop()}")
+            if (error := common_failure(outcomes)) is not None:
+                raise SweepFailed(f"every trial of sweep {sweep.name!r} failed: {error}")
             return result
     finally:
         if started:
