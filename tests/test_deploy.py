@@ -348,7 +348,8 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
     head = set(services["ray-head"]["environment"])
     # In the image PATH already leads to neoray's environment, and the token is passed itself;
     # a compose or Kubernetes cluster spans machines, so Ray is not confined to loopback.
-    only_local = {"PATH", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    # RAY_ADDRESS: on a shared machine, the stack's head among other Rays.
+    only_local = {"PATH", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     assert local - only_local == head - {"RAY_AUTH_TOKEN"}
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
 

@@ -52,6 +52,11 @@ class PlacementError(RuntimeError):
         super().__init__(message)
         self.placeable = placeable
 
+    def __reduce__(self) -> tuple:
+        # Ray pickles a trial's error to hand it to Tune; the default rebuilds it from the
+        # message alone and fails on the missing `placeable`.
+        return (PlacementError, (str(self), self.placeable))
+
 
 @dataclass
 class ClusterConfig:

@@ -190,6 +190,9 @@ def head_environment(
         "MLFLOW_TRACKING_URI": stack.mlflow_url,
         "NEORAY_BUCKET": stack.bucket,  # storage=s3 in a job means the stack's bucket
         "NEORAY_DEMO_DATA": demo_data_uri(stack),  # data=demo: the copy `neoray up` publishes
+        # Ray's own lookups inside the cluster (Ray Train's placement-group cleaner asks the
+        # state API) find this head, not another Ray that runs on the same machine.
+        "RAY_ADDRESS": stack.ray_address,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": stack.token_path,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # one machine: every Ray server on loopback
