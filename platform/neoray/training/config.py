@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neoray.checkpoint.config import CheckpointConfig
 from neoray.checkpoint.manifest import SAFE_NAME
@@ -21,6 +21,9 @@ from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
 from neoray.storage import StorageConfig
 from neoray.tokenizer.load import load_tokenizer
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUN_NAME = SAFE_NAME  # one folder name in any store
@@ -191,6 +194,17 @@ def validate_validation_split(data: DataConfig, opened: dict[str, IndexedDataset
             f"data.split={data.split!r} ({', '.join(f'{k}: 0 of {n} documents' for k, (_, n) in counts.items())}"
             "): raise the split's middle weight, or set train.eval_interval=0"
         )
+
+
+def compose_pretrain(conf_dir: str, overrides: list[str]) -> DictConfig:
+    """The pretrain config with `overrides`, composed by Hydra as `jobs/pretrain.py` would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config dir
+        return compose(config_name="pretrain", overrides=overrides)
+    with initialize_config_dir(config_dir=conf_dir, version_base=None):
+        return compose(config_name="pretrain", overrides=overrides)
 
 
 def pretrain_config(cfg: Any) -> PretrainConfig:
