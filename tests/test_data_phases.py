@@ -5,17 +5,32 @@ set the same throughout; and a resume refused when it rewrites a phase already t
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import torchrun_launcher
+from layouts import copy_checkpoint, metrics, overrides
 
+from neoray.checkpoint.manifest import (
+    checkpoint_key,
+    committed_checkpoints,
+    latest_checkpoint,
+)
 from neoray.config import ConfigError
 from neoray.data.config import ComponentConfig, DataConfig, PhaseConfig, data_config
 from neoray.data.inspect import batch_samples
 from neoray.data.loader import BatchSchedule, train_mixture
 from neoray.data.mixture import build_mixture
 from neoray.data.phases import evaluation_weights, mixture_record, rewritten_phases
+from neoray.storage import LocalStorage
 from neoray.tokenizer.load import load_tokenizer
+from neoray.tracking import find_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCHEDULE = BatchSchedule(
     micro_batch_size=2, grad_accum_steps=2, data_parallel_size=2, train_steps=40
@@ -171,3 +186,121 @@ def test_bad_phases_are_refused_naming_the_field(phases, message):
     }
     with pytest.raises(ConfigError, match=message):
         data_config(section)
+
+
+# A real run across a switch: the tiny model at pp=2 (tests/layouts.py) under torchrun, 4 steps
+# of 8 sequences, the anneal (with `extra`) from step 2, validation after steps 2 and 4.
+
+LAYOUT = (1, 2, 1)
+RUN = "phased"
+
+
+def anneal(data: DataConfig, **weights: float) -> list[str]:
+    """The overrides declaring `extra` and the phase from step 2 with `weights`."""
+    phase = ",".join(f"{name}:{weight}" for name, weight in weights.items())
+    prose = data.components["prose"].prefix
+    return [
+        f"+data.components.extra={{prefix:'{prose}',weight:0}}",
+        f"data.phases=[{{from_step:2,components:{{{phase}}}}}]",
+    ]
+
+
+def pretrain(data: DataConfig, run_dir, store, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        *torchrun_launcher(2),
+        "jobs/pretrain.py",
+        "launcher=torchrun",
+        *overrides(LAYOUT),
+        "optim.decay_steps=4",  # one schedule whether a run stops at step 1 or 4
+        "data=demo",
+        f"data.root={data.root}",
+        "train.eval_interval=2",
+        "train.eval_iters=2",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=5",
+        "tracking.experiment=data_phases",
+        f"run_name={RUN}",
+        f"run_dir={run_dir}",
+        f"storage.root={store}",
+        *extra,
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return result.stdout + result.stderr
+
+
+def test_a_run_resumed_before_the_switch_trains_as_one_never_interrupted(
+    demo_data, tmp_path, mlflow_tracking_uri
+):
+    """The uninterrupted run switches at step 2: `mixture/<component>` records each phase in
+    metrics.jsonl and MLflow, the validation losses per component (`extra` included) run on
+    across the switch, and every checkpoint records the phases. Its step-1 checkpoint, saved
+    (as its manifest says) before the anneal was declared, resumes with it declared: the same
+    losses, training and validation, as the uninterrupted run. Rewriting the phase after it was
+    trained on is refused, naming the steps and the fix."""
+    from mlflow.tracking import MlflowClient
+
+    phases = anneal(demo_data, **ANNEAL)
+    store = tmp_path / "store"
+    succeeded(pretrain(demo_data, tmp_path / "run", store, "train.steps=4", *phases))
+
+    rows = metrics(tmp_path / "run")
+    first, second = {"code": 0.7, "prose": 0.3, "extra": 0.0}, ANNEAL
+    assert {k[8:]: v for k, v in rows[0].items() if k.startswith("mixture/")} == first
+    assert {k[8:]: v for k, v in rows[2].items() if k.startswith("mixture/")} == second
+    assert not any(k.startswith("mixture/") for step in (1, 3) for k in rows[step])
+    for step in (1, 3):  # after steps 2 and 4: every component's validation loss
+        for name in ("code", "prose", "extra"):
+            assert math.isfinite(rows[step][f"val/{name}/loss"]), (step, name)
+    assert rows[1]["epochs/extra"] == 0 < rows[3]["epochs/extra"]
+    storage = LocalStorage(store)
+    saved = {m.step: m for m in committed_checkpoints(storage, RUN)}
+    assert saved[4].mixture_phases == [
+        {"from_step": 0, "components": {"code": 0.7, "prose": 0.3}},
+        {"from_step": 2, "components": ANNEAL},
+    ]
+    client = MlflowClient(mlflow_tracking_uri)
+    run = find_run(client, client.get_experiment_by_name("data_phases").experiment_id, RUN)
+    history = client.get_metric_history(run.info.run_id, "mixture/extra")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (2, 0.5)]
+    assert "'from_step': 2" in run.data.params["data.phases"]
+
+    # Resumed at step 1 from a checkpoint saved before the anneal was declared.
+    earlier = dataclasses.replace(saved[1], mixture_phases=saved[1].mixture_phases[:1])
+    copy_checkpoint(store / checkpoint_key(RUN, 1), earlier, LocalStorage(tmp_path / "again"))
+    output = succeeded(
+        pretrain(
+            demo_data,
+            tmp_path / "resumed",
+            tmp_path / "again",
+            "train.steps=4",
+            "tracking.enabled=false",
+            *phases,
+        )
+    )
+    assert f"resumed run '{RUN}' at step 1" in output
+    resumed = metrics(tmp_path / "resumed")
+    for step in (1, 2, 3):
+        assert resumed[step]["loss"] == rows[step]["loss"], step
+    for step in (1, 3):
+        validation = {
+            k: v for k, v in rows[step].items() if k.startswith("val/") and "time" not in k
+        }
+        assert {k: resumed[step][k] for k in validation} == validation
+
+    # The anneal's weights rewritten after steps 2 and 3 trained on them: refused.
+    edited = anneal(demo_data, code=0.2, prose=0.3, extra=0.6)
+    refused = pretrain(demo_data, tmp_path / "run", store, "train.steps=5", *edited)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "steps 0-3 trained on the mixture phases" in said, said[-3000:]
+    assert "from step 2: code 0.2, extra 0.5, prose 0.3, the config now gives" in said
+    assert "data.phases=[{from_step: 4, components: {...}}]" in said
+    assert "resumed run" not in said
+    assert latest_checkpoint(storage, RUN).step == 4

@@ -75,6 +75,6 @@ def rewritten_phases(cfg: DataConfig, recorded: list[dict[str, Any]], step: int)
 def _said(phases: list[dict[str, Any]]) -> str:
     return "; ".join(
         f"from step {p['from_step']}: "
-        + ", ".join(f"{name} {weight:g}" for name, weight in p["components"].items())
+        + ", ".join(f"{name} {weight:g}" for name, weight in sorted(p["components"].items()))
         for p in phases
     )
