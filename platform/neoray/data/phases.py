@@ -7,7 +7,8 @@ size). Validation and test keep one mixture for the whole run, so that `val/loss
 `val/<component>/loss` are measured on the same samples before and after a switch: each
 component weighted by its share averaged over the phases (without phases: the components'
 weights, exactly as given). A component first trained in a later phase thus has its validation
-loss from the start of the run, showing what the switch does to it.
+loss from the start of the run, showing what the switch does to it. (Phases added or edited
+when a run is resumed change that set from then on.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def evaluation_weights(cfg: DataConfig) -> dict[str, float]:
         for name, weight in weights.items():
             shares[name] += weight / total / len(phases)
     return shares
+
+
+def mixture_metrics(cfg: DataConfig, step: int, start: int) -> dict[str, float]:
+    """`mixture/<component>` (its share of the train mixture) at the first step a job trains
+    (`start`) and at the first step of each phase, so that the metrics (MLflow's included)
+    keep the mixture's history; empty on other steps."""
+    phases = cfg.mixture_phases()
+    if step != start and step not in {first for first, _ in phases}:
+        return {}
+    current = [weights for first, weights in phases if first <= step][-1]
+    total = sum(current.values())
+    return {f"mixture/{name}": weight / total for name, weight in current.items()}
 
 
 def mixture_record(cfg: DataConfig) -> list[dict[str, Any]]:

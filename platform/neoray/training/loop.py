@@ -32,7 +32,7 @@ from neoray.code_version import code_version
 from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
-from neoray.data.phases import mixture_record, rewritten_phases
+from neoray.data.phases import mixture_metrics, mixture_record, rewritten_phases
 from neoray.energy.run import RunEnergy
 from neoray.evaluation.hold import EvaluationHold
 from neoray.evaluation.ledger import Ledger
@@ -171,20 +171,6 @@ def _check_data(cfg: PretrainConfig, manifest: Manifest) -> None:
     dist.broadcast_object_list(refusal, src=0)
     if refusal[0]:
         raise ConfigError(refusal[0])
-
-
-def mixture_switch(cfg: PretrainConfig, step: int, start: int) -> dict[str, float]:
-    """`mixture/<component>` (its share of the train mixture) at the first step trained by
-    this process (`start`) and at the first step of each phase, so the metrics (MLflow's
-    included) keep the mixture's history; empty on other steps and for synthetic data."""
-    if not isinstance(cfg.data, DataConfig):
-        return {}
-    phases = cfg.data.mixture_phases()
-    current = [weights for first, weights in phases if first <= step][-1]
-    if step != start and step not in {first for first, _ in phases}:
-        return {}
-    total = sum(current.values())
-    return {f"mixture/{name}": weight / total for name, weight in current.items()}
 
 
 def epochs_seen(data, samples: int) -> dict[str, float]:
@@ -368,7 +354,8 @@ def pretrain(
             step_skipped=not engine.was_step_applied(),
             peak_memory_gib=peak_memory_gib(device),
         )
-        row.update(mixture_switch(cfg, step, start))
+        if isinstance(cfg.data, DataConfig):
+            row.update(mixture_metrics(cfg.data, step, start))
         done = step + 1
         validated = validation is not None and cfg.train.validates_after(done)
         if validated:
