@@ -73,6 +73,9 @@ class Manifest:
     # component -> fingerprint of its token files at training time (see
     # neoray.data.mixture.data_fingerprint); empty for synthetic data and older checkpoints
     data_fingerprint: dict[str, str] = field(default_factory=dict)
+    # the mixture's phases as declared when saved, [{"from_step", "components": {name: weight}}]
+    # (see neoray.data.phases.mixture_record); empty for synthetic data and older checkpoints
+    mixture_phases: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -32,6 +32,7 @@ from neoray.code_version import code_version
 from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
+from neoray.data.phases import mixture_metrics, mixture_record, rewritten_phases
 from neoray.energy.run import RunEnergy
 from neoray.evaluation.hold import EvaluationHold
 from neoray.evaluation.ledger import Ledger
@@ -125,11 +126,23 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
 
 def _check_data(cfg: PretrainConfig, manifest: Manifest) -> None:
     """Refuse (on every rank, before any weight is read) to resume on token files other than
-    those `manifest` was trained on, unless `data.accept_changed_data` names the component:
-    the run would otherwise go on with other samples than its data order says, unnoticed.
-    Rank 0 alone reads the files, as it alone fingerprints them for the manifests."""
-    if not isinstance(cfg.data, DataConfig) or not manifest.data_fingerprint:
-        return  # synthetic data, or a checkpoint from before fingerprints were recorded
+    those `manifest` was trained on, unless `data.accept_changed_data` names the component,
+    or on a mixture whose phases before the checkpoint differ from those it recorded (a change
+    from the checkpoint's step on is declared as a phase): the run would otherwise go on with
+    other samples than its data order says, unnoticed. Rank 0 alone reads the files, as it
+    alone fingerprints them for the manifests."""
+    if not isinstance(cfg.data, DataConfig):
+        return  # synthetic data
+    rewritten = rewritten_phases(cfg.data, manifest.mixture_phases, manifest.step)
+    if rewritten:
+        raise ConfigError(
+            f"run_name={cfg.run_name!r}: {rewritten}. Its checkpoint at step {manifest.step} "
+            "was trained on the recorded ones: restore them in data.components and "
+            f"data.phases, and declare a change as a phase from step {manifest.step} or later "
+            f"(data.phases=[{{from_step: {manifest.step}, components: {{...}}}}])"
+        )
+    if not manifest.data_fingerprint:
+        return  # a checkpoint from before fingerprints were recorded
     refusal: list = [None]
     if dist.get_rank() == 0:
         changed = changed_components(cfg.data, manifest.data_fingerprint)
@@ -191,6 +204,7 @@ def manifest_factory(cfg: PretrainConfig):
             created=manifest_created(),
             files=files,
             data_fingerprint=fingerprint(),
+            mixture_phases=mixture_record(cfg.data) if isinstance(cfg.data, DataConfig) else [],
         )
 
     return make
@@ -340,6 +354,8 @@ def pretrain(
             step_skipped=not engine.was_step_applied(),
             peak_memory_gib=peak_memory_gib(device),
         )
+        if isinstance(cfg.data, DataConfig):
+            row.update(mixture_metrics(cfg.data, step, start))
         done = step + 1
         validated = validation is not None and cfg.train.validates_after(done)
         if validated:
