@@ -12,7 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -250,3 +254,57 @@ def test_neoray_plan_takes_a_recipe_and_a_layout():
     assert str(code).startswith("neoray plan: parallel.global_batch_size=1024 ") and not out
     code, _ = plan("recipe=pythia_1_4b", "--devices", "64")
     assert str(code).startswith("neoray plan: --devices: these apply to a preset")
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_through_the_pretrain_job_on_ray_at_tp_2(tmp_path):
+    """`recipe=pythia_70m` through `jobs/pretrain.py` on Ray Train workers, shrunk to the tiny
+    model and a batch of 8 for the CPU: the optimizer, schedule and checkpoint milestones that
+    the run records are the released run's."""
+    from distributed import run_command
+
+    from neoray.checkpoint import committed_checkpoints
+    from neoray.storage import LocalStorage
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "RAY_TMPDIR": ray_tmp,
+    }
+    store = tmp_path / "store"
+    try:
+        run_command(
+            [
+                sys.executable,
+                "jobs/pretrain.py",
+                "recipe=pythia_70m",
+                "model=tiny",
+                "data.seq_len=32",
+                "parallel.tp=2",
+                "parallel.micro_batch_size=2",
+                "parallel.global_batch_size=8",
+                "train.steps=3",
+                "train.precision=fp32",  # the recipe's fp16 needs kernels not every CPU has
+                "train.peak_tflops=1.0",
+                "tracking.enabled=false",
+                "run_name=recipe",
+                f"run_dir={tmp_path / 'run'}",
+                f"storage.root={store}",
+            ],
+            timeout=300,
+            cwd=CONF.parent,
+            env=env,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    manifests = committed_checkpoints(LocalStorage(store), "recipe")
+    assert [m.step for m in manifests] == [0, 1, 2, 3]  # milestones 0, 1, 2 and the last step
+    saved = manifests[-1].config
+    released = RELEASED["pythia_70m"]
+    assert (saved["optim.lr"], saved["optim.min_lr"]) == (released["lr"], released["min_lr"])
+    assert saved["optim.weight_decay"] == released["weight-decay"]
+    assert saved["optim.decay_steps"] == released["lr-decay-iters"]
+    assert saved["parallel.grad_accum_steps"] == 8 // 2  # derived: 8 sequences / (2 x dp 1)
+    assert manifests[-1].topology == {"tp": 2, "pp": 1, "dp": 1}
