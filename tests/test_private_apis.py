@@ -19,9 +19,8 @@ PLATFORM = Path(__file__).resolve().parents[1] / "platform" / "neoray"
 PRIVATE = {
     r"\b_get_ckpt_name\b|\b_get_zero_ckpt_name\b|\b_local_start\b|__compatible_ops__"
     r"|\b_hp_mapping\b|\boptimizer\.optimizer\b|\bloss_scaler\b": ("deepspeed_private.py"),
-    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b": (
-        "evaluation/lm_eval_private.py"
-    ),
+    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b|\._index\b"
+    r"|\._all_(tasks|subtasks|groups|tags)\b": ("evaluation/lm_eval_private.py"),
 }
 
 

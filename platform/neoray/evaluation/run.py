@@ -109,7 +109,10 @@ def load_suite(
             suite = to_dict(OmegaConf.load(folder / f"{name}.yaml"))
             if suite.get("suite") == MEMORIZATION:  # the memorization study, not lm-eval tasks
                 return memorization_suite(settings, suite, f"suite {name}")
-            return dataclass_from_config(EvalConfig, {**settings, **suite}, f"suite {name}")
+            # the job's task folders (eval.task_dirs) and the suite's own
+            folders = [*(settings.get("task_dirs") or []), *(suite.get("task_dirs") or [])]
+            values = {**settings, **suite, "task_dirs": folders}
+            return dataclass_from_config(EvalConfig, values, f"suite {name}")
     known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
     where = " or ".join(str(folder) for folder in folders)
     raise ConfigError(f"suites: no suite {name!r} in {where}; choose from {', '.join(known)}")
