@@ -5,6 +5,7 @@ server. Splitting a suite over workers must not change a single number, and must
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,11 +18,15 @@ from pathlib import Path
 import lm_eval
 import pytest
 import services
+import torch
+import transformers
 
 from neoray.config import ConfigError
+from neoray.data.gpt_dataset import split_documents
 from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.fanout import evaluate_suite, plan_units
+from neoray.evaluation.heldout import HeldoutConfig, write_heldout_tasks
 from neoray.evaluation.mirror import MissingDatasetError, fill_mirror, task_manager
 from neoray.evaluation.run import ModelSource, evaluate
 from neoray.evaluation.task_folders import task_folder
@@ -378,3 +383,44 @@ def test_a_task_folder_is_mirrored_by_content_locally_and_in_s3(
         task_manager(mirror, [str(copy)]).load(["mine_ppl"])
     with pytest.raises(ConfigError, match="eval.task_dirs: no folder 'nowhere'"):
         EvalConfig(suite="x", tasks=["mine"], task_dirs=["nowhere"])
+
+
+def test_heldout_tasks_score_the_validation_documents_as_transformers_does(
+    demo_data, model_dir, ray_local, tmp_path
+):
+    """The run's own held-out documents: the first of each component's validation split (as
+    preprocessing read them from the raw files), scored by the fan-out as transformers scores
+    them (one rolling window per document, from the tokenizer's begin-of-text token)."""
+    cfg = HeldoutConfig(output=str(tmp_path / "heldout"), documents=3, max_tokens=48)
+    assert write_heldout_tasks(demo_data, cfg) == ["heldout_code", "heldout_prose"]
+    texts = {}
+    for component in ("code", "prose"):
+        raw_file = Path(demo_data.components[component].input[0])
+        raw = [json.loads(line)["text"] for line in raw_file.read_text().splitlines()]
+        first = split_documents(len(raw), demo_data.split)[1].start
+        data = tmp_path / "heldout" / "data" / f"{component}.jsonl"
+        rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+        assert len(rows) == 3 and all(rows)
+        assert all(raw[first + i].startswith(row) for i, row in enumerate(rows))
+        texts[f"heldout_{component}"] = rows
+    suite = EvalConfig(
+        suite="heldout",
+        tasks=["heldout"],
+        task_dirs=[cfg.output],
+        workers=2,
+        batch_size=1,
+        bootstrap_iters=0,
+    )
+    results = evaluate_suite(str(model_dir), suite)["results"]
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    for task, rows in texts.items():
+        loglikelihood, size = 0.0, 0
+        for text in rows:
+            ids = tokenizer(text)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([[tokenizer.bos_token_id, *ids]])).logits[0, :-1]
+            loglikelihood += logits.log_softmax(-1)[torch.arange(len(ids)), ids].sum().item()
+            size += len(text.encode())
+        bits = -loglikelihood / size / math.log(2)
+        assert results[task]["bits_per_byte,none"] == pytest.approx(bits, rel=1e-5)

@@ -89,7 +89,7 @@ def heldout_documents(
     validation = split_documents(len(dataset), data.split)[SPLITS.index("validation")]
     documents = []
     for index in validation[:count]:
-        tokens = dataset.get(index).tolist()
+        tokens = dataset.get(index)[: max_tokens + 1].tolist()
         if tokens and tokens[-1] == eod:
             tokens = tokens[:-1]
         if tokens:
