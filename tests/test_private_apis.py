@@ -21,9 +21,8 @@ PRIVATE = {
     r"|\b_hp_mapping\b|\boptimizer\.optimizer\b|\bloss_scaler\b|\bcheckpoint_engine\b": (
         "deepspeed_private.py"
     ),
-    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b": (
-        "evaluation/lm_eval_private.py"
-    ),
+    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b|\._index\b"
+    r"|\._all_(tasks|subtasks|groups|tags)\b": ("evaluation/lm_eval_private.py"),
 }
 
 
