@@ -158,7 +158,7 @@ def test_another_runs_checkpoint_continues_at_another_layout(reference_runs, tmp
 # rank's share and the whole model are far apart.
 LARGER = dict(
     TINY_HF,
-    vocab_size=4096,
+    vocab_size=2048,
     hidden_size=256,
     num_hidden_layers=8,
     num_attention_heads=8,
@@ -186,27 +186,46 @@ def stage_targets(config: NeoXConfig, tp: int, tp_rank: int, pp_rank: int, pp: i
     return targets
 
 
-def test_each_rank_reads_its_share_and_at_most_one_tensor_more(tmp_path):
-    save_transformers_model(tmp_path / "hf", seed=6, max_shard_size="2MB", **LARGER)
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """The LARGER model saved by transformers in shards, and its tensors by our names."""
+    path = tmp_path_factory.mktemp("larger") / "hf"
+    save_transformers_model(path, seed=6, max_shard_size="2MB", **LARGER)
     full = {}
-    for path in (tmp_path / "hf").glob("*.safetensors"):
-        full.update({from_hf_name(k): v for k, v in load_file(path).items()})
+    for file in path.glob("*.safetensors"):
+        full.update({from_hf_name(k): v for k, v in load_file(file).items()})
+    return path, full
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_each_rank_reads_its_share_and_at_most_one_tensor_more(larger, where, request, tmp_path):
+    """Safetensors memory-mapped on disk, or read by byte ranges from S3."""
+    path, full = larger
+    source_uri = str(path)
+    if where == "s3":
+        from neoray.storage import S3Storage
+
+        bucket = request.getfixturevalue("s3_bucket")
+        store = S3Storage(StorageConfig(kind="s3", bucket=bucket))
+        for file in sorted(path.iterdir()):
+            store.upload_file(file, f"larger/{file.name}")
+        source_uri = f"s3://{bucket}/larger"
     model_bytes = sum(t.nbytes for t in full.values())
     layer_bytes = sum(t.nbytes for name, t in full.items() if name.startswith("layers.0."))
-    config = open_source(str(tmp_path / "hf"), StorageConfig()).config
+    config = open_source(source_uri, StorageConfig()).config
     total = 0
     for pp_rank in range(2):
         for tp_rank in range(2):
             targets = stage_targets(config, 2, tp_rank, pp_rank, 2)
-            source = open_source(str(tmp_path / "hf"), StorageConfig())
-            report = load_stage(source, targets, config, tp_rank, 2, tmp_path / "scratch")
+            source = open_source(source_uri, StorageConfig())
+            report = load_stage(source, targets, config, tp_rank, 2, tmp_path)
             share = sum(t.nbytes for t in targets.values())
-            print(f"rank tp{tp_rank} pp{pp_rank}: {report.summary()}; share {share:,} B")
+            print(f"{where} tp{tp_rank} pp{pp_rank}: {report.summary()}; share {share:,} B")
             assert report.model_bytes == model_bytes
             assert report.materialised_bytes == share  # each element of its share, once
             assert report.peak_bytes <= layer_bytes  # besides its share: one tensor at a time
             assert share < 0.3 * model_bytes
-            assert len(report.files) < len(list((tmp_path / "hf").glob("*.safetensors")))
+            assert len(report.files) < len(list(path.glob("*.safetensors")))
             for plain, tensor in full.items():
                 if (name := to_pipeline_name(plain, config)) not in targets:
                     continue
@@ -214,6 +233,7 @@ def test_each_rank_reads_its_share_and_at_most_one_tensor_more(tmp_path):
                 want = tensor if dim is None else tensor.chunk(2, dim)[tp_rank]
                 assert torch.equal(targets[name], want), name
             total += report.materialised_bytes
+    assert not list(tmp_path.iterdir())  # nothing downloaded: S3 files are read by ranges
     replicated = sum(t.nbytes for n, t in full.items() if split_dim(n) is None)
     assert total == model_bytes + replicated  # the replicated tensors read by both tp ranks
 

@@ -100,9 +100,10 @@ _SHAPE = {
 }
 
 
-def _fix(field: str, theirs) -> str:
-    if field == "padded_vocab_size":
-        return f"set model.vocab_size={theirs} (it is padded to a multiple of model.vocab_multiple)"
+def _fix(field: str, theirs, model: NeoXConfig) -> str:
+    if field == "padded_vocab_size":  # the rows the weights have, whatever the padding rule
+        multiple = "" if theirs % model.vocab_multiple else " model.vocab_multiple=1"
+        return f"set model.vocab_size={theirs}{multiple}"
     if field == "ffn_size":
         return f"set model.intermediate_size={theirs}"
     return f"set model.{field}={theirs}"
@@ -117,7 +118,7 @@ def check_source(source: Source, model: NeoXConfig) -> None:
     hf = not isinstance(source, RunCheckpoint)
     differ = [
         f"{hf_field if hf else 'model.' + field}={getattr(theirs, field)!r} where model.{field}="
-        f"{getattr(model, field)!r}: {_fix(field, getattr(theirs, field))}"
+        f"{getattr(model, field)!r}: {_fix(field, getattr(theirs, field), model)}"
         for field, hf_field in _SHAPE.items()
         if getattr(theirs, field) != getattr(model, field)
     ]

@@ -130,7 +130,7 @@ def safetensors_header(uri: str) -> tuple[dict, int]:
 class Stored:
     """One full tensor as stored: whole (`dim` None), or as slices joined along `dim`."""
 
-    parts: list[_Mapped | _Safe]
+    parts: list[_Mapped | _Safe | _Ranged]
     dim: int | None
 
     @property
