@@ -177,13 +177,10 @@ def load_stage(
                 f"{tuple(expected)}: model.* must describe the model the weights are of"
             )
         size = 0 if dim is None else target.shape[dim]
-        tensor = stored.read(dim, tp_rank * size, (tp_rank + 1) * size)
-        with torch.no_grad():
-            target.copy_(tensor)
-        read += tensor.nbytes
-        peak = max(peak, tensor.nbytes)
-        itemsize = tensor.element_size()
-        del tensor
+        pieces = stored.copy_into(target, dim, tp_rank * size, (tp_rank + 1) * size)
+        read += sum(pieces)
+        peak = max(peak, *pieces)
+        itemsize = sum(pieces) // target.numel()
     return LoadReport(read, peak, model.num_parameters() * itemsize, opened.files)
 
 

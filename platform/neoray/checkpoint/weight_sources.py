@@ -1,11 +1,11 @@
 """Weights to start a run from, read tensor by tensor and slice by slice.
 
 A source holds the full `GPTNeoX` tensors, each stored whole or as the tensor-parallel slices
-of the run that saved it. `read` returns one range of a full tensor along its split dimension
-(`neoray.parallel.convert.split_dim`) while touching only the stored bytes of that range:
-safetensors files are read by slice (`safe_open(...).get_slice`), `torch.save` files are
-memory-mapped (`torch.load(mmap=True, weights_only=True)`: no pickle code runs, nothing is
-read until sliced). So a rank of a tp x pp layout reads its stage's tensors and, of each, its
+of the run that saved it. `Stored.copy_into` copies one range of a full tensor along its split
+dimension (`neoray.parallel.convert.split_dim`) into a rank's parameter, one stored piece at a
+time, touching only the stored bytes of that range: safetensors files are read by slice
+(`safe_open(...).get_slice`), `torch.save` files are memory-mapped
+(`torch.load(mmap=True, weights_only=True)`: tensors only, nothing read until sliced). So a rank of a tp x pp layout reads its stage's tensors and, of each, its
 tensor-parallel slice: never the whole model.
 
 Three kinds (`open_source` tells them apart with the metadata alone, before any weight moves):
@@ -140,20 +140,32 @@ class Stored:
             shape[self.dim] = sum(part.shape[self.dim] for part in self.parts)
         return tuple(shape)
 
-    def read(self, dim: int | None, start: int = 0, stop: int = 0) -> torch.Tensor:
-        """Elements [start, stop) of the full tensor along `dim` (all of it when None)."""
+    def copy_into(
+        self, target: torch.Tensor, dim: int | None, start: int = 0, stop: int = 0
+    ) -> list[int]:
+        """Copy elements [start, stop) of the full tensor along `dim` (all of it when None)
+        into `target`, one stored piece at a time; the bytes of each piece read."""
         if dim is None:
-            return self.parts[0][(slice(None),) * len(self.parts[0].shape)]
-        if self.dim is None or len(self.parts) == 1:
-            return self.parts[0][_along(dim, start, stop)]
-        pieces, offset = [], 0
-        for part in self.parts:
-            size = part.shape[dim]
-            first, last = max(start, offset), min(stop, offset + size)
-            if first < last:
-                pieces.append(part[_along(dim, first - offset, last - offset)])
-            offset += size
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            spans = [(self.parts[0], (slice(None),) * target.dim(), target)]
+        elif self.dim is None or len(self.parts) == 1:
+            spans = [(self.parts[0], _along(dim, start, stop), target)]
+        else:  # slices of another tensor-parallel layout: the ones that overlap [start, stop)
+            spans, offset = [], 0
+            for part in self.parts:
+                size = part.shape[dim]
+                first, last = max(start, offset), min(stop, offset + size)
+                if first < last:
+                    into = target.narrow(dim, first - start, last - first)
+                    spans.append((part, _along(dim, first - offset, last - offset), into))
+                offset += size
+        sizes = []
+        for part, index, into in spans:
+            piece = part[index]
+            with torch.no_grad():
+                into.copy_(piece)
+            sizes.append(piece.nbytes)
+            del piece
+        return sizes
 
 
 def _along(dim: int, start: int, stop: int) -> tuple:
