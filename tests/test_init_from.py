@@ -152,6 +152,8 @@ def test_another_runs_checkpoint_continues_at_another_layout(reference_runs, tmp
     expected = transformers_loss(theirs, (1, 1, 1), tmp_path / "run", "run:layout", store)
     print(f"first loss {loss:.7f}, transformers {expected:.7f}")
     assert abs(loss - expected) < 1e-5, (loss, expected)
+    message = refusal(f"train.init_from=run:layout@{manifest.step}", store, "model.num_layers=3")
+    assert "its checkpoint's model has model.num_layers=2 where model.num_layers=3" in message
 
 
 # The loader alone, at the ranks of a (tp=2, pp=2) layout, on a model large enough that a

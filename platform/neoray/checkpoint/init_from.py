@@ -10,6 +10,7 @@ it read: its share of the model, plus at most one tensor in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -85,19 +86,31 @@ def _run_checkpoint(name: str, config: StorageConfig, what: str) -> RunCheckpoin
     return RunCheckpoint(what, storage, manifest)
 
 
-# The fields that decide the shape and the function of the weights, with their names as a
-# Hugging Face config.json has them.
-_SHAPE = {
+# Model fields that do not change what the weights compute, or that are compared through a
+# derived one (the padded vocabulary: the rows the embeddings have; the MLP width). Every other
+# field of NeoXConfig is compared.
+_NOT_COMPARED = {
+    "vocab_size",
+    "vocab_multiple",
+    "intermediate_size",
+    "max_seq_len",
+    "checkpoint_activations",
+}
+# The names a Hugging Face config.json gives them.
+_HF_NAMES = {
     "padded_vocab_size": "vocab_size",
     "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
     "num_heads": "num_attention_heads",
     "ffn_size": "intermediate_size",
-    "rotary_pct": "rotary_pct",
     "rotary_base": "rotary_emb_base",
     "parallel_residual": "use_parallel_residual",
-    "layer_norm_eps": "layer_norm_eps",
 }
+
+
+def _compared(config: NeoXConfig) -> dict:
+    fields = {f.name for f in dataclasses.fields(config)} - _NOT_COMPARED
+    values = {name: getattr(config, name) for name in sorted(fields)}
+    return {**values, "padded_vocab_size": config.padded_vocab_size, "ffn_size": config.ffn_size}
 
 
 def _fix(field: str, theirs, model: NeoXConfig) -> str:
@@ -112,15 +125,15 @@ def _fix(field: str, theirs, model: NeoXConfig) -> str:
 def check_source(source: Source, model: NeoXConfig) -> None:
     """Refuse a source whose model is not `model`: every field that differs, named, with the
     override that makes them agree (a plain state dict is checked tensor by tensor instead)."""
-    theirs = source.config
-    if theirs is None:
+    if source.config is None:
         return
     hf = not isinstance(source, RunCheckpoint)
+    theirs, ours = _compared(source.config), _compared(model)
     differ = [
-        f"{hf_field if hf else 'model.' + field}={getattr(theirs, field)!r} where model.{field}="
-        f"{getattr(model, field)!r}: {_fix(field, getattr(theirs, field), model)}"
-        for field, hf_field in _SHAPE.items()
-        if getattr(theirs, field) != getattr(model, field)
+        f"{_HF_NAMES.get(field, field) if hf else 'model.' + field}={theirs[field]!r} where "
+        f"model.{field}={ours[field]!r}: {_fix(field, theirs[field], model)}"
+        for field in theirs
+        if theirs[field] != ours[field]
     ]
     if differ:
         where = "its config.json has" if hf else "its checkpoint's model has"
