@@ -285,3 +285,20 @@ def test_sources_that_cannot_be_read_are_refused_before_launch(tmp_path):
     assert "run 'absent' has no committed checkpoint" in refusal(
         "train.init_from=run:absent", f"storage.root={tmp_path}"
     )
+
+
+def test_a_state_dict_of_another_shape_is_refused_before_any_weight_is_copied(tmp_path, released):
+    """A plain state dict says nothing of its model: each tensor's shape is checked, all of
+    them before the first copy."""
+    root, _ = released
+    state = {from_hf_name(k): v for k, v in load_file(root / "single/model.safetensors").items()}
+    state["layers.1.mlp.dense_h_to_4h.weight"] = torch.zeros(128, 64)
+    torch.save(state, tmp_path / "init.pt")
+    source = open_source(str(tmp_path / "init.pt"), StorageConfig())
+    config = open_source(str(root / "single"), StorageConfig()).config
+    targets = {k: torch.full_like(v, 7.0) for k, v in stage_targets(config, 1, 0, 0, 1).items()}
+    with pytest.raises(
+        ConfigError, match=r"layers.1.mlp.dense_h_to_4h.weight has shape \(128, 64\)"
+    ):
+        load_stage(source, targets, config, 0, 1, tmp_path)
+    assert all(bool((t == 7.0).all()) for t in targets.values())

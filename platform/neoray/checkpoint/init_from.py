@@ -173,24 +173,24 @@ def load_stage(
     scratch: Path,
 ) -> LoadReport:
     """Copy into `targets` (this rank's parameters, by pipeline name) their slices of the
-    source's tensors. Files fetched from an object store go to `scratch` (left to the caller)."""
+    source's tensors, once every shape is checked. Files fetched from an object store go to
+    `scratch` (left to the caller)."""
     names = {to_plain_name(name, model): name for name in targets}
     opened = source.open(set(names), scratch)
-    read = peak = 0
-    itemsize = 0
     for plain, name in sorted(names.items()):
-        target, stored = targets[name], opened.tensors[plain]
-        dim = split_dim(plain)
-        expected = list(target.shape)
-        if dim is not None:
+        expected = list(targets[name].shape)
+        if (dim := split_dim(plain)) is not None:
             expected[dim] *= tp
-        if list(stored.shape) != expected:
+        if list(opened.tensors[plain].shape) != expected:
             raise ConfigError(
-                f"{source.what}: {plain} has shape {tuple(stored.shape)}, the model's is "
-                f"{tuple(expected)}: model.* must describe the model the weights are of"
+                f"{source.what}: {plain} has shape {tuple(opened.tensors[plain].shape)}, the "
+                f"model's is {tuple(expected)}: model.* must describe the model the weights are of"
             )
+    read = peak = itemsize = 0
+    for plain, name in sorted(names.items()):
+        target, dim = targets[name], split_dim(plain)
         size = 0 if dim is None else target.shape[dim]
-        pieces = stored.copy_into(target, dim, tp_rank * size, (tp_rank + 1) * size)
+        pieces = opened.tensors[plain].copy_into(target, dim, tp_rank * size, (tp_rank + 1) * size)
         read += sum(pieces)
         peak = max(peak, *pieces)
         itemsize = sum(pieces) // target.numel()
