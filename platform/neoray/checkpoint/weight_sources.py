@@ -85,8 +85,8 @@ def _read_into(stream: BinaryIO, buffer: memoryview, uri: str) -> None:
 
 class _Ranged:
     """A tensor of a safetensors file in an object store, read by byte ranges (never the whole
-    file): rows (dim 0) are one contiguous range; columns (dim 1) are streamed row by row over
-    the tensor's range, keeping only the wanted columns of each row."""
+    file): rows (dim 0) are one range; columns (dim 1) are streamed row by row over the rows'
+    range, keeping only the wanted columns of each row (held: the slice and one row)."""
 
     def __init__(self, uri: str, entry: dict, data_start: int) -> None:
         if entry["dtype"] not in _DTYPES:
@@ -105,7 +105,7 @@ class _Ranged:
         shape = (last - first, *((b - a,) if len(self.shape) > 1 else ()), *self.shape[2:])
         keep = (b - a) * inner if len(self.shape) > 1 else row
         data = bytearray((last - first) * keep)
-        with open_bytes(self.uri, self.start + first * row) as stream:
+        with open_bytes(self.uri, self.start + first * row, self.start + last * row) as stream:
             if keep == row:  # whole rows: one range
                 _read_into(stream, memoryview(data), self.uri)
             else:
@@ -119,8 +119,9 @@ class _Ranged:
 def safetensors_header(uri: str) -> tuple[dict, int]:
     """The tensors a safetensors file in an object store lists (name -> dtype, shape and
     byte offsets), and where its data starts: its first 8 + header-length bytes only."""
-    with open_bytes(uri) as stream:
+    with open_bytes(uri, 0, 8) as stream:
         length = int.from_bytes(stream.read(8), "little")
+    with open_bytes(uri, 8, 8 + length) as stream:
         header = json.loads(stream.read(length))
     header.pop("__metadata__", None)
     return header, 8 + length
