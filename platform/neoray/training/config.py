@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from neoray.checkpoint.config import CheckpointConfig
+from neoray.checkpoint.init_from import check_source, open_source
 from neoray.checkpoint.manifest import SAFE_NAME
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
@@ -62,7 +63,9 @@ class TrainConfig:
     initial_loss_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
     max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite losses
     peak_tflops: float | None = None  # device peak for MFU; None: known GPU or a CPU probe
-    init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
+    # weights to start from (HF GPTNeoX dir, local or s3://; run:<name>[@<step>]; a checkpoint's
+    # <root>/<run>/checkpoints/step_<n>; a torch.save state dict): see neoray.checkpoint.init_from
+    init_from: str | None = None
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
     compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
     log_interval: int = 10  # rank 0 prints a progress line every this many steps; 0: never
@@ -229,6 +232,8 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         energy=dataclass_from_config(EnergyConfig, values.get("energy"), "energy"),
     )
     validate_layout(config.model, config.parallel)
+    if config.train.init_from:  # from the metadata alone, before any weight is read
+        check_source(open_source(config.train.init_from, config.storage), config.model)
     if config.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}: "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from neoray.checkpoint.init_from import init_stage
 from neoray.checkpoint.lease import LeaseCheck
 from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
@@ -37,7 +38,7 @@ from neoray.energy.run import RunEnergy
 from neoray.evaluation.hold import EvaluationHold
 from neoray.evaluation.ledger import Ledger
 from neoray.parallel.config import validate_layout
-from neoray.parallel.convert import load_full_state_dict, shard_path
+from neoray.parallel.convert import shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
 from neoray.storage import Storage, open_storage, publish_file
@@ -296,9 +297,18 @@ def pretrain(
         _check_data(cfg, manifests[-1])
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
-    if cfg.train.init_from:
-        full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
-        load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
+    if cfg.train.init_from and manifests:
+        log.info("run %r resumes its own checkpoint; train.init_from is not read", cfg.run_name)
+    elif cfg.train.init_from:  # weights only: the optimizer, schedule and data order start afresh
+        init_stage(
+            cfg.train.init_from,
+            module,
+            cfg.model,
+            placement.tp_rank,
+            cfg.parallel.tp,
+            cfg.storage,
+            Path(cfg.run_dir),
+        )
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
     resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
