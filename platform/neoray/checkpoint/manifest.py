@@ -73,6 +73,9 @@ class Manifest:
     # component -> fingerprint of its token files at training time (see
     # neoray.data.mixture.data_fingerprint); empty for synthetic data and older checkpoints
     data_fingerprint: dict[str, str] = field(default_factory=dict)
+    # [first, last] ranges of steps before `step` whose batches were not trained (skipped by
+    # train.skip_steps or after a loss spike's rollback); empty for older checkpoints
+    skipped_steps: list[list[int]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
