@@ -112,7 +112,7 @@ class TrainingExporter:
         self.failures += 1
         self.gauges.set("neoray_checkpoint_failures", self.failures)
 
-    def on_rollback(self, step: int, count: int, description: str) -> None:
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
         self.gauges.set("neoray_train_rollbacks", count)
 
 

@@ -295,10 +295,10 @@ class MLflowTracker:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.set_tags({f"checkpoint.failed.step_{step:08d}": error})
 
-    def on_rollback(self, step: int, count: int, description: str) -> None:
-        """Metric `train/rollback` (the run's rollbacks so far) at the spike's step, and tag
-        `neoray.rollback.<count>` saying what was done."""
-        self.log_metrics({"train/rollback": count}, step)
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        """Metrics `train/rollback` (the run's rollbacks so far) and `train/rollback_s` (its
+        time) at the spike's step, and tag `neoray.rollback.<count>` saying what was done."""
+        self.log_metrics({"train/rollback": count, "train/rollback_s": seconds}, step)
         self.set_tags({f"neoray.rollback.{count}": description})
 
     def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:

@@ -98,8 +98,8 @@ class QueuedTracker:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self._put("checkpoint_failed", (step, error))
 
-    def on_rollback(self, step: int, count: int, description: str) -> None:
-        self._put("rollback", (step, count, description))
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        self._put("rollback", (step, count, seconds, description))
 
     def close(self, failed: bool = False) -> None:
         """End the MLflow run (FINISHED or FAILED) once everything before it is logged; wait at

@@ -248,9 +248,9 @@ def _forget_evaluations(storage: Storage, run_name: str) -> None:
 
 def _report_rollback(rollback: Rollback, count: int, observer: TrainingObserver | None) -> None:
     """The progress line and the observers' record of the `count`-th rollback (rank 0)."""
-    print(f"{rollback.describe()} [rollback {count}]", flush=True)
+    print(f"{rollback.describe()} [rollback {count}: {rollback.cost()}]", flush=True)
     if observer is not None:
-        observer.on_rollback(rollback.step, count, rollback.describe())
+        observer.on_rollback(rollback.step, count, rollback.seconds, rollback.describe())
 
 
 def pretrain(

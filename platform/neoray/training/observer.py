@@ -23,9 +23,10 @@ class TrainingObserver(Protocol):
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         """The checkpoint of `step` could not be uploaded; it is retried at the next save."""
 
-    def on_rollback(self, step: int, count: int, description: str) -> None:
-        """The loss of `step` spiked and the run rolled back (its `count`-th rollback), as
-        `description` says; the rows of the steps undone come again (see training.spike)."""
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        """The loss of `step` spiked and the run rolled back (its `count`-th rollback, taking
+        `seconds`), as `description` says; the rows of the steps undone come again (see
+        training.spike)."""
 
 
 class Observers:
@@ -50,6 +51,6 @@ class Observers:
         for observer in self.observers:
             observer.on_checkpoint_failed(step, error)
 
-    def on_rollback(self, step: int, count: int, description: str) -> None:
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
         for observer in self.observers:
-            observer.on_rollback(step, count, description)
+            observer.on_rollback(step, count, seconds, description)

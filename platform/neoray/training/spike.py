@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class Rollback:
     reason: str
     to_step: int  # the checkpoint reloaded (training resumes at its step)
     skipped: tuple[int, int]  # the steps skipped for it, inclusive
+    seconds: float = 0.0  # from the spike's verdict to the checkpoint loaded
 
     def describe(self) -> str:
         first, last = self.skipped
@@ -138,9 +140,15 @@ class Rollback:
             f"{self.to_step}, skipping the batches of steps {first}..{last}"
         )
 
+    def cost(self) -> str:
+        """What the rollback cost: the trained steps thrown away, and its own time."""
+        return f"{self.step - self.to_step + 1} trained steps undone, {self.seconds:.1f} s"
+
 
 class SpikeDetector:
-    """Judges each trained step's loss against the median of the last `window` ones."""
+    """Judges each trained step's loss against the median of the last `window` ones. A rollback
+    keeps the losses of the steps it undid: they were below the threshold, the level the
+    run is at, and the window stays full, so the next spike is caught at once."""
 
     def __init__(self, config: SpikeConfig) -> None:
         self.config = config
@@ -162,12 +170,6 @@ class SpikeDetector:
                 )
         self.losses.append((step, loss))
         return ""
-
-    def forget_from(self, step: int) -> None:
-        """Drop the losses of `step` and later (rolled back: trained on weights now gone)."""
-        kept = [(s, value) for s, value in self.losses if s < step]
-        self.losses.clear()
-        self.losses.extend(kept)
 
 
 def agreed(spike: bool, device: torch.device) -> bool:
@@ -203,6 +205,7 @@ class SpikeGuard:
         reason = self.detector.judge(step, loss, grad_norm) if applied else ""
         if not agreed(bool(reason), self.device):
             return None
+        started = time.perf_counter()
         self.snapshots.settle()  # a checkpoint before the spike may still be uploading
         try:
             self.check_bound(step, reason or "a spike seen on another rank")
@@ -211,6 +214,7 @@ class SpikeGuard:
             self.snapshots.finish_before_stopping()
             raise
         self.snapshots.discard_after(rollback.to_step)
+        rollback.seconds = time.perf_counter() - started
         return rollback
 
     def check_bound(self, step: int, reason: str) -> None:
@@ -243,6 +247,5 @@ class SpikeGuard:
         last = max(step, to_step + self.config.skip_batches - 1)
         rollback = Rollback(step, loss, reason, to_step, (to_step, last))
         self.skipped.add(to_step, last)
-        self.detector.forget_from(to_step)
         self.history.append(rollback)
         return rollback
