@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def command(world: int, root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+NO_MLFLOW = "tracking.enabled=false"
+
+
 def environment() -> dict[str, str]:
     """The runs' environment, read when they start (after conftest points MLflow elsewhere)."""
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -121,18 +125,14 @@ def test_a_spike_is_rolled_back_and_skipped_as_if_its_batches_were_never_there(
     spiky_copy(demo_data, root, [GARBAGE_AT])
     tp2 = ["parallel.tp=2"]
     rolled, skipping = tmp_path / "rolled", tmp_path / "skipping"
-    out = run_command(
+    runs = [
         command(2, root, rolled, *tp2, *SPIKE, "run_name=spiky", "tracking.enabled=true"),
-        timeout=300,
-        cwd=ROOT,
-        env=environment(),
-    )
-    run_command(
-        command(2, root, skipping, *tp2, f"train.skip_steps=[{SKIPPED}]", "run_name=skipping"),
-        timeout=300,
-        cwd=ROOT,
-        env=environment(),
-    )
+        command(
+            2, root, skipping, *tp2, f"train.skip_steps=[{SKIPPED}]", "run_name=skipping", NO_MLFLOW
+        ),
+    ]
+    with ThreadPoolExecutor(2) as pool:  # side by side (most of each is start-up); one MLflow
+        out, _ = pool.map(lambda c: run_command(c, 300, cwd=ROOT, env=environment()), runs)
     assert re.search(
         r"spike at step 8 \(loss [\d.]+ > 1\.2 x [\d.]+, the median of the last 3 steps\): "
         r"rolled back to the checkpoint of step 6, skipping the batches of steps 6\.\.8 "
@@ -180,7 +180,7 @@ def test_a_spike_past_max_rollbacks_stops_the_run_with_the_history(demo_data, tm
     run_dir = tmp_path / "run"
     bound = ["train.spike.max_rollbacks=1", "train.spike.rollback_window=100"]
     done = subprocess.run(
-        command(1, root, run_dir, *SPIKE, *bound, "run_name=bounded", "tracking.enabled=false"),
+        command(1, root, run_dir, *SPIKE, *bound, "run_name=bounded", NO_MLFLOW),
         cwd=ROOT,
         env=environment(),
         capture_output=True,
