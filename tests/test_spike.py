@@ -174,7 +174,8 @@ def test_a_spike_is_rolled_back_and_skipped_as_if_its_batches_were_never_there(
 def test_a_spike_past_max_rollbacks_stops_the_run_with_the_history(demo_data, tmp_path):
     """Garbage at steps 8 and 10, one rollback allowed: the first is rolled back (to step 6,
     skipping 6..8), the second stops the run, naming both; the checkpoint committed between
-    them (step 9) records the skipped steps, so a restart keeps skipping them."""
+    them (step 9) records the skipped steps, so a restart keeps skipping them (and, its
+    history being its own, rolls the second back)."""
     root = tmp_path / "data"
     spiky_copy(demo_data, root, [GARBAGE_AT, 10])
     run_dir = tmp_path / "run"
@@ -198,10 +199,28 @@ def test_a_spike_past_max_rollbacks_stops_the_run_with_the_history(demo_data, tm
         r"checkpoint of step 6, skipping the batches of steps 6\.\.8\n",
         output,
     ), output[-3000:]
-    manifest = latest_checkpoint(LocalStorage(run_dir / "store"), "bounded")
+    store = LocalStorage(run_dir / "store")
+    manifest = latest_checkpoint(store, "bounded")
     assert (manifest.step, manifest.skipped_steps) == (9, [SKIPPED])
     assert [s for s in range(12) if manifest.trained_on(s)] == [0, 1, 2, 3, 4, 5]
     assert sorted(metrics(run_dir)) == [0, 1, 2, 3, 4, 5, 9]  # step 10 never finished
+
+    # Started again, it resumes at step 9 still skipping 6..8, and judges step 10 against the
+    # losses its metrics.jsonl kept: rolled back to step 9, skipping 9..10.
+    again = run_command(
+        command(1, root, run_dir, *SPIKE, *bound, "run_name=bounded", NO_MLFLOW),
+        timeout=300,
+        cwd=ROOT,
+        env=environment(),
+    )
+    assert re.search(
+        r"spike at step 10 \(loss [\d.]+ > 1\.2 x [\d.]+, the median of the last 3 steps\): "
+        r"rolled back to the checkpoint of step 9, skipping the batches of steps 9\.\.10 ",
+        again,
+    ), again[-3000:]
+    manifest = latest_checkpoint(store, "bounded")
+    assert (manifest.step, manifest.skipped_steps) == (STEPS, [[6, 10]])
+    assert manifest.tokens_seen == (STEPS - 5) * GLOBAL_BATCH * 32
 
 
 def test_exposure_counts_only_the_steps_trained(demo_data, tmp_path):

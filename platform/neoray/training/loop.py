@@ -341,6 +341,7 @@ def pretrain(
     guard = None
     if cfg.train.spike.enabled:  # checkpoints are on (checked with the config)
         guard = SpikeGuard(cfg.train.spike, skipped, engine, snapshots, layout, staging, device)
+        guard.recall(out.kept if out is not None else [])
     nonfinite = 0
     step = start
     while step < cfg.train.steps:

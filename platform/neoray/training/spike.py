@@ -198,6 +198,17 @@ class SpikeGuard:
         self.detector = SpikeDetector(config)
         self.history: list[Rollback] = []
 
+    def recall(self, earlier_rows: list[dict]) -> None:
+        """At a restart (collective): the window starts with the last losses trained before it,
+        from the rows rank 0's metrics.jsonl kept (`earlier_rows`), so that a spike right after
+        a restart is caught too. The rollback history is this process's own."""
+        losses: list = [None]
+        if dist.get_rank() == 0:
+            rows = [row for row in earlier_rows if isinstance(row.get("loss"), float)]
+            losses[0] = [(row["step"], row["loss"]) for row in rows[-self.config.window :]]
+        dist.broadcast_object_list(losses, src=0)
+        self.detector.losses.extend(losses[0])
+
     def after_step(self, step: int, loss: float, grad_norm: float | None) -> Rollback | None:
         """After training `step` (collective): None, or the rollback done for its spike.
         fp16 steps skipped for overflow are the loss scaler's business, not spikes."""
