@@ -20,7 +20,6 @@ steps that the dynamic loss scaler skipped for overflow are its business, not a 
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import time
@@ -36,8 +35,6 @@ from neoray.checkpoint.manifest import Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
 from neoray.checkpoint.snapshot import Snapshots
 from neoray.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class SpikeError(RuntimeError):
@@ -217,10 +214,11 @@ class SpikeGuard:
         if not agreed(bool(reason), self.device):
             return None
         started = time.perf_counter()
+        reason = reason or "a spike seen on another rank"
         self.snapshots.settle()  # a checkpoint before the spike may still be uploading
         try:
-            self.check_bound(step, reason or "a spike seen on another rank")
-            rollback = self._roll_back(step, loss, reason or "a spike seen on another rank")
+            self.check_bound(step, reason)
+            rollback = self._roll_back(step, loss, reason)
         except SpikeError:
             self.snapshots.finish_before_stopping()
             raise
