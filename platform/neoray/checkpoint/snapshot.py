@@ -309,6 +309,13 @@ class Snapshots:
             self._discard(step)
             self.pending.remove(step)
 
+    def discard_after(self, step: int) -> None:
+        """Forget the uncommitted checkpoints after `step`: training rolled back to `step`, and
+        they hold weights (and batches) it no longer has."""
+        for later in [s for s in self.pending if s > step]:
+            self._discard(later)
+            self.pending.remove(later)
+
     def check_lease(self) -> None:
         """Raise LeaseLostError on every rank when rank 0 reads that the run's lease is no
         longer this job's (collective; rank 0 reads it afresh)."""
@@ -334,6 +341,14 @@ class Snapshots:
         if self.pending:
             raise UncommittedCheckpointError(self._uncommitted_message())
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def finish_before_stopping(self) -> None:
+        """`finish` before the run stops on a bad loss: the good checkpoints already uploading
+        are committed; any left uncommitted are logged, not raised (the loss is the news)."""
+        try:
+            self.finish()
+        except UncommittedCheckpointError as err:
+            log.error("%s", err)
 
     def _uncommitted_message(self) -> str:
         errors = "; ".join(f"step {s}: {self.errors.get(s, 'not uploaded')}" for s in self.pending)

@@ -22,6 +22,7 @@ from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
 from neoray.storage import StorageConfig
 from neoray.tokenizer.load import load_tokenizer
+from neoray.training.spike import SpikeConfig, checked_ranges
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -71,8 +72,14 @@ class TrainConfig:
     log_interval: int = 10  # rank 0 prints a progress line every this many steps; 0: never
     eval_interval: int = 1000  # validate every this many steps and at the end; 0: never
     eval_iters: int = 10  # global batches of the validation split per validation
+    skip_steps: list = field(default_factory=list)  # [[first, last], ...]: batches not trained
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # loss spikes: see training.spike
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spike, SpikeConfig):
+            self.spike = dataclass_from_config(SpikeConfig, self.spike, "train.spike")
+        checked_ranges(self.skip_steps, "train.skip_steps")
+        self.skip_steps = [list(entry) for entry in self.skip_steps]
         if self.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {self.steps}")
         if self.precision not in PRECISIONS:
@@ -124,6 +131,11 @@ class PretrainConfig:
             raise ConfigError(
                 f"run_name={self.run_name!r}: use letters, digits, '.', '_' and '-' "
                 "(it becomes a folder name in the checkpoint storage)"
+            )
+        if self.train.spike.enabled and not self.checkpoint.enabled:
+            raise ConfigError(
+                "train.spike.enabled=true rolls back to the last committed checkpoint: set "
+                "checkpoint.enabled=true"
             )
 
     @property
