@@ -1,11 +1,13 @@
-"""Async snapshots: training step time while a checkpoint uploads in the background vs idle.
+"""Async snapshots: training step time while a checkpoint uploads in the background vs idle,
+and the time each save holds the training loop.
 
 One process trains a GPT-NeoX model whose checkpoint is a few hundred MB, with checkpoints going
 to a SeaweedFS started here on 127.0.0.1. Rounds alternate (swapping which side goes first):
 "idle" times `--steps` training steps with nothing else going on; "uploading" saves a checkpoint
-through `neoray.checkpoint.snapshot.Snapshots` (the local write is not timed: it is the part
-training waits for by design) and times the same number of steps while its upload runs. The
-upload is committed after the timed steps. The ratio is the median step time uploading / idle.
+through `neoray.checkpoint.snapshot.Snapshots` and times the same number of steps while its
+upload (in the upload process) runs. The save itself, the local write that training waits for
+by design, is timed apart: the blocked time per save. The upload is committed after the timed
+steps. The ratio is the median step time uploading / idle.
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/async_snapshot.py
 """
@@ -62,6 +64,7 @@ def main() -> None:
         step = 0
         idle: list[float] = []
         uploading: list[float] = []
+        blocked: list[float] = []
         covered = 0
         steps()  # warmup
         for round_index in range(args.rounds):
@@ -70,7 +73,9 @@ def main() -> None:
                     idle += steps()
                     continue
                 step += 1
+                start = time.perf_counter()
                 snapshots.save(engine, step)
+                blocked.append(time.perf_counter() - start)
                 uploading += steps()
                 covered += snapshots.thread is not None and snapshots.thread.is_alive()
                 snapshots.settle()
@@ -82,6 +87,10 @@ def main() -> None:
                 f"{name:10} {statistics.median(times):10.4f} {min(times):10.4f} {max(times):10.4f}"
             )
         print(f"uploads still running after the timed steps: {covered} of {args.rounds}")
+        print(
+            f"training blocked per save (local write): median {statistics.median(blocked):.3f} s, "
+            f"max {max(blocked):.3f} s"
+        )
         ratio = statistics.median(uploading) / statistics.median(idle)
         print(f"ratio step time uploading/idle: {ratio:.2f}x (goal <= {GOAL:.2f}x)")
 

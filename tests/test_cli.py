@@ -30,4 +30,4 @@ def test_plan_of_the_20b_run_is_close_to_the_paper():
 
 def test_plan_rejects_an_unknown_preset():
     result = subprocess.run([NEORAY, "plan", "nope"], capture_output=True, text=True)
-    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+    assert result.returncode == 1 and "neoray plan: invalid choice: 'nope'" in result.stderr

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from object_store_access import assert_only_s3_with_keys_reaches_objects
 
 from neoray.cluster.services import group_alive
 from neoray.cluster.stack import mlflow_client_env
@@ -86,6 +87,8 @@ def test_up_serves_mlflow_and_a_dashboard_that_wants_the_token(stack):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
     for secret in SECRETS:
         assert (cwd / ".neoray" / secret).stat().st_mode & 0o777 == 0o600, secret
+    for secret in (cwd / ".neoray" / "s3" / "security").iterdir():  # SeaweedFS's keys
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
     with urllib.request.urlopen(f"{state['mlflow_url']}/health", timeout=5) as health:
         assert health.status == 200
     with pytest.raises(urllib.error.HTTPError, match="401"):
@@ -152,6 +155,17 @@ def test_every_server_of_the_stack_listens_on_loopback_only(stack):
     assert len(listening) >= 10  # S3's servers, PostgreSQL, MLflow, GCS, raylet, dashboard, ...
     exposed = {f"{a.ip}:{a.port}": n for a, n in listening.items() if a.ip not in LOOPBACK}
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_the_stacks_objects_are_reached_only_through_s3_with_its_keys(stack):
+    """A local user reaches no object through SeaweedFS's other servers (every socket its
+    processes listen on, tried over HTTP and gRPC without credentials)."""
+    cwd, state = stack
+    s3 = stack_s3(cwd, state)
+    s3.create_bucket(Bucket="access-probe")
+    directory = cwd / ".neoray" / "s3"
+    pgid, ports = state["pids"]["s3"], state["weed_ports"]
+    assert_only_s3_with_keys_reaches_objects(pgid, directory, ports, s3, "access-probe")
 
 
 def test_the_stacks_mlflow_loses_nothing_under_concurrent_writers(stack):

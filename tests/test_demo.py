@@ -105,15 +105,17 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     evaluations = [
         r for r in runs if r.data.tags.get("mlflow.parentRunId") == training[0].info.run_id
     ]
-    # Scheduled evaluation: every checkpoint on both MMLU suites, once, in the ledger and in
-    # MLflow; the training run carries each suite's accuracy across steps for the UI's chart.
+    # Scheduled evaluation: every checkpoint on both MMLU suites and the held-out perplexity
+    # suite, once, in the ledger and in MLflow; the training run carries each suite's metrics
+    # across steps for the UI's chart.
+    suites = ("heldout", "mmlu_0shot", "mmlu_5shot")
     assert sorted(
         (int(r.data.tags["neoray.eval.step"]), r.data.tags["neoray.eval.suite"])
         for r in evaluations
-    ) == [(step, suite) for step in (20, 40, 60) for suite in ("mmlu_0shot", "mmlu_5shot")]
+    ) == [(step, suite) for step in (20, 40, 60) for suite in suites]
     entries = Ledger(open_storage(StorageConfig(root=str(tmp_path / "storage"))), "demo").entries()
     assert [(e.step, e.suite, e.state, e.attempts) for e in entries] == [
-        (step, suite, "done", 1) for step in (20, 40, 60) for suite in ("mmlu_0shot", "mmlu_5shot")
+        (step, suite, "done", 1) for step in (20, 40, 60) for suite in suites
     ]
     for suite in ("mmlu_0shot", "mmlu_5shot"):
         history = client.get_metric_history(training[0].info.run_id, f"eval/{suite}/mmlu/acc")
@@ -124,7 +126,37 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     zero_shot, five_shot, *others = series_pixels(out / "mmlu.png")
     assert max(zero_shot, five_shot) >= CURVE_PIXELS and min(zero_shot, five_shot) > 0
     assert all(n < CURVE_PIXELS for n in others)
-    assert "queued 6 evaluation(s), newest first: step 60 mmlu_0shot" in result.stdout
+    assert "queued 9 evaluation(s), newest first: step 60 mmlu_0shot" in result.stdout
+    # The held-out documents (the first validation documents of each component, read from the
+    # evaluation mirror): their perplexity falls from checkpoint to checkpoint, as printed.
+    heldout = {
+        task: {int(step): values for step, values in by_step.items()}
+        for task, by_step in summary["heldout_by_step"].items()
+    }
+    assert sorted(heldout) == ["heldout_code", "heldout_prose"]
+    for task, by_step in heldout.items():
+        assert sorted(by_step) == [20, 40, 60]
+        for metric in ("word_perplexity", "bits_per_byte"):
+            values = [by_step[step][metric] for step in (20, 40, 60)]
+            assert values[0] > values[1] > values[2], (task, metric, values)
+        history = client.get_metric_history(
+            training[0].info.run_id, f"eval/heldout/{task}/word_perplexity"
+        )
+        assert {m.step: m.value for m in history} == {
+            step: values["word_perplexity"] for step, values in by_step.items()
+        }
+    table = result.stdout.split("held-out documents by checkpoint")[1].splitlines()
+    header = "step code bits/byte code word ppl prose bits/byte prose word ppl"
+    assert " ".join(table[1].split()) == header
+    for line, step in zip(table[2:5], (20, 40, 60), strict=True):
+        assert line.split() == [str(step)] + [
+            f"{heldout[task][step][metric]:{digits}}"
+            for task in ("heldout_code", "heldout_prose")
+            for metric, digits in (("bits_per_byte", ".4f"), ("word_perplexity", ".2f"))
+        ]
+    assert (out / "eval_data" / "task_dirs").is_dir()  # the task folder, mirrored
+    # code and prose: two falling curves
+    assert sum(n >= CURVE_PIXELS for n in series_pixels(out / "heldout.png")) == 2
 
 
 def test_demo_rejects_bad_config_before_any_work(tmp_path):

@@ -26,8 +26,9 @@ from hydra import compose, initialize_config_dir
 from packaging.requirements import Requirement
 
 import neoray
-from neoray.cluster.services import ray_head_command, ray_ports
+from neoray.cluster.services import ray_head_command, ray_ports, weed_command, weed_ports
 from neoray.cluster.stack import Stack, _s3_env, head_environment, stack_mlflow_command
+from neoray.cluster.weed_security import SECURITY_TOML
 from neoray.evaluation.run import eval_watch_settings
 from neoray.training.config import pretrain_config
 from neoray.training.job import cluster_config, worker_job
@@ -372,6 +373,55 @@ def test_compose_runs_the_services_of_neoray_up_the_same_way(tmp_path):
     for name, service in services.items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} to every interface"
+
+
+def _flattened(table: dict, prefix: str = "") -> dict[str, object]:
+    """A parsed TOML document as {"section.sub.key": value}."""
+    found: dict[str, object] = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            found |= _flattened(value, f"{prefix}{name}.")
+        else:
+            found[f"{prefix}{name}"] = value
+    return found
+
+
+def test_compose_seaweedfs_answers_only_through_s3_with_the_keys_of_the_env_file(tmp_path):
+    """As under `neoray up` (tests/test_object_store_access.py checks that one running): its
+    own security.toml with every signing key, the master's and filer's HTTP APIs off; the
+    master, volume server and filer on the container's loopback; only S3 published."""
+    compose = compose_file()
+    services = compose["services"]
+    s3 = services["s3"]
+    words = s3["command"].split()
+    local = weed_command(tmp_path, weed_ports(), "a", "b")
+    for switch in ("-disableHttp", "-s3.iam=false", "-master.telemetry=false"):
+        assert switch in local and switch in words, switch
+    assert {"-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.ip.bind=0.0.0.0"} <= set(words)
+
+    # The settings of the stack's security.toml, but mutual TLS; each key a secret of its own.
+    (config_dir,) = [word.partition("=")[2] for word in words if word.startswith("-config_dir=")]
+    mounted = {config["target"]: config["source"] for config in s3["configs"]}
+    content = compose["configs"][mounted[f"{config_dir}/{SECURITY_TOML}"]]["content"]
+    settings = _flattened(tomllib.loads(content))
+    stacks = _flattened(tomllib.loads((tmp_path / "security" / SECURITY_TOML).read_text()))
+    assert set(settings) == {name for name in stacks if not name.startswith("grpc")}
+    keys = {name: value for name, value in settings.items() if name.endswith(".key")}
+    assert len(keys) == 4 and len(set(keys.values())) == 4
+    for name, value in settings.items():
+        if name in keys:
+            assert re.fullmatch(r"\$\{SEAWEEDFS_\w+:\?set it in docker/\.env\}", value), name
+        else:
+            assert value == stacks[name], name
+
+    # Published: the S3 port only. The gateway's gRPC port is on the `storage` network, which
+    # only services holding the S3 keys join.
+    assert s3["ports"] == ["127.0.0.1:8333:8333"]
+    assert s3["networks"] == ["storage"]
+    for name, service in services.items():
+        if "storage" in service.get("networks", []):
+            environment = service["environment"]
+            assert environment["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY"), name
 
 
 def test_compose_secrets_come_from_the_env_file_and_it_is_not_committed():

@@ -4,7 +4,10 @@ server. Splitting a suite over workers must not change a single number, and must
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -15,13 +18,18 @@ from pathlib import Path
 import lm_eval
 import pytest
 import services
+import torch
+import transformers
 
 from neoray.config import ConfigError
+from neoray.data.gpt_dataset import split_documents
 from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.fanout import evaluate_suite, plan_units
-from neoray.evaluation.mirror import MissingDatasetError, task_manager
+from neoray.evaluation.heldout import HeldoutConfig, write_heldout_tasks
+from neoray.evaluation.mirror import MissingDatasetError, fill_mirror, task_manager
 from neoray.evaluation.run import ModelSource, evaluate
+from neoray.evaluation.task_folders import task_folder
 from neoray.evaluation.tracking import PARENT_TAG, RUN_NAME_TAG, SUITE_TAG, EvalTracker
 from neoray.tracking import TrackingConfig
 
@@ -264,3 +272,155 @@ def test_an_s3_mirror_is_fetched_once_per_content_into_the_nodes_cache(
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one file per content, no leftovers
     with pytest.raises(MissingDatasetError, match=f"{remote}/arithmetic_2ds/validation.jsonl"):
         task_manager(remote).load(["arithmetic_2ds"])
+
+
+# A suite's own task folder: a perplexity task (loglikelihood_rolling) and a multiple-choice
+# task, both reading data files relative to their YAML, named together by their tag.
+CUSTOM_PPL = """task: mine_ppl
+tag: [mine]
+dataset_path: json
+dataset_kwargs: {data_files: {test: data/texts.jsonl}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
+"""
+CUSTOM_CHOICE = """task: mine_choice
+tag: [mine]
+dataset_path: json
+dataset_kwargs: {data_files: {validation: data/choices.jsonl}}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "Question: which is true of {{thing}}?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: choices
+metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]
+"""
+
+
+@pytest.fixture(scope="module")
+def custom_tasks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks") / "mine"
+    (folder / "data").mkdir(parents=True)
+    (folder / "mine_ppl.yaml").write_text(CUSTOM_PPL)
+    (folder / "mine_choice.yaml").write_text(CUSTOM_CHOICE)
+    texts = [f"Everyone knows that {thing} {fact}." for thing, fact, _ in testdata._FACTS]
+    rows = [{"text": f"{text} {other}"} for text in texts for other in texts[:6]]
+    (folder / "data" / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choices = [
+        {"thing": thing, "choices": [false, true] if i % 2 else [true, false], "label": i % 2}
+        for i, (thing, true, false) in enumerate(testdata._FACTS * 4)
+    ]
+    (folder / "data" / "choices.jsonl").write_text("".join(json.dumps(r) + "\n" for r in choices))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def custom_direct(custom_tasks, model_dir):
+    """lm-eval on its own: its TaskManager's `include_path`, run in the folder, where its
+    relative data files are found."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(custom_tasks)
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=["mine"],
+            device="cpu",
+            task_manager=lm_eval.tasks.TaskManager(include_path=str(custom_tasks)),
+            batch_size=1,
+            bootstrap_iters=200,
+        )
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_suites_own_tasks_equal_lm_eval_directly(
+    custom_tasks, model_dir, ray_local, custom_direct, workers
+):
+    cfg = EvalConfig(
+        suite="mine",
+        tasks=["mine"],
+        task_dirs=[str(custom_tasks)],
+        workers=workers,
+        batch_size=1,
+        bootstrap_iters=200,
+    )
+    if workers == 3:  # the perplexity task is cut into document shards on two workers
+        units = plan_units(task_manager(None, cfg.task_dirs).load(["mine"])["tasks"], cfg)
+        assert sum("mine_ppl" in unit.docs for unit in units) == 2
+    merged = evaluate_suite(str(model_dir), cfg)
+    assert_same_evaluation(merged, custom_direct)
+    assert set(merged["results"]) == {"mine_ppl", "mine_choice"}
+    assert merged["n-samples"]["mine_ppl"]["effective"] == 48
+    assert merged["results"]["mine_ppl"]["word_perplexity,none"] > 1
+
+
+def test_a_task_folder_is_mirrored_by_content_locally_and_in_s3(
+    custom_tasks, s3_bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NEORAY_EVAL_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "renamed"  # the same content under another name finds the same data
+    shutil.copytree(custom_tasks, copy)
+    folder = task_folder(str(copy))
+    expected = {
+        name: list(task.eval_docs)
+        for name, task in task_manager(None, [str(custom_tasks)]).load(["mine"])["tasks"].items()
+    }
+    for mirror in (str(tmp_path / "mirror"), f"s3://{s3_bucket}/eval-mirror"):
+        written = fill_mirror([], mirror, [str(custom_tasks)])
+        entry = f"{mirror}/task_dirs/{folder.key}"
+        assert sorted(written) == sorted(
+            [f"{entry}/data/mine_ppl/test.jsonl", f"{entry}/data/mine_choice/validation.jsonl"]
+            + [f"{entry}/files/{f}" for f in ("data/choices.jsonl", "data/texts.jsonl")]
+            + [f"{entry}/files/{f}" for f in ("mine_choice.yaml", "mine_ppl.yaml")]
+        )
+        loaded = task_manager(mirror, [str(copy)]).load(["mine"])["tasks"]
+        assert {name: list(task.eval_docs) for name, task in loaded.items()} == expected
+    (copy / "data" / "texts.jsonl").write_text('{"text": "edited after mirroring"}\n')
+    with pytest.raises(MissingDatasetError, match=f"{copy} as it is now, digest (?!{folder.key})"):
+        task_manager(mirror, [str(copy)]).load(["mine_ppl"])
+    with pytest.raises(ConfigError, match="eval.task_dirs: no folder 'nowhere'"):
+        EvalConfig(suite="x", tasks=["mine"], task_dirs=["nowhere"])
+
+
+def test_heldout_tasks_score_the_validation_documents_as_transformers_does(
+    demo_data, model_dir, ray_local, tmp_path
+):
+    """The run's own held-out documents: the first of each component's validation split (as
+    preprocessing read them from the raw files), scored by the fan-out as transformers scores
+    them (one rolling window per document, from the tokenizer's begin-of-text token)."""
+    cfg = HeldoutConfig(output=str(tmp_path / "heldout"), documents=3, max_tokens=48)
+    assert write_heldout_tasks(demo_data, cfg) == ["heldout_code", "heldout_prose"]
+    texts = {}
+    for component in ("code", "prose"):
+        raw_file = Path(demo_data.components[component].input[0])
+        raw = [json.loads(line)["text"] for line in raw_file.read_text().splitlines()]
+        first = split_documents(len(raw), demo_data.split)[1].start
+        data = tmp_path / "heldout" / "data" / f"{component}.jsonl"
+        rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+        assert len(rows) == 3 and all(rows)
+        assert all(raw[first + i].startswith(row) for i, row in enumerate(rows))
+        texts[f"heldout_{component}"] = rows
+    suite = EvalConfig(
+        suite="heldout",
+        tasks=["heldout"],
+        task_dirs=[cfg.output],
+        workers=2,
+        batch_size=1,
+        bootstrap_iters=0,
+    )
+    results = evaluate_suite(str(model_dir), suite)["results"]
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    for task, rows in texts.items():
+        loglikelihood, size = 0.0, 0
+        for text in rows:
+            ids = tokenizer(text)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([[tokenizer.bos_token_id, *ids]])).logits[0, :-1]
+            loglikelihood += logits.log_softmax(-1)[torch.arange(len(ids)), ids].sum().item()
+            size += len(text.encode())
+        bits = -loglikelihood / size / math.log(2)
+        assert results[task]["bits_per_byte,none"] == pytest.approx(bits, rel=1e-5)

@@ -25,7 +25,7 @@ from neoray.evaluation import testdata
 from neoray.evaluation.config import EvalConfig
 from neoray.evaluation.ledger import Ledger, entry_key
 from neoray.evaluation.report import ledger_table
-from neoray.evaluation.run import load_suite
+from neoray.evaluation.run import check_tasks, load_suite
 from neoray.evaluation.schedule import Policy, ScheduleConfig
 from neoray.evaluation.watch import ExportCache, Watcher
 from neoray.storage import StorageConfig, StorageError, open_storage
@@ -92,6 +92,24 @@ def test_unknown_suite_lists_the_known_ones(tmp_path):
         ConfigError, match=r"no suite 'mmlu_7shot' .* choose from .*math, memorization, mine"
     ):
         load_suite("mmlu_7shot", {}, str(tmp_path))
+
+
+def test_a_suite_takes_its_own_task_folders_and_the_jobs(tmp_path, monkeypatch):
+    for name in ("suites", "ours/held", "theirs", "empty"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "ours" / "held" / "t.yaml").write_text("task: t\n")
+    (tmp_path / "theirs" / "u.yaml").write_text("task: u\n")
+    (tmp_path / "suites" / "mine.yaml").write_text("suite: mine\ntasks: [t]\ntask_dirs: [theirs]\n")
+    monkeypatch.chdir(tmp_path)  # relative folders: from the working directory
+    suite = load_suite("mine", {"task_dirs": ["ours/held"]}, str(tmp_path / "suites"))
+    assert suite.task_dirs == [str(tmp_path / "ours" / "held"), str(tmp_path / "theirs")]
+    check_tasks(suite)  # task t: in the folder ours/held
+    with pytest.raises(ConfigError, match=r"suite heldout: lm-eval has no task, group or tag he"):
+        check_tasks(load_suite("heldout", {}))  # its folder not given
+    with pytest.raises(ConfigError, match=r"eval.task_dirs: no folder 'elsewhere'"):
+        load_suite("mine", {"task_dirs": ["elsewhere"]}, str(tmp_path / "suites"))
+    with pytest.raises(ConfigError, match=r"eval.task_dirs: .*empty holds no task YAML"):
+        EvalConfig(suite="x", tasks=["t"], task_dirs=["empty"])
 
 
 @pytest.mark.parametrize("job", ["evaluate", "eval_watch"])

@@ -18,10 +18,11 @@ PLATFORM = Path(__file__).resolve().parents[1] / "platform" / "neoray"
 # Private names of DeepSpeed and lm-eval, and the one module each may appear in.
 PRIVATE = {
     r"\b_get_ckpt_name\b|\b_get_zero_ckpt_name\b|\b_local_start\b|__compatible_ops__"
-    r"|\b_hp_mapping\b|\boptimizer\.optimizer\b|\bloss_scaler\b": ("deepspeed_private.py"),
-    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b": (
-        "evaluation/lm_eval_private.py"
+    r"|\b_hp_mapping\b|\boptimizer\.optimizer\b|\bloss_scaler\b|\bcheckpoint_engine\b": (
+        "deepspeed_private.py"
     ),
+    r"lm_eval\.tasks\._|\b_process_results\b|\b_to_eval_results\b|\._factory\b|\._index\b"
+    r"|\._all_(tasks|subtasks|groups|tags)\b": ("evaluation/lm_eval_private.py"),
 }
 
 
@@ -78,4 +79,10 @@ def test_deepspeed_internals_are_as_written_against(monkeypatch):
 
     monkeypatch.delattr(DeepSpeedZeroOptimizer, "_link_all_hp_params")
     with pytest.raises(RuntimeError, match=r"differs from 0\.19\.8.*_link_all_hp_params"):
+        deepspeed_private.check_upstream()
+    monkeypatch.undo()
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    monkeypatch.setattr(TorchCheckpointEngine, "load", lambda self, file, device=None: None)
+    with pytest.raises(RuntimeError, match=r"differs from 0\.19\.8.*TorchCheckpointEngine\.load"):
         deepspeed_private.check_upstream()

@@ -12,12 +12,18 @@ the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from layouts import RESUMED_AT, RUN, STEPS, copy_checkpoint, launch, local_copy, metrics, name
 from layouts import training_state as state
 
 from neoray.checkpoint import committed_checkpoints
+from neoray.checkpoint.manifest import file_entry
+from neoray.deepspeed_private import checkpoint_globals
 from neoray.storage import LocalStorage, S3Storage, StorageConfig
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
@@ -65,3 +71,43 @@ def test_a_run_restarted_at_its_own_layout_continues_as_if_never_interrupted(
         assert got[key].keys() == tensors.keys()
         for plain, tensor in tensors.items():
             assert torch.equal(got[key][plain], tensor), (key, plain)
+
+
+class RunsCode:
+    """Unpickled, it creates the file `marker`: what a bucket writer could put into a
+    checkpoint file that DeepSpeed's own reader would unpickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_that_would_run_code_is_refused_on_resume(reference_runs, tmp_path):
+    """A bucket writer replaces a model-states file of a tp=2 checkpoint with one that runs code
+    when unpickled, and rewrites the manifest to match. The restart at the same layout refuses
+    the file before running anything."""
+    layout = (2, 1, 1)
+    reference = reference_runs(layout)
+    [manifest] = [m for m in committed_checkpoints(reference.storage, RUN) if m.step == RESUMED_AT]
+    folder = tmp_path / "tampered"
+    shutil.copytree(reference.folder(RESUMED_AT), folder)
+    target, marker = "mp_rank_01_model_states.pt", tmp_path / "code-ran"
+    with checkpoint_globals():
+        states = torch.load(folder / target, map_location="cpu", weights_only=True)
+    torch.save({**states, "note": RunsCode(marker)}, folder / target)
+    tampered = dataclasses.replace(
+        manifest,
+        files=[
+            file_entry(folder / e.path, e.path) if e.path == target else e for e in manifest.files
+        ],
+    )
+    storage = LocalStorage(tmp_path / "store")
+    copy_checkpoint(folder, tampered, storage)
+
+    with pytest.raises(pytest.fail.Exception) as failure:
+        launch(layout, tmp_path / "run", [f"storage.root={storage.root}"])
+    assert "weights_only" in str(failure.value) and "Unsupported global" in str(failure.value)
+    assert not marker.exists()

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from neoray.config import ConfigError
 from neoray.energy.grid import DEVICE_WATTS, EnergyConfig, projected_kwh
 from neoray.model.flops import PEAK_TFLOPS, plan_training
 from neoray.model.presets import available_presets, load_preset
@@ -25,8 +26,63 @@ def show_presets(_: argparse.Namespace) -> None:
         )
 
 
+# What `neoray plan <preset>` assumes for an option not given: the GPT-NeoX-20B run's figures.
+PRESET_PLAN = {
+    "devices": 96,
+    "device": "a100",
+    "tflops": 117.0,
+    "steps": 150_000,
+    "batch": 1536,
+    "seq_len": None,  # the preset's max_seq_len
+    "checkpoint_activations": True,
+    "watts": None,  # the device's board power
+    "pue": 1.0,
+    "grid_g_per_kwh": None,  # the 20B paper's grid mix
+}
+
+
 def show_plan(args: argparse.Namespace) -> None:
-    config = load_preset(args.preset)
+    """`neoray plan <preset> [options]`: a preset at the scale the options give; `neoray plan
+    <overrides>`: the pretrain dry run's plan of conf/pretrain.yaml with Hydra overrides (a
+    recipe and a layout: recipe=pythia_1_4b parallel.dp=64 parallel.micro_batch_size=16)."""
+    given = {name: vars(args)[name] for name in PRESET_PLAN if vars(args)[name] is not None}
+    overrides = [arg for arg in args.target if "=" in arg]
+    if not overrides:
+        if len(args.target) > 1 or args.target[0] not in available_presets():
+            raise ConfigError(
+                f"invalid choice: {' '.join(args.target)!r}: give one preset "
+                f"({', '.join(available_presets())}) or overrides such as recipe=pythia_1_4b"
+            )
+        show_preset_plan(args.target[0], argparse.Namespace(**{**PRESET_PLAN, **given}))
+    elif len(overrides) < len(args.target):
+        stray = " ".join(arg for arg in args.target if "=" not in arg)
+        raise ConfigError(f"{stray}: with overrides, give every setting as field=value")
+    elif given:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ConfigError(
+            f"{options}: these apply to a preset; with overrides the config decides them "
+            "(parallel.tp/pp/dp the devices, train.steps, plan.tflops, plan.peak_tflops)"
+        )
+    else:
+        show_run_plan(overrides)
+
+
+def show_run_plan(overrides: list[str]) -> None:
+    from hydra.errors import HydraException
+
+    from neoray import CONF_DIR
+    from neoray.training.config import compose_pretrain, pretrain_config
+    from neoray.training.plan import format_plan
+
+    try:
+        cfg = compose_pretrain(str(CONF_DIR), overrides)
+    except HydraException as err:
+        raise ConfigError(f"{' '.join(overrides)}: {err}") from err
+    print(format_plan(pretrain_config(cfg), cfg.plan.tflops, cfg.plan.peak_tflops))
+
+
+def show_preset_plan(preset: str, args: argparse.Namespace) -> None:
+    config = load_preset(preset)
     if args.checkpoint_activations:
         config = dataclasses.replace(config, checkpoint_activations=1)
     seq_len = args.seq_len or config.max_seq_len
@@ -39,7 +95,7 @@ def show_plan(args: argparse.Namespace) -> None:
         peak_tflops_per_device=PEAK_TFLOPS[args.device],
         seq_len=seq_len,
     )
-    print(f"{args.preset}: {config.num_parameters() / 1e9:.2f} B parameters")
+    print(f"{preset}: {config.num_parameters() / 1e9:.2f} B parameters")
     print(
         f"{args.steps:,} steps x {args.batch:,} sequences x {seq_len} tokens = {plan.tokens / 1e9:,.1f} B tokens"
     )
@@ -129,24 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neoray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list the model presets").set_defaults(func=show_presets)
-    plan = commands.add_parser("plan", help="estimate the time and utilization of a training run")
-    plan.add_argument("preset", choices=available_presets())
-    plan.add_argument("--devices", type=int, default=96)
-    plan.add_argument("--device", choices=sorted(PEAK_TFLOPS), default="a100")
-    plan.add_argument(
-        "--tflops", type=float, default=117.0, help="hardware TFLOPS sustained per device"
+    plan = commands.add_parser(
+        "plan",
+        help="estimate the time and utilization of a training run",
+        description="`neoray plan <preset> [options]`: a preset at the 20B run's scale (the "
+        "options below); `neoray plan <overrides>`: the pretrain dry run of conf/pretrain.yaml "
+        "with Hydra overrides, e.g. recipe=pythia_1_4b parallel.dp=64 parallel.micro_batch_size=16",
     )
-    plan.add_argument("--steps", type=int, default=150_000)
-    plan.add_argument("--batch", type=int, default=1536, help="global batch, in sequences")
-    plan.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
+    plan.add_argument("target", nargs="+", metavar="PRESET | FIELD=VALUE")
+    plan.add_argument("--devices", type=int, help="default: 96")
+    plan.add_argument("--device", choices=sorted(PEAK_TFLOPS), help="default: a100")
+    plan.add_argument("--tflops", type=float, help="hardware TFLOPS sustained per device (117)")
+    plan.add_argument("--steps", type=int, help="default: 150,000")
+    plan.add_argument("--batch", type=int, help="global batch, in sequences (1,536)")
+    plan.add_argument("--seq-len", type=int, help="default: the preset's max_seq_len")
     plan.add_argument(
         "--no-checkpoint-activations",
         dest="checkpoint_activations",
         action="store_false",
+        default=None,
         help="count no recomputation (default: every layer recomputed, as in the 20B run)",
     )
     plan.add_argument("--watts", type=float, help="power per device (default: its board power)")
-    plan.add_argument("--pue", type=float, default=1.0, help="facility energy / device energy")
+    plan.add_argument("--pue", type=float, help="facility energy / device energy (1.0)")
     plan.add_argument(
         "--grid-g-per-kwh", type=float, help="grid CO2 intensity (default: the 20B paper's mix)"
     )
@@ -217,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sys.exit(args.func(args) or 0)
-    except (SubmitError, ServiceError, TokenFileError) as err:
+    except (SubmitError, ServiceError, TokenFileError, ConfigError) as err:
         sys.exit(f"neoray {args.command}: {err}")
 
 

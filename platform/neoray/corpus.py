@@ -212,12 +212,14 @@ class _RawStream(io.RawIOBase):
         super().close()
 
 
-def open_bytes(uri: str, start: int = 0) -> BinaryIO:
-    """A buffered binary stream of the raw file from byte `start` (S3: a ranged GET)."""
+def open_bytes(uri: str, start: int = 0, stop: int | None = None) -> BinaryIO:
+    """A buffered binary stream of the raw file from byte `start` (S3: a ranged GET), up to
+    byte `stop` when given (S3 then sends no more than that)."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        # No range from 0: S3 refuses any range of an empty object (416 InvalidRange).
-        ranged = {"Range": f"bytes={start}-"} if start else {}
+        # No range from 0 to the end: S3 refuses any range of an empty object (416 InvalidRange).
+        end = "" if stop is None else str(stop - 1)
+        ranged = {"Range": f"bytes={start}-{end}"} if start or stop is not None else {}
         with _s3_errors(uri):
             body = _s3_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
         return io.BufferedReader(_RawStream(body), buffer_size=1 << 20)

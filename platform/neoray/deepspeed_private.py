@@ -8,8 +8,11 @@ Written against DeepSpeed 0.19.8 (pinned in pyproject.toml):
 - `engine._get_ckpt_name` / `engine._get_zero_ckpt_name` and a `PipelineModule`'s
   `_local_start` / `_local_stop`: which files of a checkpoint one rank's `load_checkpoint`
   reads, so that each rank downloads only those on resume;
-- for resuming at another layout (`neoray.checkpoint.reshard`): the classes pickled into the
-  checkpoint files, the torch optimizer a ZeRO-1 or bf16 optimizer wraps (`.optimizer`, one flat
+- `engine.checkpoint_engine.load(path, map_location)`, through which every file of a
+  `load_checkpoint` is read: replaced while resuming so that it unpickles nothing but tensors
+  and the classes below (`loads_without_pickle`);
+- for resuming (at the same or another layout, `neoray.checkpoint.reshard`): the classes pickled
+  into the checkpoint files, the torch optimizer a ZeRO-1 or bf16 optimizer wraps (`.optimizer`, one flat
   fp32 partition per parameter group) and each parameter's link to its slice of the partition
   (`_hp_mapping`: its group, its fragment's address in the parameter and in the partition).
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
@@ -61,6 +66,11 @@ def check_upstream(module: PipelineModule | None = None) -> None:
             problems.append(f"DeepSpeedEngine has no `{method}`")
         elif list(inspect.signature(found).parameters)[1:3] != ["checkpoints_path", "tag"]:
             problems.append(f"DeepSpeedEngine.{method} takes {inspect.signature(found)}")
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    reader = list(inspect.signature(TorchCheckpointEngine.load).parameters)[1:3]
+    if reader != ["path", "map_location"]:
+        problems.append(f"TorchCheckpointEngine.load takes {reader}, not (path, map_location)")
     if module is not None and not all(
         isinstance(getattr(module, name, None), numbers.Integral)
         for name in ("_local_start", "_local_stop")
@@ -86,6 +96,27 @@ def checkpoint_globals():
     return torch.serialization.safe_globals(
         [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     )
+
+
+@contextmanager
+def loads_without_pickle(engine: DeepSpeedEngine) -> Iterator[None]:
+    """Within it, `engine.load_checkpoint` reads every file with `torch.load(weights_only=True)`
+    and the classes of `checkpoint_globals` only: DeepSpeed's own reader unpickles anything, so
+    whoever could write a checkpoint file (a bucket writer) could otherwise run code on every
+    rank that resumes from it."""
+    import torch
+
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        with checkpoint_globals():
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load  # the instance's attribute shadows its class's method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 def optimizer_partitions(engine: DeepSpeedEngine, step) -> list:

@@ -7,8 +7,11 @@ Train workers on a local Ray (the same job a cluster runs), checkpointing to `./
 logging to MLflow, and validating on held-out data in the loop (overall and per component) at
 each checkpoint. Every committed checkpoint is exported to Hugging Face format; the last export
 is reloaded by `transformers` and continues a prompt. Then the
-scheduled evaluation evaluates every checkpoint on zero- and five-shot MMLU with lm-eval
-workers, recorded in the run's evaluation ledger and logged next to the training run.
+scheduled evaluation evaluates every checkpoint on zero- and five-shot MMLU and on the
+perplexity of the run's own held-out documents (a task folder of the run's validation
+documents, `neoray.evaluation.heldout`: where MMLU stays at chance, it shows the model
+improving) with lm-eval workers, recorded in the run's evaluation ledger and logged next to
+the training run.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ class DemoConfig:
     prompt: str = "def "
     new_tokens: int = 48
     mmlu_limit: int = 2  # questions per MMLU subject in the scheduled evaluation (local data)
+    heldout_documents: int = 8  # validation documents per component in the perplexity task
+    heldout_tokens: int = 512  # each cut to its first this many tokens
 
     def __post_init__(self) -> None:
-        for name in ("new_tokens", "mmlu_limit"):
+        for name in ("new_tokens", "mmlu_limit", "heldout_documents", "heldout_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"demo.{name} must be positive, got {getattr(self, name)}")
 
@@ -115,11 +120,13 @@ def _train_and_evaluate(
     plot_losses(rows, out / "loss.png")
     say(
         "[5/5] scheduled evaluation: a watcher takes every committed checkpoint, newest first, "
-        f"through zero- and five-shot MMLU by lm-eval workers on Ray ({demo.mmlu_limit} "
-        f"question(s) per subject; the {config.model.max_seq_len}-token context holds five shots)"
+        f"through zero- and five-shot MMLU ({demo.mmlu_limit} question(s) per subject; the "
+        f"{config.model.max_seq_len}-token context holds five shots) and the perplexity of "
+        f"{demo.heldout_documents} held-out documents per component, by lm-eval workers on Ray"
     )
-    mmlu = evaluate_checkpoints(config, demo.mmlu_limit, cfg.tracking, say)
+    mmlu = evaluate_checkpoints(config, demo, cfg.tracking, say)
     plot_mmlu(mmlu, out / "mmlu.png")
+    plot_heldout(mmlu["heldout"], out / "heldout.png")
     ledger, comparison = mmlu["table"], mmlu["comparison"]
 
     summary = {
@@ -135,6 +142,7 @@ def _train_and_evaluate(
         "continuation": tokenizer.decode(continuation),
         "mmlu": comparison,
         "mmlu_by_step": {suite: mmlu[suite] for suite in ("mmlu_0shot", "mmlu_5shot")},
+        "heldout_by_step": mmlu["heldout"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     losses = " -> ".join(f"{loss:.3f} (step {step})" for step, loss in validation_losses.items())
@@ -142,10 +150,13 @@ def _train_and_evaluate(
     say(f"validation loss (in the training loop): {losses}")
     say(f"exported to {hf_dir}; transformers reloads it, max |logit gap| = {gap:.2e}")
     say(f"greedy continuation of {demo.prompt!r}: {demo.prompt + summary['continuation']!r}")
-    say(f"MMLU accuracy by checkpoint (the evaluation ledger, runs/{config.run_name}/evals/):")
+    say(f"the evaluation ledger by checkpoint (runs/{config.run_name}/evals/):")
     say(ledger)
-    say(f"step {last_step}, zero- vs five-shot:\n{comparison}")
-    say(f"plots: {out / 'loss.png'}, {out / 'mmlu.png'}; summary: {out / 'summary.json'}")
+    say(f"step {last_step}, MMLU zero- vs five-shot:\n{comparison}")
+    table = heldout_table(mmlu["heldout"])
+    say(f"held-out documents by checkpoint (lm-eval's perplexity metrics):\n{table}")
+    plots = ", ".join(str(out / name) for name in ("loss.png", "mmlu.png", "heldout.png"))
+    say(f"plots: {plots}; summary: {out / 'summary.json'}")
     say(
         "browse the run, its checkpoints and evaluations in MLflow:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {redact_text(cfg.tracking.uri)} --host 127.0.0.1 --port 5000"
@@ -197,14 +208,19 @@ def max_logit_gap_with_transformers(model: GPTNeoX, hf_dir: Path, tokens: list[i
 
 
 def evaluate_checkpoints(
-    config: PretrainConfig, limit: int, tracking: Any, say: Callable[[str], None]
+    config: PretrainConfig, demo: DemoConfig, tracking: Any, say: Callable[[str], None]
 ) -> dict[str, Any]:
     """The scheduled evaluation of the run (what `jobs/eval_watch.py` does beside a cluster
-    run) on zero- and five-shot MMLU, until every committed checkpoint is evaluated, on the
-    real MMLU dev questions that ship with lm-eval. Returns {suite: {step: mmlu/acc}}, the
-    ledger table and the last step's zero- vs five-shot table."""
+    run) on zero- and five-shot MMLU and on the held-out perplexity suite, until every
+    committed checkpoint is evaluated: on the real MMLU dev questions that ship with lm-eval,
+    and on the task folder of the run's validation documents, both read from an evaluation
+    mirror as an air-gapped cluster reads them. Returns {suite: {step: mmlu/acc}}, `heldout`:
+    {task: {step: {metric: value}}}, the ledger table and the last step's zero- vs five-shot
+    table."""
     from neoray.evaluation import testdata
+    from neoray.evaluation.heldout import HeldoutConfig, write_heldout_tasks
     from neoray.evaluation.ledger import Ledger
+    from neoray.evaluation.mirror import fill_mirror
     from neoray.evaluation.report import ledger_table, mmlu_comparison
     from neoray.evaluation.run import checkpoint_watcher, load_suite
     from neoray.evaluation.schedule import ScheduleConfig
@@ -212,8 +228,20 @@ def evaluate_checkpoints(
 
     data_dir = Path(config.run_dir) / "eval_data"
     testdata.write_mmlu(data_dir)
-    settings = {"limit": limit, "data_dir": str(data_dir)}
+    heldout = str(Path(config.run_dir) / "eval_tasks" / "heldout")
+    write_heldout_tasks(
+        config.data, HeldoutConfig(heldout, "heldout", demo.heldout_documents, demo.heldout_tokens)
+    )
+    fill_mirror([], data_dir, [heldout])
+    settings = {"limit": demo.mmlu_limit, "data_dir": str(data_dir)}
     suites = [load_suite(name, settings) for name in ("mmlu_0shot", "mmlu_5shot")]
+    # every held-out document, in windows of the sequence length the model was trained on
+    window = {"max_length": config.data.seq_len}
+    suites.append(
+        load_suite(
+            "heldout", {"data_dir": str(data_dir), "task_dirs": [heldout], "model_args": window}
+        )
+    )
 
     def report(line: str) -> None:  # what was queued and what came out, not every step
         if line.startswith(("the ledger", "queued", "finished", "failed", "skipped")):
@@ -237,14 +265,23 @@ def evaluate_checkpoints(
         raise RuntimeError(f"scheduled evaluation did not complete:\n{table}")
     metrics = {(e.suite, e.step): e.metrics for e in entries}
     last = max(e.step for e in entries)
+    by_task: dict[str, dict[int, dict[str, float]]] = {}
+    for entry in (e for e in entries if e.suite == "heldout"):
+        for name, value in entry.metrics.items():
+            task, metric = name.split("/", 1)
+            by_task.setdefault(task, {}).setdefault(entry.step, {})[metric] = value
     return {
         **{
-            suite.suite: {e.step: e.metrics["mmlu/acc"] for e in entries if e.suite == suite.suite}
-            for suite in suites
+            suite: {e.step: e.metrics["mmlu/acc"] for e in entries if e.suite == suite}
+            for suite in ("mmlu_0shot", "mmlu_5shot")
         },
+        "heldout": by_task,
         "table": table,
         "comparison": mmlu_comparison(metrics["mmlu_0shot", last], metrics["mmlu_5shot", last]),
     }
+
+
+HELDOUT_COLUMNS = {"bits_per_byte": ("bits/byte", ".4f"), "word_perplexity": ("word ppl", ".2f")}
 
 
 @contextmanager
@@ -274,6 +311,31 @@ def plot_mmlu(mmlu: dict[str, Any], path: Path) -> None:
             steps = sorted(mmlu[suite])
             ax.plot(steps, [mmlu[suite][step] for step in steps], "o-", label=label)
         ax.axhline(0.25, color="grey", linestyle=":", label="chance")
+
+
+def heldout_table(heldout: dict[str, dict[int, dict[str, float]]]) -> str:
+    """Bits per byte and word perplexity of each held-out task at each checkpoint."""
+    tasks = sorted(heldout)
+    steps = sorted({step for task in tasks for step in heldout[task]})
+    columns = [(task, metric) for task in tasks for metric in HELDOUT_COLUMNS]
+    header = [f"{task.removeprefix('heldout_')} {HELDOUT_COLUMNS[m][0]}" for task, m in columns]
+    lines = [f"{'step':>10} " + " ".join(f"{name:>20}" for name in header)]
+    for step in steps:
+        cells = [
+            f"{heldout[task][step][metric]:>20{HELDOUT_COLUMNS[metric][1]}}"
+            for task, metric in columns
+        ]
+        lines.append(f"{step:>10} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_heldout(heldout: dict[str, dict[int, dict[str, float]]], path: Path) -> None:
+    """Bits per byte of the held-out documents of each component at each checkpoint."""
+    with figure(path, "demo: held-out documents across checkpoints", "bits per byte") as ax:
+        for task in sorted(heldout):
+            steps = sorted(heldout[task])
+            values = [heldout[task][step]["bits_per_byte"] for step in steps]
+            ax.plot(steps, values, "o-", label=task.removeprefix("heldout_"))
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

@@ -29,7 +29,10 @@ TRAINING = {
     "neoray_train_energy_kwh": ("energy/kwh", "energy of the run so far, kWh"),
     "neoray_train_power_watts": ("energy/power_w", "power of the run's devices, W"),
 }
-TRAINING_TOTALS = {"neoray_train_skipped_steps": "steps skipped for fp16 overflow, in total"}
+TRAINING_TOTALS = {
+    "neoray_train_skipped_steps": "steps skipped for fp16 overflow, in total",
+    "neoray_train_rollbacks": "rollbacks after a loss spike, in total",
+}
 CHECKPOINTS = {
     "neoray_checkpoint_committed_step": "step of the last committed checkpoint",
     "neoray_checkpoint_bytes": "bytes of the last committed checkpoint (all shards)",
@@ -108,6 +111,9 @@ class TrainingExporter:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.failures += 1
         self.gauges.set("neoray_checkpoint_failures", self.failures)
+
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        self.gauges.set("neoray_train_rollbacks", count)
 
 
 class EvaluationExporter:

@@ -78,6 +78,8 @@ def join_key(*parts: str) -> str:
 class Storage(Protocol):
     """What checkpoints need from a store; keys are relative to its root."""
 
+    config: StorageConfig  # what opens the same store again (in another process)
+
     def upload_file(self, local_path: str | Path, key: str) -> None: ...
     def download_file(self, key: str, local_path: str | Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
@@ -117,6 +119,7 @@ class LocalStorage:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
+        self.config = StorageConfig(root=str(self.root))
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"

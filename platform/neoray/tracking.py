@@ -206,7 +206,7 @@ def experiment_id(client: Any, name: str) -> str:
 
 class MLflowTracker:
     """The MLflow run of one training run; a TrainingObserver (on_metrics, on_checkpoint,
-    on_checkpoint_failed, on_start). Use it as a context manager: leaving the block ends the run as
+    on_checkpoint_failed, on_rollback, on_start). Use it as a context manager: leaving the block ends the run as
     FINISHED, or FAILED on an exception.
 
     `fresh`: the training run starts from no checkpoint, so an existing run of that name is
@@ -294,6 +294,12 @@ class MLflowTracker:
 
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self.set_tags({f"checkpoint.failed.step_{step:08d}": error})
+
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        """Metrics `train/rollback` (the run's rollbacks so far) and `train/rollback_s` (its
+        time) at the spike's step, and tag `neoray.rollback.<count>` saying what was done."""
+        self.log_metrics({"train/rollback": count, "train/rollback_s": seconds}, step)
+        self.set_tags({f"neoray.rollback.{count}": description})
 
     def on_start(self, resumed_from: int | None, earlier_rows: list[dict]) -> None:
         """A resumed run logs the rows of steps before `resumed_from` that this run lacks: a

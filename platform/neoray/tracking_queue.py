@@ -98,6 +98,9 @@ class QueuedTracker:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         self._put("checkpoint_failed", (step, error))
 
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        self._put("rollback", (step, count, seconds, description))
+
     def close(self, failed: bool = False) -> None:
         """End the MLflow run (FINISHED or FAILED) once everything before it is logged; wait at
         most `flush_timeout_s`, then report what was not logged and return."""
@@ -188,6 +191,8 @@ class QueuedTracker:
             tracker.on_checkpoint(*args)
         elif kind == "checkpoint_failed":
             tracker.on_checkpoint_failed(*args)
+        elif kind == "rollback":
+            tracker.on_rollback(*args)
         elif kind == "start":
             tracker.on_start(*args)
         else:

@@ -73,6 +73,17 @@ class Manifest:
     # component -> fingerprint of its token files at training time (see
     # neoray.data.mixture.data_fingerprint); empty for synthetic data and older checkpoints
     data_fingerprint: dict[str, str] = field(default_factory=dict)
+    # the mixture's phases as declared when saved, [{"from_step", "components": {name: weight}}]
+    # (see neoray.data.phases.mixture_record); empty for synthetic data and older checkpoints
+    mixture_phases: list[dict[str, Any]] = field(default_factory=list)
+    # [first, last] ranges of steps before `step` whose batches were not trained (skipped by
+    # train.skip_steps or after a loss spike's rollback); empty for older checkpoints
+    skipped_steps: list[list[int]] = field(default_factory=list)
+
+    def trained_on(self, step: int) -> bool:
+        """Whether the checkpoint's weights were trained on the batch of `step`."""
+        skipped = any(first <= step <= last for first, last in self.skipped_steps)
+        return 0 <= step < self.step and not skipped
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -43,7 +43,7 @@ from neoray.checkpoint.reshard import (
     model_state_files,
 )
 from neoray.config import ConfigError
-from neoray.deepspeed_private import local_layers, rank_checkpoint_files
+from neoray.deepspeed_private import loads_without_pickle, local_layers, rank_checkpoint_files
 from neoray.model.gpt_neox import NeoXConfig
 from neoray.storage import Storage, StorageError
 
@@ -107,7 +107,8 @@ def _fetch(engine, storage: Storage, manifest: Manifest, folder: Path, layout: L
 
 def _load(engine, manifest: Manifest, folder: Path, layout: Layout) -> None:
     if manifest.topology == layout.topology:
-        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        with loads_without_pickle(engine):
+            engine.load_checkpoint(str(folder.parent), tag=folder.name)
         return
     load_resharded(engine, folder, manifest, layout.model, layout.tp_rank, layout.topology["tp"])
     log.info(

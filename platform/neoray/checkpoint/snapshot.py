@@ -2,7 +2,7 @@
 
 At a save point every rank writes its DeepSpeed shards to its own staging folder (fast, local),
 records them in a marker written last (`step_<N>.staged.json`: the files and their sizes), then
-a background thread uploads them and training continues. Commits happen at the next save point
+a child process uploads them (`neoray.checkpoint.upload_process`) and training continues. Commits happen at the next save point
 (or at the end): the ranks agree, with one all-reduce, on which uploads succeeded on every rank;
 rank 0 then writes those checkpoints' manifests, last. Training waits on storage only when a
 save point arrives while the previous upload is still running.
@@ -18,10 +18,8 @@ checkpoints newer than the latest committed one (`recover`) before it resumes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -38,16 +36,15 @@ from neoray.checkpoint.manifest import (
     FileEntry,
     Manifest,
     checkpoint_key,
-    file_entry,
     manifest_key,
     prune,
     step_tag,
 )
+from neoray.checkpoint.upload_process import UploadProcess
 from neoray.config import ConfigError
-from neoray.storage import Storage, StorageError, join_key, publish_file
+from neoray.storage import Storage, StorageError, publish_file
 
 log = logging.getLogger(__name__)
-UPLOAD_NICENESS = 10
 GB = 10**9
 
 
@@ -119,7 +116,8 @@ class Snapshots:
         self.pending: list[int] = []  # written locally, not committed yet (ascending)
         self.results: dict[int, list[FileEntry] | str] = {}  # this rank's upload outcome
         self.errors: dict[int, str] = {}  # why each pending step is not committed yet
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None  # waits on the uploader
+        self.uploader = UploadProcess(storage.config)
 
     def _marker(self, step: int) -> Path:
         return self.staging / f"{step_tag(step)}.staged.json"
@@ -259,7 +257,7 @@ class Snapshots:
             )
 
     def _start_upload(self) -> None:
-        """Upload every pending checkpoint in a background thread."""
+        """Upload every pending checkpoint, from the upload process; a thread here waits on it."""
         self.results = {}
         self.thread = threading.Thread(
             target=self._upload, args=(list(self.pending),), name="checkpoint-upload", daemon=True
@@ -269,7 +267,6 @@ class Snapshots:
     def _upload(self, steps: list[int]) -> None:
         """Upload the staged checkpoints `steps`, oldest first; after a failure (retries
         included) the rest wait for the next save rather than hammer a store that is down."""
-        _yield_cpu_to_training()
         failure = ""
         for step in steps:
             if failure:
@@ -277,13 +274,8 @@ class Snapshots:
                 continue
             folder = self.staging / step_tag(step)
             try:
-                entries = []
-                for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                    name = path.relative_to(folder).as_posix()
-                    entries.append(file_entry(path, name))
-                    key = join_key(checkpoint_key(self.run_name, step), name)
-                    self.storage.upload_file(path, key)
-                self.results[step] = entries
+                key = checkpoint_key(self.run_name, step)
+                self.results[step] = self.uploader.upload(folder, key)
             except Exception as err:  # any failure is reported, training goes on
                 failure = self.results[step] = f"{type(err).__name__}: {err}"
                 log.warning(
@@ -317,6 +309,13 @@ class Snapshots:
             self._discard(step)
             self.pending.remove(step)
 
+    def discard_after(self, step: int) -> None:
+        """Forget the uncommitted checkpoints after `step`: training rolled back to `step`, and
+        they hold weights (and batches) it no longer has."""
+        for later in [s for s in self.pending if s > step]:
+            self._discard(later)
+            self.pending.remove(later)
+
     def check_lease(self) -> None:
         """Raise LeaseLostError on every rank when rank 0 reads that the run's lease is no
         longer this job's (collective; rank 0 reads it afresh)."""
@@ -338,9 +337,18 @@ class Snapshots:
         if self.pending:
             self._start_upload()
             self.settle()
+        self.uploader.close()
         if self.pending:
             raise UncommittedCheckpointError(self._uncommitted_message())
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def finish_before_stopping(self) -> None:
+        """`finish` before the run stops on a bad loss: the good checkpoints already uploading
+        are committed; any left uncommitted are logged, not raised (the loss is the news)."""
+        try:
+            self.finish()
+        except UncommittedCheckpointError as err:
+            log.error("%s", err)
 
     def _uncommitted_message(self) -> str:
         errors = "; ".join(f"step {s}: {self.errors.get(s, 'not uploaded')}" for s in self.pending)
@@ -403,13 +411,6 @@ def _free_space(folder: Path) -> str:
         return f"; {shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
     except OSError:
         return ""
-
-
-def _yield_cpu_to_training() -> None:
-    """Lower this thread's CPU priority (Linux: per thread, inherited by the transfer threads
-    it starts), so hashing and sending shards never delay a training step that needs the CPU."""
-    with contextlib.suppress(AttributeError, OSError):  # elsewhere: upload at normal priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
 
 
 def _notify(callback: Callable[..., None], step: int, *details: object) -> None:

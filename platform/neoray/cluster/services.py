@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
+from neoray.cluster.weed_security import security_dir
+
 # Ports are drawn at random from here, below Linux's ephemeral range (32768+) even after adding
 # SeaweedFS's gRPC offset, so the kernel does not hand them to outgoing connections meanwhile.
 PORT_RANGE = range(15000, 22000)
@@ -233,7 +235,9 @@ def weed_command(
     directory: Path, ports: dict[str, int], access_key: str, secret_key: str
 ) -> list[str]:
     """`weed server` with master, volume, filer and S3, bound to 127.0.0.1 and nothing else,
-    accepting one admin identity (written to `directory/identities.json`)."""
+    accepting one admin identity (written to `directory/identities.json`). Only the S3 gateway
+    reads and writes objects: the other servers want keys and certificates kept in
+    `directory/security` (see `weed_security`), made on the first start and kept after."""
     identity = {
         "name": "neoray",
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -243,16 +247,20 @@ def weed_command(
     identities.write_text(json.dumps({"identities": [identity]}))
     identities.chmod(0o600)
     return [
-        # The S3 server takes an admin identity from AWS_* variables besides its own: it must
-        # answer only to the identity above, whatever the starting shell holds.
-        *("env", "-u", "AWS_ACCESS_KEY_ID", "-u", "AWS_SECRET_ACCESS_KEY"),
-        *("-u", "AWS_SESSION_TOKEN"),
+        # An empty environment: the S3 server takes an admin identity from AWS_* variables,
+        # WEED_* variables override security.toml, and SeaweedFS reads further configuration
+        # from ~/.seaweedfs and the working directory: none of the starting shell's may apply.
+        *("env", "-i", f"--chdir={directory}", f"HOME={directory}"),
         str(WEED),
         "-logtostderr",
+        f"-config_dir={security_dir(directory / 'security')}",  # searched before any other
         "server",
         f"-dir={directory}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
+        # The master's and filer's HTTP APIs off (the master signs file ids for anyone at
+        # /dir/assign); they and the S3 gateway talk over gRPC, the volume server over HTTP.
+        "-disableHttp",
         f"-master.port={ports['master']}",
         f"-volume.port={ports['volume']}",
         # Every bucket is a collection that takes 7 volumes at its first write: allow many, small.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,20 @@ class ComponentConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """From training step `from_step` on, the mixture samples the named components with these
+    weights (`components`: name -> weight; a component of `data.components` not named here
+    gets weight 0 in this phase), as OLMo 2's mid-training anneal switches to another mix.
+
+    Every step before `from_step` keeps the batches the earlier phases gave, and each component
+    continues its own sample order where the earlier phases left it (its epochs keep counting).
+    """
+
+    from_step: int
+    components: dict[str, float]
+
+
+@dataclass
 class DataConfig:
     """Mixture components, tokenizer and the split/sequence settings that fix the sample order.
 
@@ -37,6 +52,9 @@ class DataConfig:
     `accept_changed_data` names the components whose token files may differ from those the
     checkpoint being resumed was trained on (a deliberate re-tokenization); any other change is
     refused, since training would silently continue on other data.
+    `phases` changes the mixture at named steps (see PhaseConfig); `components`' own weights
+    make the first phase, from step 0. Components first sampled in a later phase are declared
+    in `components` with weight 0.
     """
 
     components: dict[str, ComponentConfig]
@@ -50,8 +68,10 @@ class DataConfig:
     demo_corpus: str | None = None
     tokenizer_training: dict[str, Any] | None = field(default=None)
     accept_changed_data: list[str] = field(default_factory=list)
+    phases: list[PhaseConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.phases = [_phase(p, f"data.phases[{i}]") for i, p in enumerate(self.phases)]
         if not self.components:
             raise ConfigError("data.components: give at least one component (prefix and weight)")
         if any(c.weight < 0 for c in self.components.values()):
@@ -68,6 +88,54 @@ class DataConfig:
                 f"data.accept_changed_data={self.accept_changed_data!r}: give a list of "
                 f"component names ({', '.join(self.components)})"
             )
+        self._check_phases()
+
+    def _check_phases(self) -> None:
+        names = ", ".join(self.components)
+        previous = 0
+        for i, phase in enumerate(self.phases):
+            where = f"data.phases[{i}]"
+            if not isinstance(phase.from_step, int) or phase.from_step <= previous:
+                raise ConfigError(
+                    f"{where}.from_step={phase.from_step!r}: give a step after {previous} "
+                    "(phases are listed in the order they start, after the first one: the "
+                    "weights of data.components, from step 0)"
+                )
+            previous = phase.from_step
+            unknown = sorted(set(phase.components) - set(self.components))
+            if unknown:
+                raise ConfigError(
+                    f"{where}.components: {', '.join(unknown)} not in data.components ({names}); "
+                    "declare a new component there (prefix, weight 0) and weight it here"
+                )
+            weights = phase.components.values()
+            if any(not isinstance(w, int | float) or w < 0 for w in weights) or sum(weights) <= 0:
+                raise ConfigError(
+                    f"{where}.components={phase.components!r}: give non-negative weights, "
+                    "at least one positive"
+                )
+
+    def mixture_phases(self) -> list[tuple[int, dict[str, float]]]:
+        """(first step, component -> weight) of each phase, the first from step 0 with the
+        weights of `components`; every component is named in each (0: not sampled)."""
+        first = {name: c.weight for name, c in self.components.items()}
+        later = [
+            (p.from_step, {name: float(p.components.get(name, 0.0)) for name in self.components})
+            for p in self.phases
+        ]
+        return [(0, first), *later]
+
+
+def _phase(value: Any, where: str) -> PhaseConfig:
+    if isinstance(value, PhaseConfig):
+        return value
+    example = "{from_step: 800, components: {name: weight, ...}}"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}={value!r}: give a phase as {example}")
+    phase = dataclass_from_config(PhaseConfig, value, where)
+    if not isinstance(phase.components, Mapping):
+        raise ConfigError(f"{where}.components={phase.components!r}: give a phase as {example}")
+    return phase
 
 
 def data_config(section: Any, where: str = "data") -> DataConfig:

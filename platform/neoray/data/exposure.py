@@ -65,12 +65,19 @@ def window_hashes(tokens: np.ndarray, width: int) -> np.ndarray:
     return (prefix[width : width + count] - prefix[:count]) * unshift
 
 
-def draw_positions(available: int, count: int, seed: int) -> np.ndarray:
-    """`count` distinct positions of [0, available), seeded, ascending."""
+def draw_positions(
+    available: int, count: int, seed: int, per_step: int = 1, skipped: list[list[int]] = ()
+) -> np.ndarray:
+    """`count` distinct positions of the first `available` trained ones, seeded, ascending:
+    [0, available) when no step was skipped; else the positions of the steps (`per_step`
+    each) outside the `skipped` [first, last] step ranges."""
     if count > available:
         raise ValueError(f"{count} positions asked of {available}")
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(available, size=count, replace=False))
+    drawn = np.sort(rng.choice(available, size=count, replace=False))
+    for first, last in sorted(skipped):  # each range moves the positions from it on past it
+        drawn[drawn >= first * per_step] += (last - first + 1) * per_step
+    return drawn
 
 
 def documents_spanned(data: GPTDataset, i: int, width: int) -> int:
@@ -98,17 +105,22 @@ def read_windows(
 
 
 def count_exposures(
-    mixture: BlendedDataset, trained: int, global_batch_size: int, windows: list[Window]
+    mixture: BlendedDataset,
+    served_by: int,
+    global_batch_size: int,
+    windows: list[Window],
+    skipped: set[int] = frozenset(),
 ) -> None:
     """Set `times_seen` and `first_seen_step` of `windows` (all of one width) from the first
-    `trained` samples of the train `mixture`, served `global_batch_size` per step."""
+    `served_by` samples of the train `mixture`, served `global_batch_size` per step, less
+    those of the `skipped` steps (never trained on)."""
     if not windows:
         return
     width = len(windows[0].tokens)
     targets = np.array([window_hashes(w.tokens, width)[0] for w in windows], dtype=np.uint64)
     order = np.argsort(targets, kind="stable")
     ordered = targets[order]
-    served = mixture.dataset_index[:trained]
+    served = mixture.dataset_index[:served_by]
     for d, data in enumerate(mixture.datasets):
         positions = np.flatnonzero(served == d)
         if not len(positions):
@@ -118,6 +130,8 @@ def count_exposures(
         samples = np.asarray(data.index.shuffle_idx[: len(positions)], dtype=np.int64)
         step_of = np.full(int(samples.max()) + 1, -1, dtype=np.int64)
         step_of[samples] = positions // global_batch_size
+        if skipped:
+            step_of[np.isin(step_of, list(skipped))] = -1
         seq_len = data.seq_len
         stretch = max(1, SCAN_TOKENS // seq_len)
         for start in range(0, len(step_of), stretch):

@@ -59,8 +59,8 @@ def sample_indices(schedule: BatchSchedule, step: int, micro_step: int, rank: in
 
 
 def train_mixture(cfg: DataConfig, schedule: BatchSchedule) -> BlendedDataset:
-    """The train split mixture sized for the whole run (its size shapes the shuffle)."""
-    return build_mixture(cfg, "train", schedule.train_samples)
+    """The train split mixture sized for the whole run, in its `data.phases`."""
+    return build_mixture(cfg, "train", schedule.train_samples, None, schedule.global_batch_size)
 
 
 def micro_batch(

@@ -14,6 +14,7 @@ from neoray.data.config import DataConfig
 from neoray.data.gpt_dataset import GPTDataset, split_documents
 from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, token_files_exist
+from neoray.data.phases import split_phases
 from neoray.data.remote import index_folder
 
 SPLITS = ("train", "validation", "test")
@@ -100,6 +101,26 @@ def blend_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.n
     return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
 
 
+def phased_blend_chunks(
+    weights: Sequence[float], later: Sequence[tuple[int, Sequence[float]]], size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`blend_chunks` of `size` samples whose weights change: `weights` from sample 0, and
+    each (start, weights) of `later` from sample `start` on (starts increasing). Each phase is
+    blended on its own, and a dataset's samples in it are numbered on from where the earlier
+    phases left that dataset: a dataset continues its own order across a switch."""
+    phases = [(0, weights), *later]
+    taken = np.zeros(len(weights), np.int64)
+    for p, (start, phase_weights) in enumerate(phases):
+        stop = min(phases[p + 1][0] if p + 1 < len(phases) else size, size)
+        if stop <= start:
+            return
+        counts = np.zeros(len(weights), np.int64)
+        for dataset, sample in blend_chunks(phase_weights, stop - start, BLEND_CHUNK):
+            yield dataset, sample + taken[dataset]
+            counts += np.bincount(dataset, minlength=len(weights))
+        taken += counts
+
+
 @dataclass(frozen=True)
 class Blend:
     """A cached blend: the two per-sample arrays (memory-mapped) and each dataset's count."""
@@ -109,13 +130,22 @@ class Blend:
     counts: np.ndarray
 
 
-def load_or_build_blend(weights: Sequence[float], size: int, folder: str) -> Blend:
-    """The blend of `size` samples, from `folder` when cached, else built there by one process.
+def load_or_build_blend(
+    weights: Sequence[float],
+    size: int,
+    folder: str,
+    later: Sequence[tuple[int, Sequence[float]]] = (),
+) -> Blend:
+    """The blend of `size` samples (weights changing at the samples of `later`, as in
+    `phased_blend_chunks`), from `folder` when cached, else built there by one process.
 
-    The order depends on nothing but the weights and the size, so the file names carry a
-    digest of exactly those (and of the scheme).
+    The order depends on nothing but the weights, the phases and the size, so the file names
+    carry a digest of exactly those (and of the scheme).
     """
-    key = json.dumps([BLEND_SCHEME, [float(x) for x in weights], int(size)])
+    phases = [[int(start), [float(x) for x in w]] for start, w in later]
+    key = json.dumps(
+        [BLEND_SCHEME, [float(x) for x in weights], int(size)] + [phases] * bool(phases)
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     names = ("dataset_index", "sample_index", "counts")
     paths = {n: os.path.join(folder, f"blend_{size}ns_{digest}_{n}.npy") for n in names}
@@ -124,7 +154,7 @@ def load_or_build_blend(weights: Sequence[float], size: int, folder: str) -> Ble
         dataset_out = NpyWriter(partials["dataset_index"], (size,), np.int32)
         sample_out = NpyWriter(partials["sample_index"], (size,), np.int64)
         counts = np.zeros(len(weights), np.int64)
-        for dataset, sample in blend_chunks(weights, size, BLEND_CHUNK):
+        for dataset, sample in phased_blend_chunks(weights, later, size):
             dataset_out.write(dataset)
             sample_out.write(sample)
             counts += np.bincount(dataset, minlength=len(weights))
@@ -205,21 +235,28 @@ class BlendedDataset:
 
 
 def build_mixture(
-    cfg: DataConfig, split: str, num_samples: int, vocab_size: int | None = None
+    cfg: DataConfig,
+    split: str,
+    num_samples: int,
+    vocab_size: int | None = None,
+    global_batch_size: int | None = None,
 ) -> BlendedDataset:
     """`num_samples` samples of `split` mixed from the configured components (with token ids
-    checked against `vocab_size`, if given, as they are served).
+    checked against `vocab_size`, if given, as they are served), in the phases `split_phases`
+    gives it (the train split's `data.phases` need the run's `global_batch_size`).
 
     Each component gets a GPTDataset over its share of documents, sized to exactly the number
     of its samples the blend uses (repeating epochs where the weight asks for more data than the
-    component has, as the Pile does). A component with no documents in this split is left out.
+    component has, as the Pile does). A component with no documents in this split, or weight 0
+    in every phase, is left out.
     The blend and every component's sample index are cached files (`data.cache_dir`, default:
     next to the first component's data, resp. each component's), built once by one process
     and memory-mapped by every process that asks for them.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-    names, data, documents, weights = [], [], [], []
+    phases = split_phases(cfg, split, global_batch_size)
+    names, data, documents = [], [], []
     for name, component in cfg.components.items():
         if not token_files_exist(component.prefix):
             raise FileNotFoundError(
@@ -228,15 +265,20 @@ def build_mixture(
             )
         dataset = IndexedDataset(component.prefix)
         docs = split_documents(len(dataset), cfg.split)[SPLITS.index(split)]
-        if len(docs) and component.weight > 0:
+        if len(docs) and any(weights[name] > 0 for _, weights in phases):
             names.append(name)
             data.append(dataset)
             documents.append(docs)
-            weights.append(component.weight)
-    if not names:
-        raise ValueError(f"no component has documents in the {split} split ({cfg.split})")
+    weights = [[weights[name] for name in names] for _, weights in phases]
+    for p, ((start, _), phase) in enumerate(zip(phases, weights, strict=True)):
+        if start < num_samples and sum(phase) <= 0:
+            where = "data.components" if p == 0 else f"data.phases[{p - 1}]"
+            raise ValueError(
+                f"{where}: no component it weights has documents in the {split} split ({cfg.split})"
+            )
     folder = cfg.cache_dir or index_folder(data[0].prefix)
-    blend = load_or_build_blend(weights, num_samples, folder)
+    later = [(start, w) for (start, _), w in zip(phases[1:], weights[1:], strict=True)]
+    blend = load_or_build_blend(weights[0], num_samples, folder, later)
     datasets = [
         GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)
         for d, needed in enumerate(blend.counts)

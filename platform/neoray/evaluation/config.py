@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neoray.config import ConfigError
+from neoray.evaluation.task_folders import resolve_folder
 
 BACKENDS = ("hf", "vllm")
 
@@ -16,6 +17,8 @@ class EvalConfig:
 
     suite: str
     tasks: list[str]
+    # folders of the suite's own lm-eval task YAMLs (neoray.evaluation.task_folders)
+    task_dirs: list[str] = field(default_factory=list)
     num_fewshot: int | None = None  # None: each task's own default
     limit: int | None = None  # documents per task (the first `limit`); None: all
     workers: int = 1  # Ray tasks the suite is split into
@@ -49,6 +52,7 @@ class EvalConfig:
             raise ConfigError(
                 "eval.cpus_per_worker must be > 0, eval.gpus_per_worker and eval.max_retries >= 0"
             )
+        self.task_dirs = [str(resolve_folder(name)) for name in self.task_dirs or []]
         self.gen_kwargs = dict(self.gen_kwargs) if self.gen_kwargs else None
         self.model_args = dict(self.model_args or {})
 

@@ -253,7 +253,7 @@ def evaluate_suite(hf_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     from neoray.cluster.job_env import JobTask
 
     _quiet_datasets()
-    manager = task_manager(cfg.data_dir)
+    manager = task_manager(cfg.data_dir, cfg.task_dirs)
     remote = JobTask(  # with the job's S3 settings and credentials, on any node
         run_unit,
         num_cpus=cfg.cpus_per_worker,

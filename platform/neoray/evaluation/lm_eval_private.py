@@ -6,6 +6,9 @@ several processes (the Ray fan-out), so both go through its internals:
 
 - `TaskFactory`, `Entry`, `Kind` (`lm_eval.tasks._factory`, `lm_eval.tasks._index`) and the
   `TaskManager._factory` attribute: the mirror's task factory rewrites each task's dataset;
+- `TaskIndex.build` and the `TaskManager._index` / `_all_*` attributes: a suite's own task
+  folders join the index of lm-eval's built-in tasks, which is built once per process (seconds)
+  instead of once per folder list as `TaskManager(include_path=...)` would;
 - `lm_eval.evaluator_utils._process_results` and the `_to_eval_results` method of what it
   returns: the fan-out's merge computes the metrics as one lm-eval run would.
 
@@ -17,18 +20,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
-from lm_eval.tasks._index import Entry, Kind
+from lm_eval.tasks._index import Entry, Kind, TaskIndex
 
 WRITTEN_AGAINST = "0.4.13"
+SUBTASK_KINDS = (Kind.TASK, Kind.PY_TASK)
 
 __all__ = [
     "Entry",
     "Kind",
     "TaskFactory",
+    "add_task_folders",
     "check_upstream",
     "process_results",
     "set_task_factory",
@@ -38,6 +44,18 @@ __all__ = [
 def set_task_factory(manager: TaskManager, factory: TaskFactory) -> None:
     """Make `manager` build its tasks with `factory`."""
     manager._factory = factory
+
+
+def add_task_folders(manager: TaskManager, folders: list[Path]) -> None:
+    """Index the task configs under `folders` into `manager` as `include_path` would (a name
+    defined there overrides a built-in one)."""
+    index = {**manager._index, **TaskIndex.build(folders)}
+    manager._index = index
+    manager.include_path = [*(manager.include_path or []), *map(str, folders)]
+    manager._all_tasks = sorted(index)
+    manager._all_subtasks = sorted(n for n, e in index.items() if e.kind in SUBTASK_KINDS)
+    manager._all_groups = sorted(n for n, e in index.items() if e.kind is Kind.GROUP)
+    manager._all_tags = sorted(n for n, e in index.items() if e.kind is Kind.TAG)
 
 
 def process_results(accumulated: dict[str, Any], groups: dict[str, Any], bootstrap_iters: int):
@@ -56,8 +74,13 @@ def check_upstream() -> None:
 
     version = getattr(lm_eval, "__version__", "unknown")
     problems = []
-    if not hasattr(TaskManager(), "_factory"):
-        problems.append("TaskManager has no `_factory` attribute")
+    manager = TaskManager(include_defaults=False)
+    attributes = ("_factory", "_index", "_all_tasks", "_all_subtasks", "_all_groups", "_all_tags")
+    problems += [
+        f"TaskManager has no `{a}` attribute" for a in attributes if not hasattr(manager, a)
+    ]
+    if "build" not in vars(TaskIndex):
+        problems.append("TaskIndex has no `build` method")
     if "_load_full_config" not in vars(TaskFactory):
         problems.append("TaskFactory has no `_load_full_config` method")
     else:

@@ -99,14 +99,21 @@ class Study:
     """What the checkpoint's manifest says the run trained on, checked against the data."""
 
     run_name: str
-    step: int  # steps trained: the checkpoint's weights saw steps 0 .. step - 1
+    step: int  # the checkpoint's weights saw steps 0 .. step - 1, less the skipped ones
     data: DataConfig
     schedule: BatchSchedule
+    skipped: list[list[int]]  # [first, last] ranges of steps whose batches were not trained
+
+    @property
+    def served(self) -> int:
+        """Training sequences served by the checkpoint's step, skipped steps' included."""
+        return self.step * self.schedule.global_batch_size
 
     @property
     def trained(self) -> int:
-        """Training sequences consumed by the checkpoint's step."""
-        return self.step * self.schedule.global_batch_size
+        """Training sequences the checkpoint's weights were trained on."""
+        skipped = sum(last - first + 1 for first, last in self.skipped)
+        return (self.step - skipped) * self.schedule.global_batch_size
 
 
 def plan_study(manifest, cfg: MemorizationConfig) -> Study:
@@ -130,11 +137,12 @@ def plan_study(manifest, cfg: MemorizationConfig) -> Study:
         data_parallel_size=int(config["parallel.dp"]),
         train_steps=max(int(config["train.steps"]), manifest.step, 1),
     )
-    study = Study(manifest.run_name, manifest.step, data, schedule)
+    study = Study(manifest.run_name, manifest.step, data, schedule, manifest.skipped_steps)
     if cfg.samples > study.trained:
         raise ConfigError(
             f"samples={cfg.samples}: {where} has trained on {study.trained} sequences "
-            f"({manifest.step} steps of {schedule.global_batch_size}); set samples<={study.trained} "
+            f"({manifest.step} steps of {schedule.global_batch_size}, less skipped ones); set "
+            f"samples<={study.trained} "
             "or evaluate a later checkpoint"
         )
     if cfg.width > data.seq_len + 1:
@@ -182,7 +190,8 @@ def rebuild(study: Study, cfg: MemorizationConfig) -> list[Window]:
     from neoray.data.loader import train_mixture
 
     mixture = train_mixture(study.data, study.schedule)
-    positions = draw_positions(study.trained, cfg.samples, cfg.seed)
+    per_step = study.schedule.global_batch_size
+    positions = draw_positions(study.trained, cfg.samples, cfg.seed, per_step, study.skipped)
     windows = read_windows(mixture, positions, cfg.width)
     if cfg.heldout_samples:
         try:
@@ -192,7 +201,8 @@ def rebuild(study: Study, cfg: MemorizationConfig) -> list[Window]:
         windows += read_windows(
             heldout, np.arange(cfg.heldout_samples), cfg.width, cfg.heldout_split
         )
-    count_exposures(mixture, study.trained, study.schedule.global_batch_size, windows)
+    skipped = {s for first, last in study.skipped for s in range(first, last + 1)}
+    count_exposures(mixture, study.served, per_step, windows, skipped)
     return windows
 
 

@@ -75,6 +75,7 @@ def evaluate(
 def run_evaluate(cfg: Any) -> dict[str, Any]:
     """The job: validate everything, then export (if needed), evaluate, log and print."""
     eval_cfg = dataclass_from_config(EvalConfig, cfg.eval, "eval")
+    check_tasks(eval_cfg)
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
     storage = dataclass_from_config(StorageConfig, cfg.storage, "storage")
     check_durable_locations(tracking=tracking)
@@ -109,10 +110,28 @@ def load_suite(
             suite = to_dict(OmegaConf.load(folder / f"{name}.yaml"))
             if suite.get("suite") == MEMORIZATION:  # the memorization study, not lm-eval tasks
                 return memorization_suite(settings, suite, f"suite {name}")
-            return dataclass_from_config(EvalConfig, {**settings, **suite}, f"suite {name}")
+            # the job's task folders (eval.task_dirs) and the suite's own
+            folders = [*(settings.get("task_dirs") or []), *(suite.get("task_dirs") or [])]
+            values = {**settings, **suite, "task_dirs": folders}
+            return dataclass_from_config(EvalConfig, values, f"suite {name}")
     known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
     where = " or ".join(str(folder) for folder in folders)
     raise ConfigError(f"suites: no suite {name!r} in {where}; choose from {', '.join(known)}")
+
+
+def check_tasks(suite: EvalConfig) -> None:
+    """Refuse a suite that names a task lm-eval knows neither among its own tasks nor in the
+    suite's task folders, before anything starts."""
+    from neoray.evaluation.mirror import task_manager
+
+    known = set(task_manager(None, suite.task_dirs).all_tasks)
+    unknown = [name for name in suite.tasks if name not in known and not Path(name).is_file()]
+    if unknown:
+        raise ConfigError(
+            f"suite {suite.suite}: lm-eval has no task, group or tag {', '.join(unknown)} (nor "
+            f"do its task folders {suite.task_dirs}); add the folder that defines it with "
+            "eval.task_dirs=[<folder>] (the heldout tasks: jobs/heldout_task.py writes one)"
+        )
 
 
 def checkpoint_watcher(
@@ -192,6 +211,9 @@ def eval_watch_settings(
     suites = [
         load_suite(name, values["eval"], values.get("suite_dir")) for name in values["suites"]
     ]
+    for suite in suites:
+        if isinstance(suite, EvalConfig):
+            check_tasks(suite)
     schedule = dataclass_from_config(ScheduleConfig, cfg.schedule, "schedule")
     tracking = dataclass_from_config(TrackingConfig, cfg.tracking, "tracking")
     return suites, schedule, tracking, dataclass_from_config(StorageConfig, cfg.storage, "storage")

@@ -37,6 +37,14 @@ def hf_name(name: str) -> str:
     return name if name.startswith("embed_out.") else f"gpt_neox.{name}"
 
 
+def from_hf_name(key: str) -> str | None:
+    """Our name of a tensor stored under `key` in a Hugging Face GPTNeoX checkpoint; None
+    for the buffers that older checkpoints stored and that are recomputed instead."""
+    if key.endswith(_IGNORED_SUFFIXES):
+        return None
+    return _LM_HEAD_ALIASES.get(key, key).removeprefix("gpt_neox.")
+
+
 def transformers_name(name: str) -> str:
     """The name of one of our parameters in a loaded `GPTNeoXForCausalLM`.
 
@@ -193,11 +201,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPTN
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json not found")
     config = from_hf_config(json.loads((path / "config.json").read_text()))
-    found = {
-        _LM_HEAD_ALIASES.get(k, k): v
-        for k, v in _read_weights(path).items()
-        if not k.endswith(_IGNORED_SUFFIXES)
-    }
+    found = {hf_name(ours): v for k, v in _read_weights(path).items() if (ours := from_hf_name(k))}
 
     with torch.device("meta"):
         expected = {hf_name(k): v.shape for k, v in GPTNeoX(config).state_dict().items()}

@@ -22,22 +22,27 @@ class ParallelConfig:
 
     One optimizer step consumes `micro_batch_size * grad_accum_steps * dp` sequences. When
     `global_batch_size` is set it must equal that product (it documents the intent of a preset,
-    e.g. the 1,536 sequences of GPT-NeoX-20B). ZeRO stage 1 shards optimizer states across the
-    data-parallel ranks; DeepSpeed's pipeline engine allows no higher stage.
+    e.g. the 1,536 sequences of GPT-NeoX-20B). `grad_accum_steps: null` derives accumulation
+    from it instead: a recipe (conf/recipe/) fixes the global batch of the run it reproduces
+    and leaves micro batch and dp to the layout. ZeRO stage 1 shards optimizer states across
+    the data-parallel ranks; DeepSpeed's pipeline engine allows no higher stage.
     """
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     micro_batch_size: int = 4
-    grad_accum_steps: int = 1
+    grad_accum_steps: int | None = 1  # None: global_batch_size / (micro_batch_size x dp)
     global_batch_size: int | None = None
     zero_stage: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"parallel.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps", "global_batch_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"parallel.{name} must be at least 1, got {value}")
+        if self.grad_accum_steps is None:
+            self.grad_accum_steps = self._derived_grad_accum_steps()
         if self.zero_stage not in (0, 1):
             raise ConfigError(
                 f"parallel.zero_stage={self.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
@@ -57,6 +62,28 @@ class ParallelConfig:
                 f"x grad_accum_steps x dp = {self.micro_batch_size} x {self.grad_accum_steps} x "
                 f"{self.dp} = {product}: {hint}, or remove parallel.global_batch_size"
             )
+
+    def _derived_grad_accum_steps(self) -> int:
+        """The accumulation that makes micro_batch_size x dp sequences the global batch, or a
+        `ConfigError` naming the layout field to change when none does."""
+        batch, micro, dp = self.global_batch_size, self.micro_batch_size, self.dp
+        if batch is None:
+            raise ConfigError(
+                "parallel.grad_accum_steps=null derives accumulation from "
+                "parallel.global_batch_size, which is null too: set one of them"
+            )
+        if batch % (micro * dp) == 0:
+            return batch // (micro * dp)
+        if batch % dp:
+            fix = f"choose a parallel.dp that divides {batch}"
+        else:
+            fitting = max(m for m in range(1, micro + 1) if (batch // dp) % m == 0)
+            fix = f"set parallel.micro_batch_size={fitting} (or another divisor of {batch // dp})"
+        raise ConfigError(
+            f"parallel.global_batch_size={batch} (a recipe's batch) is not a multiple of "
+            f"parallel.micro_batch_size x parallel.dp = {micro} x {dp} = {micro * dp}, so no "
+            f"whole parallel.grad_accum_steps reaches it: {fix}"
+        )
 
     @property
     def world_size(self) -> int:

@@ -38,7 +38,7 @@ from neoray.sweep.outcome import (
 )
 from neoray.sweep.preflight import check_reachable
 from neoray.sweep.space import check_keys, corners, override, tune_space
-from neoray.sweep.trial import TrialContext, compose_pretrain, run_trial, trial_run_name
+from neoray.sweep.trial import TrialContext, run_trial, trial_run_name
 from neoray.tracking import (
     MLflowTracker,
     TrackingConfig,
@@ -47,7 +47,7 @@ from neoray.tracking import (
     find_run,
     metric_key,
 )
-from neoray.training.config import PretrainConfig, pretrain_config
+from neoray.training.config import PretrainConfig, compose_pretrain, pretrain_config
 from neoray.training.job import cluster_config
 
 # What a trial's driver process takes (Python, Ray Train's controller); reserving it also makes

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig
-
 from neoray.sweep.space import override
+from neoray.training.config import compose_pretrain
 
 
 @dataclass
@@ -42,17 +41,6 @@ def trial_overrides(context: TrialContext, values: dict[str, Any], run_name: str
         f"run_name={run_name}",
         f"run_dir={context.sweep_dir}/trials/{run_name}",
     ]
-
-
-def compose_pretrain(conf_dir: str, overrides: list[str]) -> DictConfig:
-    """The pretrain config with `overrides`, composed by Hydra as `jobs/pretrain.py` would."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config dir
-        return compose(config_name="pretrain", overrides=overrides)
-    with initialize_config_dir(config_dir=conf_dir, version_base=None):
-        return compose(config_name="pretrain", overrides=overrides)
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:

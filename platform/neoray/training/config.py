@@ -7,9 +7,10 @@ can be checked without processes or devices, so mistakes surface before a cluste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neoray.checkpoint.config import CheckpointConfig
+from neoray.checkpoint.init_from import check_source, open_source
 from neoray.checkpoint.manifest import SAFE_NAME
 from neoray.config import ConfigError, dataclass_from_config, to_dict
 from neoray.data.config import DataConfig, data_config
@@ -25,6 +26,10 @@ from neoray.model.gpt_neox import NeoXConfig
 from neoray.parallel.config import ParallelConfig, validate_layout
 from neoray.storage import StorageConfig
 from neoray.tokenizer.load import load_tokenizer
+from neoray.training.spike import SpikeConfig, checked_ranges
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUN_NAME = SAFE_NAME  # one folder name in any store
@@ -63,14 +68,22 @@ class TrainConfig:
     initial_loss_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
     max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite losses
     peak_tflops: float | None = None  # device peak for MFU; None: known GPU or a CPU probe
-    init_from: str | None = None  # a full GPTNeoX state dict (torch.save) to start from
+    # weights to start from (HF GPTNeoX dir, local or s3://; run:<name>[@<step>]; a checkpoint's
+    # <root>/<run>/checkpoints/step_<n>; a torch.save state dict): see neoray.checkpoint.init_from
+    init_from: str | None = None
     save_final: bool = False  # write each rank's final weights to <run_dir>/final/
     compile: bool = False  # torch.compile each transformer layer (fused elementwise kernels)
     log_interval: int = 10  # rank 0 prints a progress line every this many steps; 0: never
     eval_interval: int = 1000  # validate every this many steps and at the end; 0: never
     eval_iters: int = 10  # global batches of the validation split per validation
+    skip_steps: list = field(default_factory=list)  # [[first, last], ...]: batches not trained
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # loss spikes: see training.spike
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spike, SpikeConfig):
+            self.spike = dataclass_from_config(SpikeConfig, self.spike, "train.spike")
+        checked_ranges(self.skip_steps, "train.skip_steps")
+        self.skip_steps = [list(entry) for entry in self.skip_steps]
         if self.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {self.steps}")
         if self.precision not in PRECISIONS:
@@ -122,6 +135,11 @@ class PretrainConfig:
             raise ConfigError(
                 f"run_name={self.run_name!r}: use letters, digits, '.', '_' and '-' "
                 "(it becomes a folder name in the checkpoint storage)"
+            )
+        if self.train.spike.enabled and not self.checkpoint.enabled:
+            raise ConfigError(
+                "train.spike.enabled=true rolls back to the last committed checkpoint: set "
+                "checkpoint.enabled=true"
             )
 
     @property
@@ -197,6 +215,17 @@ def validate_validation_split(data: DataConfig, opened: dict[str, IndexedDataset
         )
 
 
+def compose_pretrain(conf_dir: str, overrides: list[str]) -> DictConfig:
+    """The pretrain config with `overrides`, composed by Hydra as `jobs/pretrain.py` would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config dir
+        return compose(config_name="pretrain", overrides=overrides)
+    with initialize_config_dir(config_dir=conf_dir, version_base=None):
+        return compose(config_name="pretrain", overrides=overrides)
+
+
 def pretrain_config(cfg: Any) -> PretrainConfig:
     """Typed, validated config from the Hydra `pretrain` config (sections as in conf/pretrain.yaml)."""
     values = to_dict(cfg)
@@ -219,6 +248,8 @@ def pretrain_config(cfg: Any) -> PretrainConfig:
         energy=dataclass_from_config(EnergyConfig, values.get("energy"), "energy"),
     )
     validate_layout(config.model, config.parallel)
+    if config.train.init_from:  # from the metadata alone, before any weight is read
+        check_source(open_source(config.train.init_from, config.storage), config.model)
     if config.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}: "

@@ -65,10 +65,14 @@ def _on_rank0_first(build: Callable[[], T]) -> T:
 
 
 def dataset(cfg: PretrainConfig, split: str, samples: int) -> Dataset:
-    """`samples` samples of `split`: the configured mixture, or synthetic tokens."""
+    """`samples` samples of `split`: the configured mixture (the train split in its
+    `data.phases`), or synthetic tokens."""
     if isinstance(cfg.data, SyntheticDataConfig):
         return SyntheticTokens(cfg.data, cfg.model.vocab_size, split)
-    return _on_rank0_first(lambda: build_mixture(cfg.data, split, samples, cfg.model.vocab_size))
+    batch = batch_schedule(cfg).global_batch_size
+    return _on_rank0_first(
+        lambda: build_mixture(cfg.data, split, samples, cfg.model.vocab_size, batch)
+    )
 
 
 def micro_batches(

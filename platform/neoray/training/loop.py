@@ -24,19 +24,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from neoray.checkpoint.init_from import init_stage
 from neoray.checkpoint.lease import LeaseCheck
 from neoray.checkpoint.manifest import CorruptCheckpointError, FileEntry, Manifest
 from neoray.checkpoint.resume import Layout, committed_on_rank0, resume
-from neoray.checkpoint.snapshot import Snapshots, UncommittedCheckpointError, manifest_created
+from neoray.checkpoint.snapshot import Snapshots, manifest_created
 from neoray.code_version import code_version
 from neoray.config import ConfigError, flatten, redact
 from neoray.data.config import DataConfig
 from neoray.data.mixture import BlendedDataset, changed_components, data_fingerprint
+from neoray.data.phases import mixture_metrics, mixture_record, rewritten_phases
 from neoray.energy.run import RunEnergy
 from neoray.evaluation.hold import EvaluationHold
 from neoray.evaluation.ledger import Ledger
 from neoray.parallel.config import validate_layout
-from neoray.parallel.convert import load_full_state_dict, shard_path
+from neoray.parallel.convert import shard_path
 from neoray.parallel.pipeline import build_pipeline
 from neoray.parallel.topology import place_rank
 from neoray.storage import Storage, open_storage, publish_file
@@ -52,6 +54,7 @@ from neoray.training.metrics import (
 )
 from neoray.training.observer import TrainingObserver
 from neoray.training.precision import check_precision
+from neoray.training.spike import Rollback, SkippedSteps, SpikeGuard, checked_ranges
 from neoray.training.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -125,11 +128,23 @@ def _pin_decay_horizon(cfg: PretrainConfig, manifests: list[Manifest]) -> None:
 
 def _check_data(cfg: PretrainConfig, manifest: Manifest) -> None:
     """Refuse (on every rank, before any weight is read) to resume on token files other than
-    those `manifest` was trained on, unless `data.accept_changed_data` names the component:
-    the run would otherwise go on with other samples than its data order says, unnoticed.
-    Rank 0 alone reads the files, as it alone fingerprints them for the manifests."""
-    if not isinstance(cfg.data, DataConfig) or not manifest.data_fingerprint:
-        return  # synthetic data, or a checkpoint from before fingerprints were recorded
+    those `manifest` was trained on, unless `data.accept_changed_data` names the component,
+    or on a mixture whose phases before the checkpoint differ from those it recorded (a change
+    from the checkpoint's step on is declared as a phase): the run would otherwise go on with
+    other samples than its data order says, unnoticed. Rank 0 alone reads the files, as it
+    alone fingerprints them for the manifests."""
+    if not isinstance(cfg.data, DataConfig):
+        return  # synthetic data
+    rewritten = rewritten_phases(cfg.data, manifest.mixture_phases, manifest.step)
+    if rewritten:
+        raise ConfigError(
+            f"run_name={cfg.run_name!r}: {rewritten}. Its checkpoint at step {manifest.step} "
+            "was trained on the recorded ones: restore them in data.components and "
+            f"data.phases, and declare a change as a phase from step {manifest.step} or later "
+            f"(data.phases=[{{from_step: {manifest.step}, components: {{...}}}}])"
+        )
+    if not manifest.data_fingerprint:
+        return  # a checkpoint from before fingerprints were recorded
     refusal: list = [None]
     if dist.get_rank() == 0:
         changed = changed_components(cfg.data, manifest.data_fingerprint)
@@ -167,10 +182,12 @@ def epochs_seen(data, samples: int) -> dict[str, float]:
     return {f"epochs/{name}": epochs for name, epochs in data.epochs(samples).items()}
 
 
-def manifest_factory(cfg: PretrainConfig):
-    """(step, files) -> the Manifest of run `cfg` at `step`. The data's fingerprint is taken
-    once, at the first commit (on rank 0, the only one that writes manifests), so evaluations
-    that rebuild the training order can refuse token files changed since."""
+def manifest_factory(cfg: PretrainConfig, skipped: SkippedSteps | None = None):
+    """(step, files) -> the Manifest of run `cfg` at `step`, with the steps before it that
+    `skipped` holds (their batches untrained, left out of `tokens_seen`). The data's fingerprint
+    is taken once, at the first commit (on rank 0, the only one that writes manifests), so
+    evaluations that rebuild the training order can refuse token files changed since."""
+    skipped = skipped or SkippedSteps([])
     config = redact(flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
     model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
     version = code_version()
@@ -183,7 +200,7 @@ def manifest_factory(cfg: PretrainConfig):
         return Manifest(
             run_name=cfg.run_name,
             step=step,
-            tokens_seen=step * cfg.tokens_per_step,
+            tokens_seen=(step - skipped.count_before(step)) * cfg.tokens_per_step,
             topology=_topology(cfg),
             model=model,
             config=config,
@@ -191,6 +208,8 @@ def manifest_factory(cfg: PretrainConfig):
             created=manifest_created(),
             files=files,
             data_fingerprint=fingerprint(),
+            mixture_phases=mixture_record(cfg.data) if isinstance(cfg.data, DataConfig) else [],
+            skipped_steps=skipped.before(step),
         )
 
     return make
@@ -202,6 +221,7 @@ def _snapshots(
     staging: Path,
     observer: TrainingObserver | None,
     lease: LeaseCheck | None,
+    skipped: SkippedSteps,
 ) -> Snapshots:
     def on_commit(step: int, uri: str, size_bytes: int) -> None:
         if observer is not None:
@@ -220,7 +240,7 @@ def _snapshots(
         cfg.checkpoint,
         staging,
         _topology(cfg),
-        manifest_factory(cfg),
+        manifest_factory(cfg, skipped),
         on_commit,
         on_failure,
         hold,
@@ -239,6 +259,13 @@ def _forget_evaluations(storage: Storage, run_name: str) -> None:
             run_name,
             forgotten,
         )
+
+
+def _report_rollback(rollback: Rollback, count: int, observer: TrainingObserver | None) -> None:
+    """The progress line and the observers' record of the `count`-th rollback (rank 0)."""
+    print(f"{rollback.describe()} [rollback {count}: {rollback.cost()}]", flush=True)
+    if observer is not None:
+        observer.on_rollback(rollback.step, count, rollback.seconds, rollback.describe())
 
 
 def pretrain(
@@ -264,7 +291,8 @@ def pretrain(
         lease = LeaseCheck(storage, cfg.run_name, lease_owner, cfg.checkpoint.lease_timeout_s)
     staging = Path(cfg.checkpoint.staging_dir or Path(cfg.run_dir) / "staging") / cfg.run_name
     manifests, malformed = committed_on_rank0(storage, cfg.run_name) if storage else ([], [])
-    snapshots = _snapshots(cfg, storage, staging, observer, lease) if storage else None
+    skipped = SkippedSteps(checked_ranges(cfg.train.skip_steps, "train.skip_steps"))
+    snapshots = _snapshots(cfg, storage, staging, observer, lease, skipped) if storage else None
     if snapshots is not None:
         snapshots.check_lease()  # a worker group restarted after its job lost the run stops here
     if snapshots is not None and snapshots.recover(manifests[-1].step if manifests else None):
@@ -282,12 +310,23 @@ def pretrain(
         _check_data(cfg, manifests[-1])
     _pin_decay_horizon(cfg, manifests)
     module = build_pipeline(cfg.model, placement, cfg.train.seed, cfg.train.compile)
-    if cfg.train.init_from:
-        full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
-        load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
+    if cfg.train.init_from and manifests:
+        log.info("run %r resumes its own checkpoint; train.init_from is not read", cfg.run_name)
+    elif cfg.train.init_from:  # weights only: the optimizer, schedule and data order start afresh
+        init_stage(
+            cfg.train.init_from,
+            module,
+            cfg.model,
+            placement.tp_rank,
+            cfg.parallel.tp,
+            cfg.storage,
+            Path(cfg.run_dir),
+        )
     engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
     resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
+    for first, last in resumed.skipped_steps if resumed is not None else []:
+        skipped.add(first, last)  # the rollbacks of earlier starts
     out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
     if observer is not None:
         observer.on_start(None if resumed is None else start, out.kept if out else [])
@@ -318,68 +357,87 @@ def pretrain(
         earlier = [row["energy/kwh"] for row in out.kept if "energy/kwh" in row] if out else []
         energy = RunEnergy(cfg.energy, device, start_kwh=earlier[-1] if earlier else 0.0)
     train_data = dataset(cfg, "train", schedule.train_samples)
-    batches = micro_batches(train_data, schedule, placement.dp_rank, start)
+    batches = None  # the micro-batches from the next trained step on, made when it comes
     validation = Validation(cfg, engine, placement) if cfg.train.eval_interval else None
     if snapshots is not None and resumed is None and cfg.checkpoint.should_save(0, cfg.train.steps):
         snapshots.save(engine, 0)
     fp16 = cfg.train.precision == "fp16"
+    guard = None
+    if cfg.train.spike.enabled:  # checkpoints are on (checked with the config)
+        guard = SpikeGuard(cfg.train.spike, skipped, engine, snapshots, layout, staging, device)
+        guard.recall(out.kept if out is not None else [])
     nonfinite = 0
-    for step in range(start, cfg.train.steps):
-        lr = engine.get_lr()[0]
-        start_time = time.perf_counter()
-        loss = engine.train_batch(data_iter=batches).item()
-        seconds = time.perf_counter() - start_time
-        grad_norm = engine.get_global_grad_norm()
-        row = metrics.row(
-            step,
-            seconds,
-            loss=loss,
-            lr=lr,
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            loss_scale=engine.optimizer.cur_scale if fp16 else 1.0,
-            step_skipped=not engine.was_step_applied(),
-            peak_memory_gib=peak_memory_gib(device),
-        )
+    step = start
+    while step < cfg.train.steps:
         done = step + 1
-        validated = validation is not None and cfg.train.validates_after(done)
-        if validated:
+        if step in skipped:
+            engine.lr_scheduler.step()  # untrained, but the schedule stays a function of the step
+            batches = None
+        else:
+            if batches is None:
+                batches = micro_batches(train_data, schedule, placement.dp_rank, step)
+            lr = engine.get_lr()[0]
             start_time = time.perf_counter()
-            row.update(
-                validation.run(), **epochs_seen(train_data, done * schedule.global_batch_size)
+            loss = engine.train_batch(data_iter=batches).item()
+            seconds = time.perf_counter() - start_time
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            if guard is not None and (rollback := guard.after_step(step, loss, grad_norm)):
+                step, batches, nonfinite = rollback.to_step, None, 0
+                if out is not None:  # the rows of the steps undone go, as on a restart
+                    out.close()
+                    out = MetricsFile(cfg.run_dir, step)
+                    _report_rollback(rollback, len(guard.history), observer)
+                continue
+            row = metrics.row(
+                step,
+                seconds,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                loss_scale=engine.optimizer.cur_scale if fp16 else 1.0,
+                step_skipped=not engine.was_step_applied(),
+                peak_memory_gib=peak_memory_gib(device),
             )
-            row["val/time_s"] = time.perf_counter() - start_time
-            if on_validation is not None:
-                on_validation(row)
-        if energy is not None and (done % cfg.energy.interval == 0 or done == cfg.train.steps):
-            row.update(energy.read())
-        if out is not None:
-            if lease is not None:
-                lease.verify()
-            out.write(row)
-            if observer is not None:
-                observer.on_metrics(row)
-            if validated or (cfg.train.log_interval and done % cfg.train.log_interval == 0):
-                print(progress_line(row, cfg.train.steps), flush=True)
-        nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
-        if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
-            if snapshots is not None:
-                try:
-                    snapshots.finish()  # commit the good checkpoints already uploading
-                except UncommittedCheckpointError as err:  # kept; the loss is the news
-                    log.error("%s", err)
-            raise NonFiniteLossError(
-                f"the loss was not finite for {nonfinite} consecutive steps (last: step {step}); "
-                "stopping without saving the diverged weights. Lower optim.lr, raise "
-                "optim.warmup, or train in bf16"
-            )
+            if isinstance(cfg.data, DataConfig):
+                row.update(mixture_metrics(cfg.data, step, start))
+            validated = validation is not None and cfg.train.validates_after(done)
+            if validated:
+                start_time = time.perf_counter()
+                row.update(
+                    validation.run(), **epochs_seen(train_data, done * schedule.global_batch_size)
+                )
+                row["val/time_s"] = time.perf_counter() - start_time
+                if on_validation is not None:
+                    on_validation(row)
+            if energy is not None and (done % cfg.energy.interval == 0 or done == cfg.train.steps):
+                row.update(energy.read())
+            if out is not None:
+                if lease is not None:
+                    lease.verify()
+                out.write(row)
+                if observer is not None:
+                    observer.on_metrics(row)
+                if validated or (cfg.train.log_interval and done % cfg.train.log_interval == 0):
+                    print(progress_line(row, cfg.train.steps), flush=True)
+            nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
+            if nonfinite >= cfg.train.max_nonfinite_steps and not fp16:
+                if snapshots is not None:
+                    snapshots.finish_before_stopping()
+                raise NonFiniteLossError(
+                    f"the loss was not finite for {nonfinite} consecutive steps (last: step "
+                    f"{step}); stopping without saving the diverged weights. Lower optim.lr, "
+                    "raise optim.warmup, train in bf16, or set train.spike.enabled=true"
+                )
         if snapshots is not None and cfg.checkpoint.should_save(done, cfg.train.steps):
-            if math.isfinite(loss):
+            if nonfinite == 0:
                 snapshots.save(engine, done)
             elif dist.get_rank() == 0:
                 log.warning(
                     "not saving step %d: its loss is not finite (the last good checkpoint stays)",
                     done,
                 )
+        step += 1
     if out is not None:
         out.close()
     if cfg.train.save_final and placement.dp_rank == 0:

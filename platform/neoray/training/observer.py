@@ -23,6 +23,11 @@ class TrainingObserver(Protocol):
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         """The checkpoint of `step` could not be uploaded; it is retried at the next save."""
 
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        """The loss of `step` spiked and the run rolled back (its `count`-th rollback, taking
+        `seconds`), as `description` says; the rows of the steps undone come again (see
+        training.spike)."""
+
 
 class Observers:
     """Several observers as one (an experiment tracker and the live metrics, say)."""
@@ -45,3 +50,7 @@ class Observers:
     def on_checkpoint_failed(self, step: int, error: str) -> None:
         for observer in self.observers:
             observer.on_checkpoint_failed(step, error)
+
+    def on_rollback(self, step: int, count: int, seconds: float, description: str) -> None:
+        for observer in self.observers:
+            observer.on_rollback(step, count, seconds, description)

@@ -88,6 +88,19 @@ def plan_stages(cfg: PretrainConfig) -> list[StagePlan]:
     return plans
 
 
+def schedule_line(cfg: PretrainConfig) -> str:
+    """The optimizer schedule and checkpoint steps: what a recipe (conf/recipe/) sets."""
+    o, ckpt = cfg.optim, cfg.checkpoint
+    decay = o.decay_steps or cfg.train.steps
+    saves = f"every {ckpt.interval:,} steps" if ckpt.enabled else "none"
+    if ckpt.enabled and ckpt.milestones:
+        saves += " and at 0, 1, 2, 4, ..., 512"
+    return (
+        f"schedule: lr {o.lr:g} -> {o.min_lr:g} ({int(o.warmup * decay):,} warmup steps, cosine "
+        f"over {decay:,}), weight decay {o.weight_decay:g}; checkpoints {saves}"
+    )
+
+
 def format_plan(cfg: PretrainConfig, tflops: float, peak_tflops: float) -> str:
     """The dry-run report: layout, per-stage parameters and memory, FLOPs and time."""
     m, par = cfg.model, cfg.parallel
@@ -110,6 +123,7 @@ def format_plan(cfg: PretrainConfig, tflops: float, peak_tflops: float) -> str:
         f"batch: micro {par.micro_batch_size} x accumulation {par.grad_accum_steps} x dp "
         f"{par.dp} = {par.sequences_per_step} sequences of {cfg.seq_len} = "
         f"{cfg.tokens_per_step:,} tokens per step",
+        schedule_line(cfg),
         "",
         f"{'stage':>5} {'layers':>6} {'params/rank':>12} {'weights':>8} {'grads':>8} "
         f"{'optim':>8} {'activ.':>8} {'total GiB':>10}",

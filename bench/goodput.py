@@ -1,0 +1,208 @@
+"""Goodput under failures: a pretraining run on Ray with one training worker killed every
+`--every` seconds, against the same run never interrupted.
+
+Both runs train the tiny model at tp=2 on Ray Train workers (a local Ray), saving every
+`--interval` steps. The uninterrupted run gives the time per step; the interrupted run kills one
+Ray Train worker (SIGKILL) every `--every` seconds of its training, and Ray Train restarts the
+worker group, which resumes from the last committed checkpoint. Reported:
+
+- recovery per kill: from the kill to the first step trained after it, split into Ray's restart
+  (the kill to the first process of the new worker group), start-up (imports, process group,
+  engine, checkpoint download and load: to the job's "resumed run ... at step" line) and the
+  first step;
+- goodput: the uninterrupted run's time for the steps trained (steps x its median step time)
+  over the interrupted run's wall time from its first step to its last (steps trained again
+  after a restart are the loss).
+
+    DS_ACCELERATOR=cpu .venv/bin/python bench/goodput.py            # a kill every 10 minutes
+    DS_ACCELERATOR=cpu .venv/bin/python bench/goodput.py --quick    # every 60 s, about 5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = {"recovery_s": 60.0, "goodput": 0.90}
+CONFIG = [
+    "model=tiny",
+    "parallel.tp=2",
+    "data.seq_len=32",
+    "train.peak_tflops=1.0",
+    "train.log_interval=1",
+    "tracking.system_metrics=false",
+    "cluster.max_failures=-1",
+]
+
+
+PROGRESS = re.compile(r"step (\d+)/\d+ +loss")  # the progress line of each step (log_interval=1)
+
+
+class Job:
+    """A `jobs/pretrain.py` process whose output lines are timestamped as they arrive
+    (wall-clock seconds); each step's progress line tells when it was trained, again after a
+    restart."""
+
+    def __init__(self, run_dir: Path, overrides: list[str], env: dict[str, str]) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.steps: list[tuple[float, int]] = []  # (arrival, step number) of each progress line
+        self.process = subprocess.Popen(
+            [sys.executable, "jobs/pretrain.py", *CONFIG, f"run_dir={run_dir}", *overrides],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read_output, daemon=True).start()
+
+    def _read_output(self) -> None:
+        for line in self.process.stdout:
+            now = time.time()
+            self.lines.append((now, line.rstrip()))
+            if progress := PROGRESS.search(line):
+                self.steps.append((now, int(progress.group(1))))
+
+    def workers(self) -> list[psutil.Process]:
+        found = []
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines[-40:])
+
+
+def run(
+    tmp: Path, name: str, steps: int, interval: int, every: float | None
+) -> tuple[Job, list[dict]]:
+    """Train `steps` steps; with `every`, kill a worker every `every` seconds of training.
+    Returns the job and one record per kill."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "RAY_TMPDIR": ray_tmp,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlruns.db'}",
+    }
+    overrides = [
+        f"run_name={name}",
+        f"train.steps={steps}",
+        f"checkpoint.interval={interval}",
+        f"storage.root={tmp / 'store'}",
+    ]
+    job = Job(tmp / name, overrides, env)
+    kills: list[dict] = []
+    try:
+        while job.process.poll() is None:
+            time.sleep(0.05)
+            waiting = kills and "restarted" not in kills[-1]
+            if waiting and {w.pid for w in job.workers()} - kills[-1]["old_workers"]:
+                kills[-1]["restarted"] = time.time()  # a process of the new worker group
+            if every is None or not job.steps:
+                continue
+            since = kills[-1]["at"] if kills else job.steps[0][0]
+            if time.time() - since >= every and job.steps[-1][1] < steps - interval:
+                kills.append(kill_one_worker(job))
+        if job.process.returncode != 0:
+            sys.exit(f"{name} failed:\n{job.output()}")
+    finally:
+        job.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    for kill in kills:
+        kill.update(recovery(job, kill))
+    return job, kills
+
+
+def kill_one_worker(job: Job) -> dict:
+    workers = job.workers()
+    victim = workers[-1]
+    at = time.time()
+    os.kill(victim.pid, signal.SIGKILL)
+    return {"at": at, "old_workers": {w.pid for w in workers}}
+
+
+def recovery(job: Job, kill: dict) -> dict:
+    """Where the time from a kill to the next trained step went, from the timestamps."""
+    after = kill["at"]
+    first_step = next((t for t, _ in job.steps if t > after), None)
+    resumed = next((t for t, line in job.lines if t > after and "resumed run" in line), None)
+    restarted = kill.get("restarted")
+    return {
+        "recovery_s": None if first_step is None else first_step - after,
+        "ray_restart_s": None if restarted is None else restarted - after,
+        "startup_s": None if resumed is None or restarted is None else resumed - restarted,
+        "first_step_s": None if resumed is None or first_step is None else first_step - resumed,
+    }
+
+
+def step_time(job: Job) -> float:
+    times = [t for t, _ in job.steps]
+    return statistics.median(b - a for a, b in itertools.pairwise(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--every", type=float, default=600.0, help="seconds between kills")
+    parser.add_argument("--minutes", type=float, default=30.0, help="length of the run")
+    parser.add_argument("--interval", type=int, default=20, help="steps between checkpoints")
+    parser.add_argument("--quick", action="store_true", help="a kill every 60 s, 5 minutes")
+    args = parser.parse_args()
+    if args.quick:
+        args.every, args.minutes = 60.0, 5.0
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        probe, _ = run(tmp, "probe", 60, 1000, None)
+        per_step = step_time(probe)
+        steps = max(int(args.minutes * 60 / per_step), 3 * args.interval)
+        print(f"uninterrupted: {per_step:.3f} s/step; training {steps} steps", flush=True)
+        baseline, _ = run(tmp, "uninterrupted", steps, args.interval, None)
+        per_step = step_time(baseline)
+        job, kills = run(tmp, "interrupted", steps, args.interval, args.every)
+
+    wall = job.steps[-1][0] - job.steps[0][0]
+    goodput = steps * per_step / wall
+    print(
+        f"{'kill':>4} {'recovery s':>11} {'Ray restart s':>14} {'start-up s':>11} {'1st step s':>11}"
+    )
+    for index, kill in enumerate(kills, 1):
+        cells = [kill[k] for k in ("recovery_s", "ray_restart_s", "startup_s", "first_step_s")]
+        print(f"{index:>4} " + " ".join(f"{'-' if c is None else f'{c:.1f}':>11}" for c in cells))
+    recoveries = [k["recovery_s"] for k in kills if k["recovery_s"] is not None]
+    worst = max(recoveries, default=float("nan"))
+    print(
+        f"{len(kills)} kills in {wall:.0f} s of training; steps trained again: "
+        f"{len(job.steps) - steps}"
+    )
+    print(f"recovery, worst: {worst:.1f} s (goal <= {GOALS['recovery_s']:.0f} s)")
+    print(f"goodput: {goodput:.1%} (goal >= {GOALS['goodput']:.0%})")
+
+
+if __name__ == "__main__":
+    main()
