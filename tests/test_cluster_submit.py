@@ -241,11 +241,8 @@ def test_the_readme_sweep_command_runs_on_the_stack_as_written(stack, demo_data)
     (again) to publish it to the stack's bucket, then the README's sweep command exactly as
     written: a job's copy of the project has no runs/, so its trials read the bucket's copy."""
     cwd, state = stack
-    shutil.copytree(demo_data.root, cwd / "runs" / "data" / "demo")
-    published = neoray(cwd, "up")
-    assert published.returncode == 0, published.stderr[-3000:]
+    publish_demo_data(cwd, demo_data)
     remote = f"s3://{state['bucket']}/data/demo"
-    assert f"demo data: {remote} (uploaded tokenizer, code, prose)" in published.stdout
     assert f"demo data: {remote} (up to date)" in neoray(cwd, "up").stdout
     readme = (ROOT / "README.md").read_text().splitlines()
     [command] = [line for line in readme if line.startswith("neoray submit sweep sweep=tiny_lr")]
@@ -273,6 +270,56 @@ def test_the_readme_sweep_command_runs_on_the_stack_as_written(stack, demo_data)
     ended = {(r.data.tags["neoray.sweep.status"], r.info.status) for r in trials}
     assert ended <= {("completed", "FINISHED"), ("stopped_early", "KILLED")}
     assert ("completed", "FINISHED") in ended
+
+
+def publish_demo_data(cwd: Path, demo_data) -> None:
+    """The demo data where `python jobs/preprocess.py data=demo` builds it, and `neoray up`
+    (again), which publishes it to the stack's bucket for the stack's jobs."""
+    shutil.copytree(demo_data.root, cwd / "runs" / "data" / "demo", dirs_exist_ok=True)
+    published = neoray(cwd, "up")
+    assert published.returncode == 0, published.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_runs_life_submitted_to_the_stack(stack, demo_data, tmp_path):
+    """One submitted tp=2 job that starts from weights `transformers` saved, switches its
+    mixture at step 2, reads its token files from the bucket and watches for loss spikes: each
+    part works on Ray as submitted, and the run records it."""
+    from test_init_from import save_transformers_model
+
+    cwd, state = stack
+    publish_demo_data(cwd, demo_data)
+    released = tmp_path / "released"  # an absolute folder: the stack's node shares it
+    save_transformers_model(released, seed=3)
+    result = neoray(
+        cwd,
+        "submit",
+        "pretrain",
+        *TINY,
+        "data=demo",
+        "parallel.tp=2",
+        "train.steps=4",
+        "run_name=life",
+        f"run_dir={tmp_path / 'life'}",
+        "storage=s3",
+        "checkpoint.interval=1",
+        f"train.init_from={released}",
+        "data.phases=[{from_step: 2, components: {code: 0.2, prose: 0.8}}]",
+        "train.spike.enabled=true",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "of the model's" in result.stdout + result.stderr  # init_from read its share
+    s3 = stack_s3(cwd, state)
+    body = s3.get_object(Bucket=state["bucket"], Key="life/checkpoints/step_00000004/manifest.json")
+    manifest = json.loads(body["Body"].read())
+    assert [phase["from_step"] for phase in manifest["mixture_phases"]] == [0, 2]
+    assert manifest["skipped_steps"] == []
+    assert manifest["data_fingerprint"]  # the bucket's token files, fingerprinted
+    client = MlflowClient(state["mlflow_url"])
+    experiment = client.get_experiment_by_name("neoray").experiment_id
+    [run] = client.search_runs([experiment], "tags.`neoray.run_name` = 'life'")
+    shares = client.get_metric_history(run.info.run_id, "mixture/code")
+    assert [(m.step, m.value) for m in shares] == [(0, pytest.approx(0.7)), (2, pytest.approx(0.2))]
 
 
 @pytest.mark.slow
