@@ -17,11 +17,7 @@ from hypothesis import strategies as st
 
 from neoray.data import gpt_dataset
 from neoray.data.config import ComponentConfig, DataConfig
-from neoray.data.gpt_dataset import (
-    doc_idx_epochs,
-    position_dtype,
-    write_sample_index,
-)
+from neoray.data.gpt_dataset import doc_epochs, position_dtype, write_sample_index
 from neoray.data.indexed import IndexedDatasetWriter, publish
 from neoray.data.mixture import blend_chunks, blend_indices, build_mixture, load_or_build_blend
 
@@ -127,14 +123,14 @@ def test_streamed_sample_index_is_the_in_memory_one(
     assume(seq_len * num_samples <= 40 * sum(sizes))  # at most ~40 epochs: cheap examples
     folder = tmp_path_factory.mktemp("idx")
     sizes = np.array([5, *sizes], dtype=np.int32)  # document 0 is left out of the split
-    documents = np.arange(1, len(sizes))
+    documents = range(1, len(sizes))
     paths = {n: str(folder / f"{n}.npy") for n in ("doc_idx", "sample_idx", "shuffle_idx")}
     before, gpt_dataset.SAMPLE_CHUNK = gpt_dataset.SAMPLE_CHUNK, piece
     try:
         write_sample_index(sizes, documents, seq_len, num_samples, seed, paths)
     finally:
         gpt_dataset.SAMPLE_CHUNK = before
-    expected = reference_sample_index(sizes, documents, seq_len, num_samples, seed)
+    expected = reference_sample_index(sizes, np.array(documents), seq_len, num_samples, seed)
     for name, path in paths.items():
         ours = np.load(path)
         assert ours.dtype == expected[name].dtype and np.array_equal(ours, expected[name]), name
@@ -143,7 +139,7 @@ def test_streamed_sample_index_is_the_in_memory_one(
 def test_positions_past_int32_widen_and_document_ids_past_int32_are_refused():
     assert position_dtype(2**31 - 1) == np.int32 and position_dtype(2**31) == np.int64
     with pytest.raises(ValueError, match="int32"):
-        next(doc_idx_epochs(np.array([2**31], dtype=np.int64), 1, 0))
+        doc_epochs(np.zeros(1, np.int32), range(2**31, 2**31 + 1), 1, 0)
 
 
 # ---- one builder, content keys, crashes, memory ----

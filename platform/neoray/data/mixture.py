@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neoray.data.config import DataConfig
-from neoray.data.gpt_dataset import GPTDataset, split_documents
+from neoray.data.gpt_dataset import GPTDataset, gpt_datasets, split_documents
 from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, idx_path
 
@@ -214,7 +214,8 @@ def build_mixture(
     component has, as the Pile does). A component with no documents in this split is left out.
     The blend and every component's sample index are cached files (`data.cache_dir`, default:
     next to the first component's data, resp. each component's), built once by one process
-    and memory-mapped by every process that asks for them.
+    (the components' at the same time, `gpt_datasets`) and memory-mapped by every process
+    that asks for them.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
@@ -236,10 +237,8 @@ def build_mixture(
         raise ValueError(f"no component has documents in the {split} split ({cfg.split})")
     folder = cfg.cache_dir or os.path.dirname(os.path.abspath(data[0].prefix))
     blend = load_or_build_blend(weights, num_samples, folder)
-    datasets = [
-        GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)
-        for d, needed in enumerate(blend.counts)
-    ]
+    parts = [(data[d], documents[d], max(int(n), 1)) for d, n in enumerate(blend.counts)]
+    datasets = gpt_datasets(parts, cfg.seq_len, cfg.seed, cfg.cache_dir)
     return BlendedDataset(datasets, blend.dataset_index, blend.sample_index, names, vocab_size)
 
 
