@@ -20,21 +20,17 @@ of the data, `seq_len`, the seed and the step alone.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from neoray.data.index_cache import MemoryBudget, NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset
-
-T = TypeVar("T")
 
 
 def split_documents(num_documents: int, split: str) -> list[range]:
@@ -67,29 +63,15 @@ def _shuffled(values: np.ndarray, seed: list[int]) -> np.ndarray:
     return values
 
 
-def _one_ahead(pool: Executor | None, calls: list[Callable[[], T]]) -> Iterator[T]:
-    """The results of `calls` in order; with a pool, the next is computed while one is used."""
-    if pool is None:
-        yield from (call() for call in calls)
-        return
-    future = pool.submit(calls[0]) if calls else None
-    for i in range(len(calls)):
-        result = future.result()
-        if i + 1 < len(calls):
-            future = pool.submit(calls[i + 1])
-        yield result
-
-
 def doc_epochs(
     sizes: np.ndarray,
     documents: range,
     num_epochs: int,
     seed: int,
-    pool: Executor | None = None,
 ) -> Iterator[np.ndarray]:
     """The split's documents, `num_epochs` times, each epoch in its own seeded order, one epoch
-    at a time (the next one shuffled in `pool` meanwhile, if given): rows of (document, size),
-    int32. Column 0 is the doc_idx. Documents past int32 are refused at the call.
+    at a time: rows of (document, size), int32. Column 0 is the doc_idx. Documents past int32
+    are refused at the call.
 
     A row is shuffled as one 8-byte item, so the sizes come along in the epoch's order (the
     permutation depends on the seed and the count alone, so it is the documents' own) and the
@@ -105,7 +87,7 @@ def doc_epochs(
         _shuffled(rows.view(np.int64).reshape(-1), [seed, e, 0])
         return rows
 
-    return _one_ahead(pool, [functools.partial(epoch, e) for e in range(num_epochs)])
+    return (epoch(e) for e in range(num_epochs))
 
 
 def position_dtype(doc_idx_length: int) -> np.dtype:
@@ -227,28 +209,26 @@ def write_sample_index(
     shuffle_idx -> .npy path), an epoch or a block at a time. The stream is built to the end
     of the last shuffle block they reach, since a block's permutation draws from all of it.
 
-    Two threads help (numpy's shuffles and array work release the GIL): one writes
-    shuffle_idx, the other shuffles the next epoch while this one cuts samples from the last.
-    The build holds two epochs of (document, size) rows and a shuffle block at a time; it
-    reserves that much of `budget`, if given, before it starts.
+    A second thread writes shuffle_idx meanwhile (numpy's shuffles release the GIL). The build
+    holds an epoch of (document, size) rows and a shuffle block at a time; it reserves that
+    much of `budget`, if given, before it starts.
     """
-    epochs_of = functools.partial(doc_epochs, sizes, documents, seed=seed)
     tokens_per_epoch = int(np.sum(sizes[documents.start : documents.stop], dtype=np.int64))
     block = samples_per_block(tokens_per_epoch, seq_len)
     streamed = -(-num_samples // block) * block
     num_epochs = epochs_needed(tokens_per_epoch, seq_len, streamed)
-    epochs_of(num_epochs)  # documents past int32 are refused before anything is written
+    epochs = doc_epochs(sizes, documents, num_epochs, seed)  # refuses ids past int32
     length = num_epochs * len(documents)
-    held = 2 * 8 * len(documents) + shuffle_dtype(num_samples, block).itemsize * block
+    held = 8 * len(documents) + shuffle_dtype(num_samples, block).itemsize * block
     reserved = budget.reserve(held + BUILD_WORK_BYTES) if budget else contextlib.nullcontext()
-    with reserved, ThreadPoolExecutor(2) as pool:
+    with reserved, ThreadPoolExecutor(1) as pool:
         shuffled = pool.submit(_write_shuffle_idx, paths["shuffle_idx"], num_samples, block, seed)
         doc_out = NpyWriter(paths["doc_idx"], (length,), np.int32)
         dtype = position_dtype(length)
         sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), dtype)
 
         def doc_sizes() -> Iterator[np.ndarray]:  # writes doc_idx as the pieces go by
-            for epoch in epochs_of(num_epochs, pool=pool):
+            for epoch in epochs:
                 for i in range(0, len(epoch), SAMPLE_CHUNK):
                     doc_out.write(epoch[i : i + SAMPLE_CHUNK, 0])
                     yield epoch[i : i + SAMPLE_CHUNK, 1]
