@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from neoray.data import gpt_dataset
 from neoray.data.config import ComponentConfig, DataConfig
 from neoray.data.gpt_dataset import doc_epochs, position_dtype, write_sample_index
+from neoray.data.index_cache import MemoryBudget
 from neoray.data.indexed import IndexedDatasetWriter, publish
 from neoray.data.mixture import blend_chunks, blend_indices, build_mixture, load_or_build_blend
 
@@ -140,6 +142,27 @@ def test_positions_past_int32_widen_and_document_ids_past_int32_are_refused():
     assert position_dtype(2**31 - 1) == np.int32 and position_dtype(2**31) == np.int64
     with pytest.raises(ValueError, match="int32"):
         doc_epochs(np.zeros(1, np.int32), range(2**31, 2**31 + 1), 1, 0)
+
+
+def test_builds_hold_no_more_than_the_budget_together_and_a_large_one_runs_alone():
+    budget, held, peaks, lock = MemoryBudget(100), [0], [], threading.Lock()
+
+    def build(nbytes: int) -> None:
+        with budget.reserve(nbytes):
+            with lock:
+                held[0] += nbytes
+                peaks.append(held[0])
+            time.sleep(0.05)
+            with lock:
+                held[0] -= nbytes
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in (60, 60, 30, 250, 10, 40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(peaks) == 6, "every build ran"
+    assert all(peak <= 100 or peak == 250 for peak in peaks), peaks  # 250: alone
 
 
 # ---- one builder, content keys, crashes, memory ----

@@ -103,8 +103,8 @@ def sample_idx_chunks(
     dtype: npt.DTypeLike = np.int64,
 ) -> Iterator[np.ndarray]:
     """Start of every sample, plus an end marker: rows of (position in doc_idx, offset), in
-    pieces of at most SAMPLE_CHUNK rows, from the sizes of doc_idx's documents given in pieces
-    (memory bounded by the pieces).
+    pieces of at most SAMPLE_CHUNK rows (or the starts of one document, if more), from the
+    sizes of doc_idx's documents given in pieces (memory bounded by the pieces).
 
     Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
     position i * seq_len falls: in the first document that ends after it. A document ending at
@@ -335,7 +335,7 @@ class GPTDataset:
         return tokens.astype(np.int64)
 
 
-BUILD_WORKERS = min(4, os.cpu_count() or 1)  # indexes built at once (each with two helpers)
+BUILD_WORKERS = min(4, os.cpu_count() or 1)  # indexes built at once (each with a helper thread)
 BUILD_MEMORY = 1_200_000_000  # bytes those builds may hold together (see write_sample_index)
 
 
