@@ -20,7 +20,7 @@ from neoray.data import gpt_dataset
 from neoray.data.config import ComponentConfig, DataConfig
 from neoray.data.gpt_dataset import doc_epochs, position_dtype, write_sample_index
 from neoray.data.index_cache import MemoryBudget
-from neoray.data.indexed import IndexedDatasetWriter, publish
+from neoray.data.indexed import IndexedDataset, IndexedDatasetWriter, publish, write_index
 from neoray.data.mixture import blend_chunks, blend_indices, build_mixture, load_or_build_blend
 
 # ---- the order as the in-memory builders produced it (before the chunked ones) ----
@@ -296,3 +296,22 @@ def test_a_20m_sample_blend_builds_in_bounded_memory(tmp_path):
     assert int(blend.counts.sum()) == 20_000_000
     assert np.all(np.abs(blend.counts - w * 20_000_000) <= 1.5)
     assert np.array_equal(np.bincount(blend.dataset_index, minlength=22), blend.counts)
+
+
+def resident_file_pages() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile"))
+
+
+def test_opening_token_files_leaves_the_index_pages_it_checked_out_of_memory(tmp_path):
+    """The Pile's 22 `.idx` files are 1.75 GB: held after the open's check, they alone would
+    take most of an index build's 2 GB."""
+    prefix = str(tmp_path / "big")
+    sizes = np.full(4_000_000, 3, dtype=np.int32)  # a 56 MB .idx
+    with open(prefix + ".bin", "wb") as f:
+        f.truncate(int(sizes.sum()) * 2)
+    write_index(prefix + ".idx", sizes, np.dtype(np.uint16))
+    before = resident_file_pages()
+    data = IndexedDataset(prefix)
+    assert resident_file_pages() - before < 8 << 20
+    assert int(data.sizes[-1]) == 3 and int(data.pointers[-1]) == 6 * (len(sizes) - 1)
