@@ -15,7 +15,7 @@ from test_pretrain_job import compose_pretrain
 
 from neoray.config import ConfigError
 from neoray.data.config import DataConfig, data_config
-from neoray.data.index_cache import NpyWriter, load_or_build
+from neoray.data.index_cache import NpyWriter, load_or_build, lock_file
 from neoray.data.indexed import (
     FINGERPRINT_BLOCKS,
     IndexedDatasetWriter,
@@ -142,4 +142,4 @@ def test_a_failed_index_build_leaves_no_partial_files(tmp_path):
 
     with pytest.raises(ValueError, match="more than the 4 values"):
         load_or_build(paths, build, "two arrays")
-    assert os.listdir(tmp_path) == [".neoray-index.lock"]  # the builders' lock, no array
+    assert os.listdir(tmp_path) == [lock_file(paths).name]  # the builders' lock, no array

@@ -9,8 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from neoray.data.gpt_dataset import GPTDataset, build_sample_idx, split_documents
+from neoray.data import gpt_dataset
+from neoray.data.gpt_dataset import (
+    GPTDataset,
+    build_sample_idx,
+    doc_epochs,
+    sample_idx_chunks,
+    split_documents,
+)
 from neoray.data.indexed import IndexedDataset, IndexedDatasetWriter, publish
 
 
@@ -82,6 +91,43 @@ def test_sample_index_matches_gpt_neox(seq_len):
     assert np.array_equal(ours, reference_sample_idx(sizes, doc_idx, seq_len, num_samples))
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 100), min_size=1, max_size=40).filter(lambda s: sum(s) > 1),
+    seq_len=st.integers(1, 200),
+    epochs=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    piece=st.integers(1, 30),
+    rows=st.integers(1, 30),
+    fewer=st.integers(0, 5),
+)
+def test_vectorised_sample_idx_is_gpt_neox_loop(sizes, seq_len, epochs, seed, piece, rows, fewer):
+    """Samples longer than a document or an epoch, doc_idx given in pieces and rows cut in
+    pieces of any size: the rows are those of GPT-NeoX's loop, and each epoch's shuffled
+    (document, size) rows are the documents' own permutation. (Empty documents: see
+    test_data_index_scale; where doc_idx starts with one, GPT-NeoX's first row points at it
+    and ours past it, to the same tokens.)"""
+    sizes = np.array(sizes, dtype=np.int32)
+    documents = range(len(sizes))
+    doc_rows = np.concatenate(list(doc_epochs(sizes, documents, epochs, seed)))
+    doc_idx = doc_rows[:, 0]
+    expected_order = [np.random.RandomState([seed, e, 0]).permutation(len(sizes))
+                      for e in range(epochs)]  # fmt: skip
+    assert np.array_equal(doc_idx, np.concatenate(expected_order).astype(np.int32))
+    assert np.array_equal(doc_rows[:, 1], sizes[doc_idx])
+    num_samples = max(0, (int(sizes[doc_idx].sum()) - 1) // seq_len - fewer)
+    pieces = [doc_rows[i : i + piece, 1] for i in range(0, len(doc_rows), piece)]
+    before, gpt_dataset.SAMPLE_CHUNK = gpt_dataset.SAMPLE_CHUNK, rows
+    try:
+        chunks = list(sample_idx_chunks(pieces, seq_len, num_samples, np.int32))
+    finally:
+        gpt_dataset.SAMPLE_CHUNK = before
+    one_document = int(sizes.max()) // seq_len + 1  # the starts one document can hold
+    assert all(len(chunk) <= max(rows, one_document) for chunk in chunks)
+    ours = np.concatenate(chunks)
+    assert np.array_equal(ours, reference_sample_idx(sizes, doc_idx, seq_len, num_samples))
+
+
 @pytest.fixture(scope="module")
 def dataset_prefix(tmp_path_factory):
     rng = np.random.default_rng(7)
@@ -135,7 +181,7 @@ def test_index_is_cached_and_reused(dataset_prefix, tmp_path):
     data = IndexedDataset(dataset_prefix)
     first = GPTDataset(data, range(0, 120), 16, 200, seed=1, cache_dir=str(tmp_path))
     cached = sorted(os.listdir(tmp_path))
-    assert cached[0] == ".neoray-index.lock"  # the builders' lock, then the index
+    assert cached[0].startswith(".neoray-index-")  # the builders' lock, then the index
     assert len(cached) == 4 and all(name.endswith(".npy") for name in cached[1:])
     again = GPTDataset(data, range(0, 120), 16, 200, seed=1, cache_dir=str(tmp_path))
     assert isinstance(again.index.doc_idx, np.memmap), "loaded from the cache, not rebuilt"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,12 +18,9 @@ from hypothesis import strategies as st
 
 from neoray.data import gpt_dataset
 from neoray.data.config import ComponentConfig, DataConfig
-from neoray.data.gpt_dataset import (
-    doc_idx_epochs,
-    position_dtype,
-    write_sample_index,
-)
-from neoray.data.indexed import IndexedDatasetWriter, publish
+from neoray.data.gpt_dataset import doc_epochs, position_dtype, write_sample_index
+from neoray.data.index_cache import MemoryBudget
+from neoray.data.indexed import IndexedDataset, IndexedDatasetWriter, publish, write_index
 from neoray.data.mixture import blend_chunks, blend_indices, build_mixture, load_or_build_blend
 
 # ---- the order as the in-memory builders produced it (before the chunked ones) ----
@@ -127,14 +125,14 @@ def test_streamed_sample_index_is_the_in_memory_one(
     assume(seq_len * num_samples <= 40 * sum(sizes))  # at most ~40 epochs: cheap examples
     folder = tmp_path_factory.mktemp("idx")
     sizes = np.array([5, *sizes], dtype=np.int32)  # document 0 is left out of the split
-    documents = np.arange(1, len(sizes))
+    documents = range(1, len(sizes))
     paths = {n: str(folder / f"{n}.npy") for n in ("doc_idx", "sample_idx", "shuffle_idx")}
     before, gpt_dataset.SAMPLE_CHUNK = gpt_dataset.SAMPLE_CHUNK, piece
     try:
         write_sample_index(sizes, documents, seq_len, num_samples, seed, paths)
     finally:
         gpt_dataset.SAMPLE_CHUNK = before
-    expected = reference_sample_index(sizes, documents, seq_len, num_samples, seed)
+    expected = reference_sample_index(sizes, np.array(documents), seq_len, num_samples, seed)
     for name, path in paths.items():
         ours = np.load(path)
         assert ours.dtype == expected[name].dtype and np.array_equal(ours, expected[name]), name
@@ -143,7 +141,28 @@ def test_streamed_sample_index_is_the_in_memory_one(
 def test_positions_past_int32_widen_and_document_ids_past_int32_are_refused():
     assert position_dtype(2**31 - 1) == np.int32 and position_dtype(2**31) == np.int64
     with pytest.raises(ValueError, match="int32"):
-        next(doc_idx_epochs(np.array([2**31], dtype=np.int64), 1, 0))
+        doc_epochs(np.zeros(1, np.int32), range(2**31, 2**31 + 1), 1, 0)
+
+
+def test_builds_hold_no_more_than_the_budget_together_and_a_large_one_runs_alone():
+    budget, held, peaks, lock = MemoryBudget(100), [0], [], threading.Lock()
+
+    def build(nbytes: int) -> None:
+        with budget.reserve(nbytes):
+            with lock:
+                held[0] += nbytes
+                peaks.append(held[0])
+            time.sleep(0.05)
+            with lock:
+                held[0] -= nbytes
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in (60, 60, 30, 250, 10, 40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(peaks) == 6, "every build ran"
+    assert all(peak <= 100 or peak == 250 for peak in peaks), peaks  # 250: alone
 
 
 # ---- one builder, content keys, crashes, memory ----
@@ -277,3 +296,22 @@ def test_a_20m_sample_blend_builds_in_bounded_memory(tmp_path):
     assert int(blend.counts.sum()) == 20_000_000
     assert np.all(np.abs(blend.counts - w * 20_000_000) <= 1.5)
     assert np.array_equal(np.bincount(blend.dataset_index, minlength=22), blend.counts)
+
+
+def resident_file_pages() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile"))
+
+
+def test_opening_token_files_leaves_the_index_pages_it_checked_out_of_memory(tmp_path):
+    """The Pile's 22 `.idx` files are 1.75 GB: held after the open's check, they alone would
+    take most of an index build's 2 GB."""
+    prefix = str(tmp_path / "big")
+    sizes = np.full(4_000_000, 3, dtype=np.int32)  # a 56 MB .idx
+    with open(prefix + ".bin", "wb") as f:
+        f.truncate(int(sizes.sum()) * 2)
+    write_index(prefix + ".idx", sizes, np.dtype(np.uint16))
+    before = resident_file_pages()
+    data = IndexedDataset(prefix)
+    assert resident_file_pages() - before < 8 << 20
+    assert int(data.sizes[-1]) == 3 and int(data.pointers[-1]) == 6 * (len(sizes) - 1)

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neoray.data.index_cache import LOCK_FILE as INDEX_LOCK
-from neoray.data.index_cache import load_or_build
+from neoray.data.index_cache import load_or_build, lock_file
 from neoray.file_lock import LockFileError, exclusive, open_lock_file
 from neoray.storage import LOCK_FILE, LocalStorage
 
@@ -78,7 +77,7 @@ def test_a_reader_holding_the_folders_cannot_block_writes_or_index_builds(shared
         paths = {"order": str(index / "order.npy")}
         built = finishes(lambda: load_or_build(paths, lambda p: np.save(p["order"], [1]), "x"))
         assert built and np.load(paths["order"]).tolist() == [1]
-        for lock in (shared / "runs" / LOCK_FILE, index / INDEX_LOCK):
+        for lock in (shared / "runs" / LOCK_FILE, lock_file(paths)):
             assert lock.stat().st_mode & 0o777 == 0o600
             tried = subprocess.run(
                 ["flock", "-n", str(lock), "true"], user=NOBODY, capture_output=True, text=True

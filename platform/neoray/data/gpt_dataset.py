@@ -19,22 +19,19 @@ of the data, `seq_len`, the seed and the step alone.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from neoray.data.index_cache import NpyWriter, load_or_build
+from neoray.data.index_cache import MemoryBudget, NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset
 from neoray.data.remote import index_folder
-
-T = TypeVar("T")
 
 
 def split_documents(num_documents: int, split: str) -> list[range]:
@@ -67,32 +64,31 @@ def _shuffled(values: np.ndarray, seed: list[int]) -> np.ndarray:
     return values
 
 
-def _one_ahead(pool: Executor | None, calls: list[Callable[[], T]]) -> Iterator[T]:
-    """The results of `calls` in order; with a pool, the next is computed while one is used."""
-    if pool is None:
-        yield from (call() for call in calls)
-        return
-    future = pool.submit(calls[0]) if calls else None
-    for i in range(len(calls)):
-        result = future.result()
-        if i + 1 < len(calls):
-            future = pool.submit(calls[i + 1])
-        yield result
-
-
-def doc_idx_epochs(
-    documents: np.ndarray, num_epochs: int, seed: int, pool: Executor | None = None
+def doc_epochs(
+    sizes: np.ndarray,
+    documents: range,
+    num_epochs: int,
+    seed: int,
 ) -> Iterator[np.ndarray]:
-    """The split's documents, `num_epochs` times, each epoch in its own seeded order: the
-    doc_idx, one epoch at a time (the next one shuffled in `pool` meanwhile, if given)."""
-    if len(documents) and int(documents[-1]) > np.iinfo(np.int32).max:
-        raise ValueError(f"document {int(documents[-1])} does not fit doc_idx's int32")
-    documents = np.asarray(documents, dtype=np.int32)
+    """The split's documents, `num_epochs` times, each epoch in its own seeded order, one epoch
+    at a time: rows of (document, size), int32. Column 0 is the doc_idx. Documents past int32
+    are refused at the call.
+
+    A row is shuffled as one 8-byte item, so the sizes come along in the epoch's order (the
+    permutation depends on the seed and the count alone, so it is the documents' own) and the
+    samples are cut without looking up a document's size at a random place of `sizes`.
+    """
+    if len(documents) and documents.stop - 1 > np.iinfo(np.int32).max:
+        raise ValueError(f"document {documents.stop - 1} does not fit doc_idx's int32")
 
     def epoch(e: int) -> np.ndarray:
-        return _shuffled(documents.copy(), [seed, e, 0])
+        rows = np.empty((len(documents), 2), dtype=np.int32)
+        rows[:, 0] = np.arange(documents.start, documents.stop, dtype=np.int32)
+        rows[:, 1] = sizes[documents.start : documents.stop]
+        _shuffled(rows.view(np.int64).reshape(-1), [seed, e, 0])
+        return rows
 
-    yield from _one_ahead(pool, [functools.partial(epoch, e) for e in range(num_epochs)])
+    return (epoch(e) for e in range(num_epochs))
 
 
 def position_dtype(doc_idx_length: int) -> np.dtype:
@@ -102,14 +98,14 @@ def position_dtype(doc_idx_length: int) -> np.dtype:
 
 
 def sample_idx_chunks(
-    sizes: np.ndarray,
-    doc_idx: Iterable[np.ndarray],
+    doc_sizes: Iterable[np.ndarray],
     seq_len: int,
     num_samples: int,
     dtype: npt.DTypeLike = np.int64,
 ) -> Iterator[np.ndarray]:
     """Start of every sample, plus an end marker: rows of (position in doc_idx, offset), in
-    pieces, from doc_idx given in pieces (memory bounded by the pieces).
+    pieces of at most SAMPLE_CHUNK rows (or the starts of one document, if more), from the
+    sizes of doc_idx's documents given in pieces (memory bounded by the pieces).
 
     Sample i covers stream positions [i * seq_len, (i + 1) * seq_len] inclusive; row i is where
     position i * seq_len falls: in the first document that ends after it. A document ending at
@@ -118,30 +114,30 @@ def sample_idx_chunks(
     This is GPT-NeoX's `build_sample_idx`, vectorised piece by piece.
     """
     next_sample, first, tokens_before = 0, 0, 0
-    for piece in doc_idx:
+    for piece in doc_sizes:
         if not len(piece):
             continue
-        doc_sizes = sizes[piece]
-        doc_ends = np.cumsum(doc_sizes, dtype=np.int64)
+        doc_ends = np.cumsum(piece, dtype=np.int64)
         doc_ends += tokens_before
         starts_before_end = np.minimum(-(-doc_ends // seq_len), num_samples + 1)
-        in_doc = np.diff(starts_before_end, prepend=next_sample)
-        stop = int(starts_before_end[-1])
-        rows = np.empty((stop - next_sample, 2), dtype=dtype)
-        rows[:, 0] = np.repeat(np.arange(first, first + len(piece)), in_doc)
-        rows[:, 1] = np.arange(next_sample, stop, dtype=np.int64) * seq_len - np.repeat(
-            doc_ends - doc_sizes, in_doc
-        )
-        yield rows
-        next_sample, first, tokens_before = stop, first + len(piece), int(doc_ends[-1])
+        a = 0  # documents [a, b) of the piece give at most SAMPLE_CHUNK rows (or one document)
+        while a < len(piece) and next_sample <= num_samples:
+            b = int(np.searchsorted(starts_before_end, next_sample + SAMPLE_CHUNK, "right"))
+            b = max(b, a + 1)
+            in_doc = np.diff(starts_before_end[a:b], prepend=next_sample)
+            stop = int(starts_before_end[b - 1])
+            rows = np.empty((stop - next_sample, 2), dtype=dtype)
+            rows[:, 0] = np.repeat(np.arange(first + a, first + b, dtype=dtype), in_doc)
+            doc_starts = doc_ends[a:b] - piece[a:b]
+            rows[:, 1] = np.arange(next_sample, stop, dtype=np.int64) * seq_len - np.repeat(
+                doc_starts, in_doc
+            )
+            yield rows
+            next_sample, a = stop, b
         if next_sample == num_samples + 1:
             return
+        first, tokens_before = first + len(piece), int(doc_ends[-1])
     raise ValueError(f"{num_samples} samples of {seq_len} tokens need more epochs")
-
-
-def _pieces(arrays: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    for array in arrays:
-        yield from (array[i : i + size] for i in range(0, len(array), size))
 
 
 def build_sample_idx(
@@ -149,7 +145,8 @@ def build_sample_idx(
 ) -> np.ndarray:
     """`sample_idx_chunks` in memory, as one array of `position_dtype`."""
     dtype = position_dtype(len(doc_idx))
-    return np.concatenate(list(sample_idx_chunks(sizes, [doc_idx], seq_len, num_samples, dtype)))
+    chunks = sample_idx_chunks([sizes[doc_idx]], seq_len, num_samples, dtype)
+    return np.concatenate(list(chunks))
 
 
 def shuffle_dtype(num_samples: int, block: int) -> np.dtype:
@@ -189,7 +186,8 @@ def samples_per_block(tokens_per_epoch: int, seq_len: int) -> int:
     return max(1, tokens_per_epoch // seq_len)
 
 
-SAMPLE_CHUNK = 1 << 22  # doc_idx entries turned into sample_idx rows at once (~100 MB)
+SAMPLE_CHUNK = 1 << 20  # doc_idx entries, or sample_idx rows, handled at once (~50 MB)
+BUILD_WORK_BYTES = 100 << 20  # what a build holds besides its epochs and shuffle block
 
 
 @dataclass(frozen=True)
@@ -201,53 +199,49 @@ class SampleIndex:
 
 def write_sample_index(
     sizes: np.ndarray,
-    documents: np.ndarray,
+    documents: range,
     seq_len: int,
     num_samples: int,
     seed: int,
     paths: dict[str, str],
+    budget: MemoryBudget | None = None,
 ) -> None:
     """Write the index of the first `num_samples` samples to `paths` (doc_idx, sample_idx,
     shuffle_idx -> .npy path), an epoch or a block at a time. The stream is built to the end
     of the last shuffle block they reach, since a block's permutation draws from all of it.
 
-    Two threads help (numpy's shuffles and array work release the GIL): one writes
-    shuffle_idx, the other shuffles the next epoch while this one cuts samples from the last.
+    A second thread writes shuffle_idx meanwhile (numpy's shuffles release the GIL). The build
+    holds an epoch of (document, size) rows and a shuffle block at a time; it reserves that
+    much of `budget`, if given, before it starts.
     """
-    tokens_per_epoch = sum(
-        int(np.sum(sizes[piece], dtype=np.int64)) for piece in _pieces([documents], SAMPLE_CHUNK)
-    )
+    tokens_per_epoch = int(np.sum(sizes[documents.start : documents.stop], dtype=np.int64))
     block = samples_per_block(tokens_per_epoch, seq_len)
     streamed = -(-num_samples // block) * block
     num_epochs = epochs_needed(tokens_per_epoch, seq_len, streamed)
+    epochs = doc_epochs(sizes, documents, num_epochs, seed)  # refuses ids past int32
     length = num_epochs * len(documents)
-    doc_out = NpyWriter(paths["doc_idx"], (length,), np.int32)
-    dtype = position_dtype(length)
-    sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), dtype)
-
-    def written(epochs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        for epoch in epochs:
-            doc_out.write(epoch)
-            yield epoch
-
-    with ThreadPoolExecutor(2) as pool:
+    held = 8 * len(documents) + shuffle_dtype(num_samples, block).itemsize * block
+    reserved = budget.reserve(held + BUILD_WORK_BYTES) if budget else contextlib.nullcontext()
+    with reserved, ThreadPoolExecutor(1) as pool:
         shuffled = pool.submit(_write_shuffle_idx, paths["shuffle_idx"], num_samples, block, seed)
-        epochs = written(doc_idx_epochs(documents, num_epochs, seed, pool))
-        pieces = _pieces(epochs, SAMPLE_CHUNK)
-        for rows in sample_idx_chunks(sizes, pieces, seq_len, streamed, dtype):
+        doc_out = NpyWriter(paths["doc_idx"], (length,), np.int32)
+        dtype = position_dtype(length)
+        sample_out = NpyWriter(paths["sample_idx"], (streamed + 1, 2), dtype)
+
+        def doc_sizes() -> Iterator[np.ndarray]:  # writes doc_idx as the pieces go by
+            for epoch in epochs:
+                for i in range(0, len(epoch), SAMPLE_CHUNK):
+                    doc_out.write(epoch[i : i + SAMPLE_CHUNK, 0])
+                    yield epoch[i : i + SAMPLE_CHUNK, 1]
+
+        pieces = doc_sizes()
+        for rows in sample_idx_chunks(pieces, seq_len, streamed, dtype):
             sample_out.write(rows)
-        for _ in epochs:  # the epochs past the last sample's start
+        for _ in pieces:  # the documents past the last sample's start
             pass
         doc_out.close()
         sample_out.close()
         shuffled.result()
-
-
-def _document_ids(documents: range) -> np.ndarray:
-    """The documents as doc_idx holds them (int32)."""
-    if documents.stop - 1 > np.iinfo(np.int32).max:
-        raise ValueError(f"document {documents.stop - 1} does not fit doc_idx's int32")
-    return np.arange(documents.start, documents.stop, dtype=np.int32)
 
 
 def load_or_build_sample_index(
@@ -257,9 +251,10 @@ def load_or_build_sample_index(
     num_samples: int,
     seed: int,
     cache_dir: str | None = None,
+    budget: MemoryBudget | None = None,
 ) -> SampleIndex:
     """The sample index, memory-mapped from the cache; built there first (by one process,
-    `index_cache.load_or_build`) when missing.
+    `index_cache.load_or_build`) when missing, within `budget` if given.
 
     The index is built from the documents' sizes alone, so the cache is keyed on them (a
     digest of the split's sizes) as well as the settings: re-running preprocessing into the
@@ -276,14 +271,7 @@ def load_or_build_sample_index(
     paths = {name: os.path.join(folder, f"{base}_{key}_{name}.npy") for name in names}
 
     def build(partials: dict[str, str]) -> None:
-        write_sample_index(
-            data.sizes,
-            _document_ids(documents),
-            seq_len,
-            num_samples,
-            seed,
-            partials,
-        )
+        write_sample_index(data.sizes, documents, seq_len, num_samples, seed, partials, budget)
 
     arrays = load_or_build(paths, build, f"the sample index of {data.prefix} ({key})")
     return SampleIndex(**arrays)
@@ -300,6 +288,7 @@ class GPTDataset:
         num_samples: int,
         seed: int,
         cache_dir: str | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.data = data
         self.seq_len = seq_len
@@ -308,7 +297,7 @@ class GPTDataset:
             np.sum(data.sizes[documents.start : documents.stop], dtype=np.int64)
         )
         self.index = load_or_build_sample_index(
-            data, documents, seq_len, num_samples, seed, cache_dir
+            data, documents, seq_len, num_samples, seed, cache_dir, budget
         )
 
     def __len__(self) -> int:
@@ -345,3 +334,33 @@ class GPTDataset:
             pieces.append(self.data.get(int(doc_idx[last]), 0, last_offset + 1))
             tokens = np.concatenate(pieces)
         return tokens.astype(np.int64)
+
+
+BUILD_WORKERS = min(4, os.cpu_count() or 1)  # indexes built at once (each with a helper thread)
+BUILD_MEMORY = 1_200_000_000  # bytes those builds may hold together (see write_sample_index)
+
+
+def gpt_datasets(
+    parts: Sequence[tuple[IndexedDataset, range, int]],
+    seq_len: int,
+    seed: int,
+    cache_dir: str | None = None,
+) -> list[GPTDataset]:
+    """A GPTDataset for each (data, documents, num_samples) of `parts`, their missing indexes
+    built at the same time: BUILD_WORKERS at once, the largest first (so that no large one is
+    left to run alone at the end), within BUILD_MEMORY together. Each index has its own lock,
+    so processes starting together share the builds out."""
+    budget = MemoryBudget(BUILD_MEMORY)
+    largest_first = sorted(range(len(parts)), key=lambda i: -(len(parts[i][1]) + parts[i][2]))
+    with ThreadPoolExecutor(BUILD_WORKERS) as pool:
+        futures = {}
+        for i in largest_first:
+            data, documents, num_samples = parts[i]
+            futures[i] = pool.submit(
+                GPTDataset, data, documents, seq_len, num_samples, seed, cache_dir, budget
+            )
+        try:
+            return [futures[i].result() for i in range(len(parts))]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise

@@ -6,10 +6,13 @@ built once and kept next to the data (or in `data.cache_dir`) under a name that 
 of everything they were built from. Every process maps them read-only; no process holds a whole
 array in memory.
 
-- One builder: the builder holds the exclusive lock of the cache folder's private lock file
-  (`.neoray-index.lock`, see neoray.file_lock: a lock on the folder itself could be held by
-  any user who can read it); processes that arrive meanwhile wait on it, saying who builds
-  after a while, and then find the files.
+- One builder per entry: the builder holds the exclusive lock of the entry's private lock
+  file (`.neoray-index-<digest of the entry's names>.lock` in the cache folder, see
+  neoray.file_lock: a lock on the folder itself could be held by any user who can read it);
+  processes that arrive meanwhile wait on it, saying who builds after a while, and then find
+  the files. Different entries (the components of a mixture) are built at the same time, by
+  threads of one process or by several processes.
+- Bounded memory: builds running at once in one process share a `MemoryBudget`.
 - Atomic publication: each array is written under a `.partial.npy` name, chunk by chunk
   (`NpyWriter`, so memory stays bounded), checked, then renamed. A set of arrays counts as
   cached only when every one of its final names exists, so a crash mid-build leaves nothing
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,38 @@ from neoray.file_lock import exclusive
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial.npy"
-LOCK_FILE = ".neoray-index.lock"
+LOCK_PREFIX = ".neoray-index-"
+
+
+def lock_file(paths: dict[str, str]) -> Path:
+    """The private lock file of the entry `paths` (name -> final path, all in one folder):
+    named after a digest of the final names, so every process finds the same one."""
+    names = "\n".join(sorted(os.path.basename(p) for p in paths.values()))
+    digest = hashlib.sha256(names.encode()).hexdigest()[:16]
+    return Path(os.path.dirname(next(iter(paths.values()))), f"{LOCK_PREFIX}{digest}.lock")
+
+
+class MemoryBudget:
+    """Bytes that the index builds of one process may hold at once: a build reserves its
+    estimate before it starts and waits while the builds running hold too much of the budget
+    (a build always starts when none runs, whatever its estimate)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._held == 0 or self._held + nbytes <= self.limit)
+            self._held += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._held -= nbytes
+                self._changed.notify_all()
 
 
 class NpyWriter:
@@ -74,7 +110,7 @@ def load_or_build(
 ) -> dict[str, np.ndarray]:
     """The arrays at `paths` (name -> final `.npy` path, all in one folder), memory-mapped.
 
-    When any is missing, `build(partials)` is called under the folder's lock to write every
+    When any is missing, `build(partials)` is called under the entry's lock to write every
     array to its partial path (name -> path); each is then checked to be a readable `.npy`
     and renamed to its final name. `what` names the arrays in the log line a build leaves.
     """
@@ -82,7 +118,7 @@ def load_or_build(
         return _load(paths)
     folder = os.path.dirname(next(iter(paths.values())))
     os.makedirs(folder, exist_ok=True)
-    with exclusive(Path(folder, LOCK_FILE)):
+    with exclusive(lock_file(paths)):
         if all(os.path.exists(p) for p in paths.values()):
             return _load(paths)  # another process built them while this one waited
         for path in paths.values():  # a crashed build's leftovers

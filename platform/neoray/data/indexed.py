@@ -23,6 +23,7 @@ last: a crash leaves either no `.idx` or the previous complete pair, never a tor
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -170,6 +171,10 @@ class IndexedDataset:
         self.pointers = np.frombuffer(index, "<i8", count, header_size + count * 4)
         self.doc_idx = np.frombuffer(index, "<i8", doc_count, header_size + count * 12)
         end = self._check_layout(index_file)
+        # The check read every page of the index: drop them from this process (they stay in the
+        # page cache; a later read maps them again), or a process that opens the Pile's 22
+        # files holds 1.7 GB of them in its resident memory until it exits.
+        index._mmap.madvise(mmap.MADV_DONTNEED)
         data_bytes = remote.size if remote else os.path.getsize(data_file)
         if data_bytes != end:
             raise IndexedFormatError(

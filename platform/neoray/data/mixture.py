@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neoray.data.config import DataConfig
-from neoray.data.gpt_dataset import GPTDataset, split_documents
+from neoray.data.gpt_dataset import GPTDataset, gpt_datasets, split_documents
 from neoray.data.index_cache import NpyWriter, load_or_build
 from neoray.data.indexed import IndexedDataset, bin_path, fingerprint, token_files_exist
 from neoray.data.phases import split_phases
@@ -251,7 +251,8 @@ def build_mixture(
     in every phase, is left out.
     The blend and every component's sample index are cached files (`data.cache_dir`, default:
     next to the first component's data, resp. each component's), built once by one process
-    and memory-mapped by every process that asks for them.
+    (the components' at the same time, `gpt_datasets`) and memory-mapped by every process
+    that asks for them.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
@@ -279,10 +280,8 @@ def build_mixture(
     folder = cfg.cache_dir or index_folder(data[0].prefix)
     later = [(start, w) for (start, _), w in zip(phases[1:], weights[1:], strict=True)]
     blend = load_or_build_blend(weights[0], num_samples, folder, later)
-    datasets = [
-        GPTDataset(data[d], documents[d], cfg.seq_len, max(int(needed), 1), cfg.seed, cfg.cache_dir)
-        for d, needed in enumerate(blend.counts)
-    ]
+    parts = [(data[d], documents[d], max(int(n), 1)) for d, n in enumerate(blend.counts)]
+    datasets = gpt_datasets(parts, cfg.seq_len, cfg.seed, cfg.cache_dir)
     return BlendedDataset(datasets, blend.dataset_index, blend.sample_index, names, vocab_size)
 
 
