@@ -285,7 +285,7 @@ def pretrain(
     if cfg.train.init_from:
         full = torch.load(cfg.train.init_from, map_location="cpu", weights_only=True)
         load_full_state_dict(module, full, cfg.model, placement.tp_rank, cfg.parallel.tp)
-    engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
+    engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train, cfg.model.width_mult)
     resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
     out = MetricsFile(cfg.run_dir, start) if dist.get_rank() == 0 else None
