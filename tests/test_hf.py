@@ -158,9 +158,9 @@ def test_mup_model_exports_to_a_standard_gptneox_with_equal_logits(tmp_path, sha
     )
     torch.manual_seed(1)
     ours = GPTNeoX(config).eval()
-    with torch.no_grad():  # biases start at zero: make them count (the query bias is folded)
+    with torch.no_grad():  # biases and muP's output embedding start at zero: make them count
         for name, p in ours.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or name == "embed_out.weight":
                 p.normal_(0.0, 0.1)
     out = save_hf(ours, tmp_path / "mup")
     hf_config = json.loads((out / "config.json").read_text())

@@ -291,8 +291,8 @@ def init_weights(
 
     Both give the hidden matrices a variance of 1/fan_in, as muP wants too. Under muP the input
     embedding's scale is that of the base width at every width (its fan-in, the vocab, does
-    not grow), and the output embedding keeps `small_init`: the logits' multiplier
-    (`NeoXConfig.output_mult`) shrinks it as muP prescribes.
+    not grow), and the output embedding starts at zero (the limit of muP's 1/fan_in^2
+    variance; what the `mup` package recommends): logits start at 0 at every width.
 
     Works by parameter name (and finds layernorms by type), so any module that names its
     parameters like `GPTNeoX` (a pipeline stage, a tensor-parallel shard) is initialised by the
@@ -313,6 +313,8 @@ def init_weights(
             p.normal_(0.0, wang, generator=generator)
         elif name.endswith("embed_in.weight"):
             p.normal_(0.0, embedding, generator=generator)
+        elif name.endswith("embed_out.weight") and config.parametrization == "mup":
+            p.zero_()
         else:
             p.normal_(0.0, small, generator=generator)
 

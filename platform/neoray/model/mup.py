@@ -8,8 +8,9 @@ usually the proxy's hidden_size) and m = hidden_size / base width, muP with Adam
 - hidden matrices (QKV, attention output, both MLP matrices): init variance 1/fan_in (NeoX's
   init already is) and the learning rate divided by m;
 - input embedding: init at the base width's scale at every width, learning rate unchanged;
-- output embedding: the logits multiplied by 1/m (`NeoXConfig.output_mult`), init and
-  learning rate unchanged (equivalent to TP V's 1/fan_in^2 init and lr / m);
+- output embedding: the logits multiplied by 1/m (`NeoXConfig.output_mult`), learning rate
+  unchanged (with the multiplier, TP V's lr / m), initialised at zero (the limit of TP V's
+  1/fan_in^2 variance; logits start at 0 at every width);
 - biases and layernorms: unchanged;
 - attention: q.k / head_dim instead of q.k / sqrt(head_dim).
 
