@@ -96,7 +96,7 @@ def test_a_proxy_sweeps_trials_train_the_proxy_and_best_yaml_trains_the_target(t
     "proxy, message",
     [
         (ProxyConfig(width=30), r"sweep\.proxy: the trials' model: model\.hidden_size \(30\)"),
-        (ProxyConfig(width=32, heads=16), r"sweep\.proxy: the trials' model: .*rotary"),
+        (ProxyConfig(width=32, heads=8), r"sweep\.proxy: the trials' model: .*rotary"),
     ],
 )
 def test_a_proxy_that_is_no_model_is_refused_by_name(proxy, message):

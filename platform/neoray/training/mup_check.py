@@ -140,7 +140,7 @@ def growth(sizes: dict[int, float]) -> float:
 
 
 def lr_grid_losses(
-    parametrization: str, width: int, base_width: int, lrs: list[float], steps: int = 40
+    parametrization: str, width: int, base_width: int, lrs: list[float], steps: int = 30
 ) -> dict[float, float]:
     """lr -> mean training loss over the last quarter of a `steps`-step run (warmup, cosine)."""
     config = tiny_config(width, parametrization, base_width)
