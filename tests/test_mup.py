@@ -44,7 +44,7 @@ def test_best_learning_rate_of_a_4x_narrower_proxy_holds_under_mup_only():
     (the proxy, muP's base) and 128. Under muP the wide model's best lr is within one grid step
     of the proxy's; under the standard parametrization it moves down (two steps when measured:
     2^-4 -> 2^-6), the reason a standard sweep only tunes the model it runs."""
-    grid = [2.0**-k for k in range(7, 2, -1)]
+    grid = [2.0**-k for k in range(7, 3, -1)]  # 2^-3 is far worse for all four (3.4 to 4.9)
     best, losses = {}, {}
     for parametrization in ("mup", "standard"):
         for width in (32, 128):
