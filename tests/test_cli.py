@@ -1,9 +1,12 @@
 """The `neoray` console script, as installed."""
 
+import dataclasses
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 # The console script installed next to the interpreter running the tests.
 NEORAY = str(Path(sys.executable).parent / "neoray")
@@ -31,3 +34,26 @@ def test_plan_of_the_20b_run_is_close_to_the_paper():
 def test_plan_rejects_an_unknown_preset():
     result = subprocess.run([NEORAY, "plan", "nope"], capture_output=True, text=True)
     assert result.returncode == 1 and "neoray plan: invalid choice: 'nope'" in result.stderr
+
+
+def test_plan_shows_a_proxy_sweeps_share_of_the_run():
+    """The 20B muP sweep (32 trials on a hidden-1,024 proxy) costs a small share of the run,
+    as counted here from the FLOPs per token of each model."""
+    from neoray.model.flops import model_flops_per_token
+    from neoray.model.presets import load_preset
+
+    out = neoray("plan", "neox_20b", "--sweep", "neox_20b_mup")
+    share = float(re.search(r"sweep neox_20b_mup: 32 trials .*, ([\d.]+)% of this run", out)[1])
+    target = load_preset("neox_20b")
+    proxy = dataclasses.replace(target, hidden_size=1024, num_heads=16)
+    trial_tokens = 10_000 * 256 * 2048  # proxy.overrides: 10,000 steps of 8 x 4 x 8 sequences
+    expected = (32 * trial_tokens * model_flops_per_token(proxy, 2048)) / (
+        150_000 * 1536 * 2048 * model_flops_per_token(target, 2048)
+    )
+    assert share == pytest.approx(100 * expected, abs=0.05)
+    assert share < 7  # the goal for the 20B plan
+
+    result = subprocess.run(
+        [NEORAY, "plan", "pythia_70m", "--sweep", "neox_20b_mup"], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "tunes a model of hidden 6144 x 44 layers" in result.stderr

@@ -1,5 +1,6 @@
 """Reading and writing Hugging Face GPTNeoX checkpoints, including what must be refused."""
 
+import dataclasses
 import json
 
 import pytest
@@ -136,3 +137,43 @@ def test_failed_export_leaves_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         save_hf(model, tmp_path / "out", tokenizer=tmp_path / "no-such-tokenizer.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(hidden_size=64, num_heads=4, rotary_pct=0.25, mup_base_width=32),
+        dict(
+            hidden_size=96, num_heads=3, rotary_pct=1.0, mup_base_width=24, parallel_residual=False
+        ),
+        dict(hidden_size=48, num_heads=6, rotary_pct=0.5, mup_base_width=48),
+    ],
+)
+def test_mup_model_exports_to_a_standard_gptneox_with_equal_logits(tmp_path, shape):
+    """muP's attention 1/head_dim and logits multiplier are folded into the query weights and
+    the output embedding: transformers' GPTNeoX computes the same logits, and reading the
+    export back gives a standard model."""
+    config = NeoXConfig(
+        vocab_size=300, num_layers=2, max_seq_len=64, parametrization="mup", **shape
+    )
+    torch.manual_seed(1)
+    ours = GPTNeoX(config).eval()
+    with torch.no_grad():  # biases and muP's output embedding start at zero: make them count
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or name == "embed_out.weight":
+                p.normal_(0.0, 0.1)
+    out = save_hf(ours, tmp_path / "mup")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["hidden_size"] == shape["hidden_size"]
+    theirs = transformers.GPTNeoXForCausalLM.from_pretrained(out).eval()
+    back = load_hf(out).eval()
+    assert back.config.parametrization == "standard"
+    idx = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        expected = ours(idx)
+        assert (theirs(idx).logits - expected).abs().max().item() <= 1e-4
+        assert (back(idx) - expected).abs().max().item() <= 1e-4
+        # The folding is not a no-op: the same weights read as a standard model differ.
+        standard = GPTNeoX(dataclasses.replace(config, parametrization="standard")).eval()
+        standard.load_state_dict(ours.state_dict())
+        assert (standard(idx) - expected).abs().max().item() > 1e-2

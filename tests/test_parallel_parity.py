@@ -9,6 +9,7 @@ relative, and its final weights, consolidated from the shards, to 1e-5 (all but 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -36,12 +37,17 @@ OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup=0.2, eps=1e-6)
 pytestmark = pytest.mark.slow
 
 
-def reference_run(init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+# muP on the tiny model (hidden 64) relative to half its width: the hidden matrices train at
+# half the lr, attention scales by 1/head_dim, the logits by 1/2.
+MUP = {"parametrization": "mup", "mup_base_width": 32}
+
+
+def reference_run(init: dict, model_fields: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses and final weights of the single-process plain-PyTorch run."""
-    config = load_preset("tiny")
+    config = dataclasses.replace(load_preset("tiny"), **model_fields)
     model = GPTNeoX(config)
     model.load_state_dict(init)
-    optimizer = adamw(model, OPTIM)  # the engine's optimizer setup
+    optimizer = adamw(model, OPTIM, config.width_mult)  # the engine's optimizer setup
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, OPTIM, STEPS) / OPTIM.lr
     )
@@ -63,16 +69,23 @@ def reference_run(init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def initial_weights(tmp_path_factory) -> Path:
+    """One set of weights every run starts from (the standard init: under muP it would start
+    the output embedding at zero, which tests less of the first steps)."""
     torch.manual_seed(0)
-    init = GPTNeoX(load_preset("tiny")).state_dict()
     path = tmp_path_factory.mktemp("init") / "init.pt"
-    torch.save(init, path)
-    losses, weights = reference_run(init)
-    return path, losses, weights
+    torch.save(GPTNeoX(load_preset("tiny")).state_dict(), path)
+    return path
 
 
-def train_layout(tmp_path: Path, init: Path, tp: int, pp: int, dp: int) -> Path:
+@pytest.fixture(scope="module")
+def reference(initial_weights):
+    return initial_weights, *reference_run(torch.load(initial_weights, weights_only=True), {})
+
+
+def train_layout(
+    tmp_path: Path, init: Path, tp: int, pp: int, dp: int, model_fields: dict | None = None
+) -> Path:
     micro = 2
     accumulation = GLOBAL_BATCH // (micro * dp)
     world = tp * pp * dp
@@ -98,6 +111,7 @@ def train_layout(tmp_path: Path, init: Path, tp: int, pp: int, dp: int) -> Path:
         "checkpoint.enabled=false",
         "train.peak_tflops=1.0",
         f"run_dir={run_dir}",
+        *(f"model.{key}={value}" for key, value in (model_fields or {}).items()),
     ]
     launcher = torchrun_launcher(world)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -107,8 +121,29 @@ def train_layout(tmp_path: Path, init: Path, tp: int, pp: int, dp: int) -> Path:
 
 @pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)])
 def test_layout_matches_single_process(reference, tmp_path, tp, pp, dp):
-    init, expected_losses, expected_weights = reference
-    run_dir = train_layout(tmp_path, init, tp, pp, dp)
+    check_layout(tmp_path, *reference, tp, pp, dp)
+
+
+def test_mup_on_tensor_and_pipeline_parallel_layout_matches_single_process(reference, tmp_path):
+    """muP's multipliers and per-group learning rates hold across tensor-parallel shards and
+    pipeline stages (the readout multiplier is on the last stage, the lr groups per stage)."""
+    init, standard_losses, _ = reference
+    losses, weights = reference_run(torch.load(init, weights_only=True), MUP)
+    assert abs(losses[-1] - standard_losses[-1]) > 1e-3  # muP trains differently
+    check_layout(tmp_path, init, losses, weights, 2, 2, 1, MUP)
+
+
+def check_layout(
+    tmp_path: Path,
+    init: Path,
+    expected_losses: list[float],
+    expected_weights: dict[str, torch.Tensor],
+    tp: int,
+    pp: int,
+    dp: int,
+    model_fields: dict | None = None,
+) -> None:
+    run_dir = train_layout(tmp_path, init, tp, pp, dp, model_fields)
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(STEPS))

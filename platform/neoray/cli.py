@@ -111,6 +111,30 @@ def show_preset_plan(preset: str, args: argparse.Namespace) -> None:
         f"energy: {kwh / 1000:,.2f} MWh ({args.devices} x {watts:.0f} W, PUE {args.pue}) -> "
         f"{kwh * energy.kg_per_kwh / 1000:,.1f} t CO2 at {energy.kg_per_kwh:.3f} kg/kWh"
     )
+    if args.sweep:
+        print(sweep_share(args.sweep, config, plan.model_flops))
+
+
+def sweep_share(name: str, config, run_flops: float) -> str:
+    """The compute of sweep `name` as a share of the run's (model FLOPs, all trials trained
+    to their end: ASHA's early stops only lower it)."""
+    from neoray import CONF_DIR
+    from neoray.config import ConfigError
+    from neoray.sweep.transfer import plan_sweep
+
+    target, cost = plan_sweep(name, CONF_DIR)
+    if (target.hidden_size, target.num_layers) != (config.hidden_size, config.num_layers):
+        raise ConfigError(
+            f"--sweep {name} tunes a model of hidden {target.hidden_size} x {target.num_layers} "
+            f"layers, not this one ({config.hidden_size} x {config.num_layers})"
+        )
+    proxy = cost.model
+    return (
+        f"sweep {name}: {cost.trials} trials of {proxy.num_parameters() / 1e9:.2f} B parameters "
+        f"(hidden {proxy.hidden_size}, {proxy.num_layers} layers, {proxy.parametrization}), "
+        f"{cost.tokens_per_trial / 1e9:,.1f} B tokens each: {cost.flops:.2e} FLOPs, "
+        f"{cost.flops / run_flops:.1%} of this run's {run_flops:.2e}"
+    )
 
 
 def submit_job(args: argparse.Namespace) -> int:
@@ -211,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--grid-g-per-kwh", type=float, help="grid CO2 intensity (default: the 20B paper's mix)"
     )
+    plan.add_argument(
+        "--sweep", help="a sweep tuning this run (conf/sweep/<name>.yaml): show its compute share"
+    )
     plan.set_defaults(func=show_plan)
 
     address = argparse.ArgumentParser(add_help=False)
@@ -275,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     from neoray.cluster.ray_start import TokenFileError
     from neoray.cluster.services import ServiceError
     from neoray.cluster.submit import SubmitError
+    from neoray.config import ConfigError
 
     try:
         sys.exit(args.func(args) or 0)

@@ -34,6 +34,8 @@ from neoray.model.tensor_parallel import (
     reduce_from_tensor_parallel,
 )
 
+PARAMETRIZATIONS = ("standard", "mup")
+
 
 @dataclass
 class NeoXConfig:
@@ -53,6 +55,8 @@ class NeoXConfig:
     checkpoint_activations: int = (
         0  # in training, recompute activations in chunks of k layers; 0 = off
     )
+    parametrization: str = "standard"  # standard | mup (see neoray.model.mup)
+    mup_base_width: int | None = None  # muP: the hidden_size its hyperparameters were tuned at
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "max_seq_len"):
@@ -74,6 +78,17 @@ class NeoXConfig:
             raise ConfigError(f"model.vocab_multiple must be positive, got {self.vocab_multiple}")
         if self.checkpoint_activations < 0:
             raise ConfigError("model.checkpoint_activations must be >= 0 (0 turns it off)")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ConfigError(
+                f"model.parametrization={self.parametrization!r}: choose one of "
+                f"{', '.join(PARAMETRIZATIONS)}"
+            )
+        if self.parametrization == "mup" and not (self.mup_base_width or 0) > 0:
+            raise ConfigError(
+                "model.parametrization=mup needs model.mup_base_width, the hidden_size the "
+                f"hyperparameters were tuned at (got {self.mup_base_width}): set it, e.g. "
+                f"model.mup_base_width={self.hidden_size}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +101,23 @@ class NeoXConfig:
     @property
     def ffn_size(self) -> int:
         return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def width_mult(self) -> float:
+        """hidden_size / mup_base_width under muP; 1 under the standard parametrization."""
+        return self.hidden_size / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax temperature of q.k: 1/sqrt(head_dim), or 1/head_dim under muP (queries
+        and keys become correlated in training, so q.k grows like head_dim, not its root)."""
+        d = self.head_dim
+        return 1.0 / d if self.parametrization == "mup" else 1.0 / math.sqrt(d)
+
+    @property
+    def output_mult(self) -> float:
+        """The factor on the logits: mup_base_width / hidden_size under muP, else 1."""
+        return 1.0 / self.width_mult
 
     @property
     def padded_vocab_size(self) -> int:
@@ -175,6 +207,7 @@ class Attention(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale
         self.layer_index = layer_index
         self.query_key_value = ColumnParallelLinear(h, 3 * h, group)
         self.dense = RowParallelLinear(h, h, group)
@@ -199,7 +232,7 @@ class Attention(nn.Module):
         if mask is None and 1 < T < S:  # a chunk after cached keys: causal, aligned to the end
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale
         )
         return self.dense.partial(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -256,6 +289,11 @@ def init_weights(
 ) -> None:
     """GPT-NeoX-20B init: `small_init` everywhere, `wang_init` on output projections.
 
+    Both give the hidden matrices a variance of 1/fan_in, as muP wants too. Under muP the input
+    embedding's scale is that of the base width at every width (its fan-in, the vocab, does
+    not grow), and the output embedding starts at zero (the limit of muP's 1/fan_in^2
+    variance; what the `mup` package recommends): logits start at 0 at every width.
+
     Works by parameter name (and finds layernorms by type), so any module that names its
     parameters like `GPTNeoX` (a pipeline stage, a tensor-parallel shard) is initialised by the
     same rules. Layernorms and biases start equal on every rank, as replicated weights must.
@@ -264,6 +302,7 @@ def init_weights(
     h, n = config.hidden_size, config.num_layers
     small = math.sqrt(2 / (5 * h))
     wang = 2 / (n * math.sqrt(h))
+    embedding = math.sqrt(2 / (5 * h / config.width_mult))  # small_init, at the base width
     norms = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     for name, p in module.named_parameters():
         if id(p) in norms:  # every layernorm, the final one included: weight 1, bias 0
@@ -272,6 +311,10 @@ def init_weights(
             p.zero_()
         elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
             p.normal_(0.0, wang, generator=generator)
+        elif name.endswith("embed_in.weight"):
+            p.normal_(0.0, embedding, generator=generator)
+        elif name.endswith("embed_out.weight") and config.parametrization == "mup":
+            p.zero_()
         else:
             p.normal_(0.0, small, generator=generator)
 
@@ -333,6 +376,8 @@ class GPTNeoX(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.final_layer_norm(x)
+        if self.config.output_mult != 1.0:  # muP's readout multiplier
+            x = x * self.config.output_mult
         if targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
         if last_only:

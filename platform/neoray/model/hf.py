@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neoray.model.gpt_neox import GPTNeoX, NeoXConfig
+from neoray.model.mup import standard_weights
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -54,7 +55,10 @@ def transformers_name(name: str) -> str:
 
 
 def to_hf_config(config: NeoXConfig, dtype: torch.dtype) -> dict:
-    """The `config.json` of a GPTNeoXForCausalLM with the same shape as `config`."""
+    """The `config.json` of a GPTNeoXForCausalLM with the same shape as `config` (a standard
+    one: a muP model's weights are converted first, see `neoray.model.mup.standard_weights`)."""
+    if config.parametrization != "standard":
+        raise ValueError("to_hf_config: fold muP into the weights first (standard_weights)")
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -122,10 +126,11 @@ def to_transformers(model: GPTNeoX):
     import transformers
 
     dtype = next(model.parameters()).dtype
+    weights, config = standard_weights(model.state_dict(), model.config)
     theirs = transformers.GPTNeoXForCausalLM(
-        transformers.GPTNeoXConfig(**to_hf_config(model.config, dtype))
+        transformers.GPTNeoXConfig(**to_hf_config(config, dtype))
     ).to(dtype)
-    state = {transformers_name(k): v for k, v in model.state_dict().items()}
+    state = {transformers_name(k): v for k, v in weights.items()}
     theirs.load_state_dict(state, strict=True)
     return theirs
 
@@ -136,21 +141,21 @@ def save_hf(
     tokenizer: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` as a directory `GPTNeoXForCausalLM.from_pretrained` loads.
+    """Write `model` as a directory `GPTNeoXForCausalLM.from_pretrained` loads (a muP model
+    as the standard GPTNeoX that computes the same logits, `neoray.model.mup.standard_weights`).
 
     `tokenizer` is a `tokenizer.json` path to ship alongside. The directory is assembled
     under a temporary name and renamed into place, so a crash never leaves a partial one.
     """
     out = Path(out_dir)
     dtype = dtype or next(model.parameters()).dtype
-    state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    weights, config = standard_weights(model.state_dict(), model.config)  # muP folded in
+    state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in weights.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / "config.json").write_text(
-            json.dumps(to_hf_config(model.config, dtype), indent=2)
-        )
+        (staging / "config.json").write_text(json.dumps(to_hf_config(config, dtype), indent=2))
         if tokenizer is not None:
             _write_tokenizer_files(Path(tokenizer), staging)
         if out.exists():

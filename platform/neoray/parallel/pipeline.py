@@ -46,14 +46,16 @@ class EmbeddingStage(nn.Module):
 
 
 class FinalNormStage(nn.Module):
-    """The model's `final_layer_norm`."""
+    """The model's `final_layer_norm`, and muP's readout multiplier after it (as `GPTNeoX`)."""
 
     def __init__(self, config: NeoXConfig) -> None:
         super().__init__()
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.output_mult = config.output_mult
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(x)
+        x = self.final_layer_norm(x)
+        return x * self.output_mult if self.output_mult != 1.0 else x
 
 
 class OutputStage(nn.Module):

@@ -33,6 +33,22 @@ class SchedulerConfig:
 
 
 @dataclass
+class ProxyConfig:
+    """The model the trials train, as changes to the target's shape."""
+
+    width: int  # the trials' model.hidden_size, and the muP base width of proxy and target
+    layers: int | None = None  # the trials' model.num_layers; null: the target's
+    heads: int | None = None  # the trials' model.num_heads; null: the target's
+    overrides: list[str] = field(default_factory=list)  # for the trials only (steps, layout)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "layers", "heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"sweep.proxy.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
 class SweepConfig:
     """A search space over pretrain config keys, and how Tune samples and runs it."""
 
@@ -47,6 +63,7 @@ class SweepConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trial_cpus: float = 0  # each trial's driver (it only waits on its Ray Train run)
     max_trial_failures: int = 1  # a trial whose driver failed is started again this often
+    proxy: ProxyConfig | None = None  # trials train this narrow copy of the target (muP)
 
     def __post_init__(self) -> None:
         if not RUN_NAME.fullmatch(self.name):
@@ -68,6 +85,8 @@ class SweepConfig:
 
 def sweep_config(section: Any) -> SweepConfig:
     values = to_dict(section)
+    if values.get("proxy") is not None:
+        values["proxy"] = dataclass_from_config(ProxyConfig, values["proxy"], "sweep.proxy")
     values["scheduler"] = dataclass_from_config(
         SchedulerConfig, values.get("scheduler") or {}, "sweep.scheduler"
     )

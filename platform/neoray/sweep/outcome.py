@@ -4,6 +4,7 @@ configuration for real."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 from dataclasses import dataclass
@@ -99,7 +100,10 @@ def best_command(best: TrialOutcome, sweep: SweepConfig, base_overrides: list[st
 def write_best(
     path: Path, best: TrialOutcome, sweep: SweepConfig, base_overrides: list[str]
 ) -> str:
-    """Write `best.yaml` (the values, the metric, the command); returns the command."""
+    """Write `best.yaml` (the values, the metric, the command); returns the command.
+
+    `base_overrides` are the target run's: with a proxy, the values found on the proxy are
+    given to the target model, and `proxy` says what the trials trained."""
     command = best_command(best, sweep, base_overrides)
     document = {
         "sweep": sweep.name,
@@ -111,6 +115,8 @@ def write_best(
         "base_overrides": [redact_text(item) for item in base_overrides],
         "command": command,
     }
+    if sweep.proxy is not None:
+        document["proxy"] = dataclasses.asdict(sweep.proxy)
     text = yaml.safe_dump(document, sort_keys=False).encode()
     publish_file(path, lambda out: out.write(text))
     return command

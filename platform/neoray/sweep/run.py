@@ -11,6 +11,9 @@ the driver died continues it, without running finished trials again.
 MLflow gets one run for the sweep (`<name>.sweep`) and, nested under it, each trial's own
 training run, marked completed (FINISHED), stopped early (KILLED) or failed (FAILED) at the
 end; the sweep's run holds the best trial's values, its metric, `best.yaml` and a plot.
+
+A sweep with a `proxy` trains its trials on a narrow copy of the target model under muP, and
+`best.yaml`'s command trains the target (`neoray.sweep.transfer`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from neoray.sweep.outcome import (
 )
 from neoray.sweep.preflight import check_reachable
 from neoray.sweep.space import check_keys, corners, override, tune_space
+from neoray.sweep.transfer import target_overrides, trial_base_overrides
 from neoray.sweep.trial import TrialContext, run_trial, trial_run_name
 from neoray.tracking import (
     MLflowTracker,
@@ -88,7 +92,12 @@ def check_sweep(
     """The base pretrain config (Hydra's and typed), once the whole sweep is known to be
     runnable, and the configs of the space's extreme values."""
     base_cfg = compose_pretrain(conf_dir, base_overrides)
-    base = pretrain_config(base_cfg)
+    try:
+        base = pretrain_config(base_cfg)
+    except ConfigError as err:
+        if sweep.proxy is None:
+            raise
+        raise ConfigError(f"sweep.proxy: the trials' model: {err}") from err
     check_keys(sweep.space, base_cfg, conf_dir)
     tune_space(sweep.space)  # the distributions and their arguments
     extremes = []
@@ -114,6 +123,14 @@ def check_sweep(
             f"{', '.join(reported)}"
         )
     return base_cfg, base, extremes
+
+
+def check_target(conf_dir: str, target: list[str]) -> None:
+    """A sweep with a proxy: the target run it tunes is itself a valid pretrain config."""
+    try:
+        pretrain_config(compose_pretrain(conf_dir, target))
+    except Exception as err:  # a Hydra error or ConfigError
+        raise ConfigError(f"sweep.proxy: the target model (trained by best.yaml): {err}") from err
 
 
 def check_capacity(sweep: SweepConfig, base: PretrainConfig, base_cfg: DictConfig) -> None:
@@ -237,7 +254,10 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
     from neoray.cluster.ray_start import start_or_join
 
     sweep = sweep_config(cfg.sweep)
-    base_overrides = [*sweep.fixed, *command_line]
+    target = target_overrides(sweep.proxy, [*sweep.fixed, *command_line])
+    base_overrides = trial_base_overrides(sweep.proxy, [*sweep.fixed, *command_line])
+    if sweep.proxy is not None:
+        check_target(conf_dir, target)
     base_cfg, base, extremes = check_sweep(sweep, conf_dir, base_overrides)
     tracking = dataclass_from_config(TrackingConfig, base_cfg.get("tracking"), "tracking")
     check_durable_locations(base.storage if base.checkpoint.enabled else None, tracking)
@@ -262,7 +282,7 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
             )
             results = _fit(_tuner(sweep, context, storage))
             outcomes = [trial_outcome(result, sweep.metric) for result in results]
-            result = _summarize(sweep, outcomes, base_overrides, storage)
+            result = _summarize(sweep, outcomes, target, storage)
             if parent is not None:
                 _record_trials(tracking, sweep, outcomes)
                 _log_summary(parent, sweep, result, storage)
@@ -277,10 +297,10 @@ def run_sweep(cfg: DictConfig, command_line: list[str], conf_dir: str) -> SweepR
 
 
 def _summarize(
-    sweep: SweepConfig, outcomes: list[TrialOutcome], base_overrides: list[str], storage: Path
+    sweep: SweepConfig, outcomes: list[TrialOutcome], target: list[str], storage: Path
 ) -> SweepResult:
     best = best_trial(outcomes, sweep.mode)
-    command = write_best(storage / "best.yaml", best, sweep, base_overrides) if best else None
+    command = write_best(storage / "best.yaml", best, sweep, target) if best else None
     plot(outcomes, sweep, storage / "sweep.png")
     return SweepResult(sweep, outcomes, best, command)
 

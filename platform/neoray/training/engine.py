@@ -3,7 +3,8 @@
 The optimizer is PyTorch's AdamW handed to DeepSpeed, which wraps it in its ZeRO-1 optimizer
 (each data-parallel rank keeps the fp32 master weights and Adam moments of a 1/dp slice). The
 learning rate follows `neoray.training.schedule` through a `LambdaLR` that DeepSpeed steps after
-every applied optimizer step (not after fp16 steps skipped for overflow).
+every applied optimizer step (not after fp16 steps skipped for overflow); under muP the hidden
+matrices' parameter group follows it at a fixed fraction of the lr (`neoray.model.mup`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from neoray.deepspeed_private import disable_op
+from neoray.model.mup import lr_multiplier
 from neoray.parallel.config import ParallelConfig
 from neoray.training.config import OptimConfig, TrainConfig
 from neoray.training.schedule import learning_rate
@@ -62,27 +64,41 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainC
     return config
 
 
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (weights and embeddings), none on biases and layernorms."""
-    decay, no_decay = [], []
-    for param in module.parameters():
+def parameter_groups(module: torch.nn.Module, optim: OptimConfig, width_mult: float = 1.0):
+    """Weight decay on matrices (weights and embeddings), none on biases and layernorms; under
+    muP (`width_mult` > 1) the hidden matrices in a group of their own at lr / width_mult.
+
+    The scheduler multiplies each group's own starting lr, so every group follows the schedule
+    in proportion. The groups at the full lr come first: the lr reported is group 0's.
+    """
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for name, param in module.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            key = (lr_multiplier(name, width_mult), param.dim() >= 2)
+            groups.setdefault(key, []).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "lr": optim.lr * lr_mult,
+            "weight_decay": optim.weight_decay if decay else 0.0,
+        }
+        for (lr_mult, decay), params in groups.items()
+        if params or lr_mult == 1.0
     ]
 
 
-def adamw(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+def adamw(
+    module: torch.nn.Module, optim: OptimConfig, width_mult: float = 1.0
+) -> torch.optim.AdamW:
     """AdamW over `module`'s parameters with the fused kernel (CPU and CUDA alike).
 
     The fused kernel updates each tensor in one pass, without the temporaries of the
     per-tensor implementation; that matters most under ZeRO, whose optimizer sees each
     parameter group as one flat tensor of the whole partition. Same math, same state.
+    `width_mult` is muP's (`NeoXConfig.width_mult`; 1 under the standard parametrization).
     """
     return torch.optim.AdamW(
-        parameter_groups(module, optim.weight_decay),
+        parameter_groups(module, optim, width_mult),
         lr=optim.lr,
         betas=optim.betas,
         eps=optim.eps,
@@ -91,10 +107,15 @@ def adamw(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
 
 
 def build_engine(
-    module: PipelineModule, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig
+    module: PipelineModule,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    width_mult: float = 1.0,
 ) -> PipelineEngine:
-    """The engine that trains `module` with `engine.train_batch` (1F1B pipeline schedule)."""
-    optimizer = adamw(module, optim)
+    """The engine that trains `module` with `engine.train_batch` (1F1B pipeline schedule);
+    `width_mult` is muP's (see `adamw`)."""
+    optimizer = adamw(module, optim, width_mult)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, optim, train.steps) / optim.lr
     )

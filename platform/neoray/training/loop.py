@@ -322,7 +322,7 @@ def pretrain(
             cfg.storage,
             Path(cfg.run_dir),
         )
-    engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train)
+    engine = build_engine(module, cfg.parallel, cfg.optim, cfg.train, cfg.model.width_mult)
     resumed = resume(engine, storage, manifests, layout, staging, malformed) if manifests else None
     start = resumed.step if resumed is not None else 0
     for first, last in resumed.skipped_steps if resumed is not None else []:
