@@ -38,6 +38,7 @@ PRESET_PLAN = {
     "watts": None,  # the device's board power
     "pue": 1.0,
     "grid_g_per_kwh": None,  # the 20B paper's grid mix
+    "sweep": None,  # no sweep's share shown
 }
 
 
