@@ -210,6 +210,21 @@ def test_a_killed_sweep_driver_is_continued_by_the_same_command(
     assert all(t.last_result["trained_steps"] == 8 for t in analysis.trials)
     for trial_id, path in kept.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == before[trial_id], trial_id
+    # FIFO trials share their driver process (Tune's reuse_actors); each is still a run of its
+    # own in MLflow, with its own values
+    continued = [t for t in analysis.trials if t.trial_id not in finished]
+    assert len({t.last_result["pid"] for t in continued}) == 1, [t.last_result for t in continued]
+    _, parent, runs = trial_runs(tracking_server, "resume3")
+    for trial in analysis.trials:
+        (record,) = [
+            r
+            for r in runs
+            if r.data.tags["neoray.run_name"] == f"resume3-{trial.trial_id}"
+            and "neoray.superseded_by" not in r.data.tags
+        ]
+        assert record.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert record.info.status == "FINISHED"
+        assert float(record.data.params["optim.lr"]) == trial.config["overrides"]["optim.lr"]
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,15 @@ def _fit(tuner: Any) -> Any:
             os.environ.pop(TRIAL_CLEANUP_VARIABLE, None)
 
 
+def reuse_trial_actors(sweep: SweepConfig) -> bool:
+    """Whether a trial's driver process is kept for the next trial (Tune's `reuse_actors`):
+    a new one costs a Ray worker's start and its imports of Ray Tune, torch and neoray, a
+    few seconds of each trial. Only under FIFO, where every trial ends by itself: a trial that
+    ASHA stopped may still be waiting on its Ray Train run, and Tune would fail the next
+    trial that it handed the busy process."""
+    return sweep.scheduler.name == "fifo"
+
+
 def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
     """A new Tuner, or the sweep's own restored when its state exists (the driver died)."""
     from ray import tune
@@ -214,6 +223,7 @@ def _tuner(sweep: SweepConfig, context: TrialContext, storage: Path) -> Any:
             ),
             num_samples=sweep.num_samples,
             trial_dirname_creator=_trial_dirname,
+            reuse_actors=reuse_trial_actors(sweep),
         ),
         run_config=tune.RunConfig(
             name="tune",
