@@ -118,6 +118,7 @@ class Snapshots:
         self.errors: dict[int, str] = {}  # why each pending step is not committed yet
         self.thread: threading.Thread | None = None  # waits on the uploader
         self.uploader = UploadProcess(storage.config)
+        self.uploader.start()
 
     def _marker(self, step: int) -> Path:
         return self.staging / f"{step_tag(step)}.staged.json"

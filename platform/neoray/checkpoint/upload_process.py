@@ -62,6 +62,11 @@ class UploadProcess:
             raise StorageError(reply["error"])
         return [FileEntry(**entry) for entry in reply["files"]]
 
+    def start(self) -> None:
+        """Start the child now (its interpreter and imports take a core for about a second:
+        better before training than during its first save)."""
+        self._running()
+
     def _running(self) -> subprocess.Popen:
         if self.process is None or self.process.poll() is not None:
             self.process = subprocess.Popen(
