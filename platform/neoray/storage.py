@@ -12,6 +12,7 @@ they are never part of a `StorageConfig`, its repr, a log line or a manifest.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,9 @@ from neoray.file_lock import exclusive
 KINDS = ("local", "s3")
 RETRY_MODES = ("standard", "adaptive")
 MiB = 1 << 20
+
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -305,6 +309,37 @@ def s3_error(uri: str, action: str, err: Exception) -> Exception:
             f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the endpoint ({err})"
         )
     return StorageError(f"{action} {uri} failed: {type(err).__name__}: {err}")
+
+
+def cached_object(uri: str, folder: Path) -> Path:
+    """A local copy of the S3 object `uri` in `folder`, named by its ETag and size: downloaded
+    when not there yet (that exact version, If-Match, streamed to a temporary name, checked for
+    its size, then renamed into place), so a node's readers share one copy per version and a
+    replaced object is never served from an older one. FileNotFoundError (naming `uri`) when
+    there is no such object."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    client = s3_client()
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as err:
+        raise s3_error(uri, "lookup of", err) from err
+    size = int(head["ContentLength"])
+    path = folder / f"{head['ETag'].strip(chr(34))}-{size}{Path(key).suffix}"
+    if path.is_file() and path.stat().st_size == size:
+        return path
+
+    def download(out: Any) -> None:
+        try:
+            body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
+            shutil.copyfileobj(body, out, 1 << 20)
+        except Exception as err:
+            raise s3_error(uri, "read of", err) from err
+        if out.tell() != size:
+            raise OSError(f"{uri}: downloaded {out.tell()} of {size} bytes")
+
+    publish_file(path, download)
+    log.info("%s -> %s", uri, path)
+    return path
 
 
 class S3Storage:

@@ -149,9 +149,7 @@ class IndexedDataset:
         data_file = bin_path(prefix) + suffix
         remote = None
         if is_remote(prefix):  # the .idx first: it is published last
-            index = np.memmap(
-                cached_copy(RemoteObject.look_up(index_file)), mode="r", dtype=np.uint8
-            )
+            index = np.memmap(cached_copy(index_file), mode="r", dtype=np.uint8)
             remote = RemoteObject.look_up(data_file)
         else:
             index = np.memmap(index_file, mode="r", dtype=np.uint8)
@@ -282,7 +280,7 @@ def fingerprint(prefix: str) -> str:
     digest = hashlib.sha256()
     index_file = idx_path(prefix)
     if is_remote(prefix):
-        index_file = cached_copy(RemoteObject.look_up(index_file))
+        index_file = cached_copy(index_file)
     with open(index_file, "rb") as f:
         while chunk := f.read(8 << 20):
             digest.update(chunk)

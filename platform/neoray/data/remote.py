@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from neoray.config import ConfigError
-from neoray.storage import publish_file, s3_client, s3_error
+from neoray.storage import cached_object, publish_file, s3_client, s3_error
 
 SCHEME = "s3://"
 CACHE_VARIABLE = "NEORAY_TOKEN_CACHE"
@@ -119,12 +119,9 @@ class RemoteObject:
         return data
 
 
-def cached_copy(obj: RemoteObject) -> Path:
-    """A local copy of the whole object, downloaded once per version."""
-    path = cache_root() / "whole" / obj.version
-    if not path.exists():
-        publish_file(path, lambda out: out.write(obj.read(0, obj.size)))
-    return path
+def cached_copy(uri: str) -> Path:
+    """A local copy of the whole object at `uri` (an `.idx`), downloaded once per version."""
+    return cached_object(uri, cache_root() / "whole")
 
 
 class BlockCache:

@@ -70,42 +70,14 @@ def cache_dir() -> Path:
 
 
 def cached_copy(uri: str) -> Path | None:
-    """A local copy of the S3 object `uri` in `cache_dir()`, named by its ETag and size
-    (downloaded when not there yet: that exact version, to a temporary name, checked for its
-    size, then renamed into place); None when there is no such object."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """A local copy of the S3 object `uri` in `cache_dir()`, one per version
+    (`neoray.storage.cached_object`); None when there is no such object."""
+    from neoray.storage import cached_object
 
-    from neoray.storage import s3_client, s3_error
-
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    client = s3_client()
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as err:
-        error = s3_error(uri, "read", err)
-        if isinstance(error, FileNotFoundError):
-            return None
-        raise error from err
-    etag, size = head["ETag"].strip('"'), head["ContentLength"]
-    path = cache_dir() / f"{etag}-{size}{Path(key).suffix}"
-    if path.is_file() and path.stat().st_size == size:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:  # the version the name was made from, or an error if it changed meanwhile
-                body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
-                shutil.copyfileobj(body, out, 1 << 20)
-            except (BotoCoreError, ClientError) as err:
-                raise s3_error(uri, "read", err) from err
-        if os.path.getsize(partial) != size:
-            raise OSError(f"{uri}: downloaded {os.path.getsize(partial)} of {size} bytes")
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    log.info("%s -> %s", uri, path)
-    return path
+        return cached_object(uri, cache_dir())
+    except FileNotFoundError:
+        return None
 
 
 def local_split(data_dir: str, task: str, split: str) -> Path | None:
